@@ -1,0 +1,34 @@
+"""pyshrink: make trained transformer models cheaper to serve, and prove it with numbers.
+
+Stages (each a thin Python API over its module): ``contract`` (structured pruning), ``heal``
+(distillation), ``quantize`` (4/8-bit on native kernels), ``export_onnx`` and ``bench``.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402,F401  (loads pyshrink._C loudly; registers the kernels)
+
+# Public API, imported lazily so that `import pyshrink` stays cheap (transformers is heavy).
+_LAZY = {
+    "load_model": "pyshrink.models",
+    "save": "pyshrink.models",
+    "perplexity": "pyshrink.evaluate",
+    "contract": "pyshrink.contract",
+    "ContractionResult": "pyshrink.contract",
+    "quantize": "pyshrink.quantize",
+    "heal": "pyshrink.heal",
+    "HealResult": "pyshrink.heal",
+    "export_onnx": "pyshrink.export",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pyshrink' has no attribute {name!r}")
+
+
+__all__ = ["ops", *_LAZY]
