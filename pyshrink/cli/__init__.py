@@ -1,0 +1,59 @@
+"""The ``pyshrink`` command line: a thin layer over the Python API.
+
+Each command lives in its own module ``pyshrink/cli/<name>.py`` that defines ``register(app)``; adding a
+command is adding its module name to ``COMMANDS``. Errors that are the user's (bad settings, bad files)
+print one line and exit with status 2; nothing half-written is left behind by the stages.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+COMMANDS = ("contract", "evaluate")
+
+app = typer.Typer(
+    name="pyshrink",
+    help="Make trained transformer models cheaper to serve: contract, heal, quantize, export, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for _name in COMMANDS:
+    importlib.import_module(f"{__name__}.{_name}").register(app)
+
+
+def _user_errors():
+    from ..arch import UnsupportedArchitecture
+    from ..errors import PyshrinkError
+
+    return (PyshrinkError, UnsupportedArchitecture, FileExistsError, FileNotFoundError, ValueError)
+
+
+def main(argv=None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except _user_errors() as exc:
+        typer.secho(f"pyshrink: error: {exc}", err=True, fg=typer.colors.RED)
+        return 2
+    except KeyboardInterrupt:
+        typer.secho("pyshrink: interrupted", err=True)
+        return 130
+    except SystemExit as exc:  # typer/click usage errors and --help
+        return exc.code if isinstance(exc.code, int) else 1
+    except __import__("click").exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except __import__("click").exceptions.Abort:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run():  # console-script entry point
+    sys.exit(main())

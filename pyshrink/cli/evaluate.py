@@ -1,0 +1,30 @@
+"""``pyshrink eval MODEL --text FILE``: perplexity of a model on a text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        model: str = typer.Argument(..., help="Model folder, .gguf file, hub id or embedded name (smollm2-135m)."),
+        text: List[Path] = typer.Option(..., "--text", help="Text file(s) to measure perplexity on."),
+        seq_len: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
+        max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ):
+        """Perplexity of MODEL on the given text."""
+        from .. import data
+        from ..evaluate import perplexity
+        from ..models import load_model
+
+        m, tok = load_model(model)
+        ppl = perplexity(m, ids=data.tokenize(tok, data.read_texts(text)), seq_len=seq_len, max_tokens=max_tokens)
+        if as_json:
+            typer.echo(json.dumps({"model": model, "perplexity": ppl, "seq_len": seq_len}))
+        else:
+            typer.echo(f"perplexity of {model}: {ppl:.3f} ({seq_len}-token windows)")

@@ -1,0 +1,32 @@
+"""Quality measurements: perplexity for decoders, embedding similarity for encoders."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = None, seq_len: int = 512,
+               max_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> float:
+    """Perplexity over non-overlapping ``seq_len`` windows of ``text`` (or of pre-tokenized ``ids``).
+
+    Every window is scored independently (the first token of a window has no context and is not scored),
+    so results are comparable across models that see the same windows.
+    """
+    if ids is None:
+        ids = data.tokenize(tokenizer, data.read_texts(text))
+    win = data.windows(ids, seq_len, max_tokens, what="evaluation text")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(win), batch_size), desc="perplexity", disable=not progress, leave=False):
+        batch = win[i:i + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)

