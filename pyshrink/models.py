@@ -224,9 +224,15 @@ def _read_state_dict(path: Path) -> dict:
     return sd
 
 
-def _load_transformed(path, config, cls, transforms, dtype):
+def _import_handlers():
     for mod in _HANDLER_MODULES:
-        importlib.import_module(mod)
+        if mod not in __import__("sys").modules:
+            importlib.import_module(mod)
+
+
+def _load_transformed(path, config, cls, transforms, dtype):
+    if any(rec["kind"] not in _STRUCTURE_HANDLERS for rec in transforms):
+        _import_handlers()
     with _no_init():
         model = cls(config)
     model.to(dtype)

@@ -1,0 +1,41 @@
+"""The command line as a user meets it: help, exit codes, one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyshrink.cli import COMMANDS
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pyshrink", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_help_lists_every_command():
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    for name in COMMANDS:
+        assert (name if name != "evaluate" else "eval") in r.stdout
+
+
+def test_eval_on_a_missing_model_is_a_clear_error(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    r = run_cli("eval", str(tmp_path / "nope"), "--text", str(text))
+    assert r.returncode == 2
+    assert "pyshrink: error:" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_usage_error_exits_non_zero():
+    r = run_cli("eval")
+    assert r.returncode != 0
+    assert "Missing argument" in r.stderr or "Usage" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", ["eval"])
+def test_each_command_has_help(cmd):
+    r = run_cli(cmd, "--help")
+    assert r.returncode == 0 and "--help" in r.stdout

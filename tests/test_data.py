@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from pyshrink import data
+from pyshrink.errors import DataError
+
+
+def test_read_texts_joins_files_and_strings(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("hello")
+    assert data.read_texts([f, "world\n"]) == "hello\nworld\n"
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t"])
+def test_empty_text_is_an_error(tmp_path, content):
+    f = tmp_path / "empty.txt"
+    f.write_text(content)
+    with pytest.raises(DataError, match="empty"):
+        data.read_texts([f])
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.read_texts([tmp_path / "nope.txt"])
+
+
+def test_windows_and_their_error():
+    ids = torch.arange(100)
+    w = data.windows(ids, 32)
+    assert w.shape == (3, 32) and w[1, 0] == 32
+    assert data.windows(ids, 32, max_tokens=40).shape == (1, 32)
+    with pytest.raises(DataError, match="at least 256"):
+        data.windows(ids, 128, min_windows=2)
+
+
+def test_builtin_texts_are_real_text():
+    assert len(data.builtin_text("pydoc")) > 100_000
+    assert "def " in data.builtin_text("stdlib-code")
+    with pytest.raises(DataError, match="unknown built-in"):
+        data.builtin_text("klingon")

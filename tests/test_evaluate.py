@@ -1,0 +1,22 @@
+import math
+
+import torch
+
+from pyshrink.evaluate import perplexity
+from tiny import random_ids, tiny_model
+
+
+def test_perplexity_matches_the_models_own_loss():
+    model = tiny_model("llama")
+    ids = random_ids(1, 96, seed=3).flatten()
+    ppl = perplexity(model, ids=ids, seq_len=32, batch_size=2, progress=False)
+    losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in ids.view(3, 32)]
+    assert math.isclose(ppl, math.exp(sum(losses) / 3), rel_tol=1e-5)
+
+
+def test_uniform_predictions_give_perplexity_equal_to_the_vocabulary_size():
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied with the input embedding: all logits are 0
+    ppl = perplexity(model, ids=random_ids(1, 64).flatten(), seq_len=32, progress=False)
+    assert math.isclose(ppl, model.config.vocab_size, rel_tol=1e-6)

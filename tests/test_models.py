@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models as tkm, pre_tokenizers
+
+from pyshrink import models
+from pyshrink.arch import UnsupportedArchitecture
+from pyshrink.errors import ModelLoadError
+from tiny import VOCAB, random_ids, tiny_model
+
+
+def tiny_tokenizer():
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(tkm.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1")
+
+
+def test_save_then_load_round_trip(tmp_path):
+    model = tiny_model("llama")
+    out = models.save(model, tiny_tokenizer(), tmp_path / "m", metadata={"note": "x"})
+    assert json.loads((out / models.META_FILE).read_text())["note"] == "x"
+    loaded, tok = models.load_model(out)
+    ids = random_ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert tok("w5 w6")["input_ids"] == [5, 6]
+
+
+def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    model = tiny_model("gpt2")
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        models.save(model, None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no half-written folder, no temp left behind
+    monkeypatch.undo()
+    models.save(model, None, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="already exists"):
+        models.save(model, None, tmp_path / "out")
+    models.save(model, None, tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_transforms_are_replayed_on_load(tmp_path):
+    model = tiny_model("opt")
+    calls = []
+
+    @models.structure_handler("test-noop")
+    def _noop(m, rec):
+        calls.append(rec["value"])
+
+    models.record_transform(model, "test-noop", value=7)
+    out = models.save(model, None, tmp_path / "m")
+    loaded = models.load_model(out, with_tokenizer=False)
+    assert calls == [7] and models.transforms_of(loaded) == [{"kind": "test-noop", "value": 7}]
+    ids = random_ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_unknown_transform_is_an_error(tmp_path):
+    model = tiny_model("opt")
+    models.record_transform(model, "teleport")
+    out = models.save(model, None, tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="teleport"):
+        models.load_model(out, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, transformed):
+    model = tiny_model("llama")
+    if transformed:
+        models.structure_handler("test-noop2")(lambda m, rec: None)
+        models.record_transform(model, "test-noop2")
+    out = models.save(model, None, tmp_path / "m")
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="model.safetensors|weights"):
+        models.load_model(out, with_tokenizer=False)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    cfg = {"model_type": "mamba", "architectures": ["MambaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+           "num_hidden_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitecture, match="mamba.*supports: bert, gpt2, llama"):
+        models.load_model(tmp_path, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/definitely/not/here", "does not exist"),
+    ("missing.gguf", "does not exist"),
+])
+def test_bad_sources(source, message):
+    with pytest.raises(ModelLoadError, match=message):
+        models.load_model(source)
+
+
+def test_a_plain_file_is_not_a_model(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0" * 8)
+    with pytest.raises(ModelLoadError, match="neither a model folder nor a .gguf"):
+        models.load_model(f)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        models.load_model(tmp_path)
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    (tmp_path / "a").write_text("1")
+    f1 = models.fingerprint(tmp_path)
+    (tmp_path / "a").write_text("2")
+    assert models.fingerprint(tmp_path) != f1
+
+
+def test_num_params_counts_tied_weights_once():
+    model = tiny_model("llama")
+    assert models.num_params(model) == sum(p.numel() for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
