@@ -38,6 +38,7 @@ nvcc_flags = [
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90a,code=sm_90a",
     "--use_fast_math",
+    "--expt-relaxed-constexpr",
     "-lineinfo",
 ]
 sources = cpu_sources + (cuda_sources if with_cuda else [])

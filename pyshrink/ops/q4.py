@@ -25,7 +25,8 @@ Linear: ``y = x @ dequant(W)^T (+ bias)`` for ``x [..., K]``. Two modes:
 * fast (``fast=True``): each row of ``x`` is quantized per K-block of ``g`` elements to int8,
   ``sx = max|x_blk| / 127``, ``qx = clamp(round(x / sx), -127, 127)`` (``sx == 0`` gives ``qx = 0``),
   and the block's contribution is ``sx * scale * sum(qx * (q - zp))`` with exact integer dot products
-  (the technique of ONNX Runtime's accuracy_level 4 and llama.cpp's Q8_0 dot products).
+  (the technique of ONNX Runtime's accuracy_level 4 and llama.cpp's Q8_0 dot products). The CUDA
+  kernel computes with tensor cores on float16/bfloat16 activations and treats ``fast`` as exact.
 """
 from __future__ import annotations
 
