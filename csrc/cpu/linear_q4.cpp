@@ -1,0 +1,643 @@
+// linear_q4 on CPU: y = x @ dequant(W)^T (+ bias) straight from the packed MatMulNBits layout.
+//
+// Activations are prepared once per call, never per output row, in the order that lets a packed weight
+// byte's two nibbles meet their activations without any shuffling of the weights: byte j of a block holds
+// element 2j (low nibble) and 2j+1 (high nibble).
+//
+// fast (int8 activations, see pyshrink/ops/q4.py): each block of g int8 activations is stored as its g/2
+//   even-indexed elements then its g/2 odd ones, so `bytes & 0x0F` and `(bytes >> 4) & 0x0F` of a block's
+//   packed codes line up with the two halves. _mm256_maddubs_epi16(codes u8 0..15, qx s8) sums adjacent
+//   products into int16 (|.| <= 2*15*127; at most 4 of those are added for g=128, so no saturation),
+//   _mm256_madd_epi16 with ones widens to int32, and one FMA adds dot*sx*scale to a float accumulator. The
+//   zero point is not subtracted per block: sum(qx*(q-zp)) = sum(qx*q) - zp*sum(qx), and the second term
+//   for a whole row is one short dot product over blocks, sum_b zp*scale*(sx*sum qx), with sx*sum(qx)
+//   computed when x is quantized. Rows of x are stored in groups of 4, block-interleaved
+//   ([M/4][nb][4][g]), so a tile of 4 rows reads one contiguous run per block through a single pointer.
+// exact (float activations): every 16 activations are stored as their 8 even then 8 odd elements;
+//   vpmovzxbd widens 8 packed bytes to 8 dwords, `& 15` and `>> 4` give the 8 even and the 8 odd codes,
+//   minus the zero point (exact int32), converted to float and FMA'd into a per-block float sum that is
+//   then scaled by the block's scale. For M >= 4 a tile of weight rows is dequantized once into an
+//   L2-resident float buffer (same order) and a register-blocked float GEMM runs over it.
+//
+// Tiling: RM rows of x by RN rows of W keep RM*RN accumulators in registers, so each weight block is loaded
+// and unpacked once per RM rows of x (M=1: RN=4 rows share the activation loads, and the next tile's weights
+// are prefetched). Tiles of N are shared out by the pool in parallel.h; each task walks all rows of x for its
+// weight rows, so weights come from memory once per call.
+//
+// Accuracy (tests/ops/test_linear_q4.py checks these worst-case bounds): fast mode's activation codes equal
+// the reference's bit for bit (same IEEE division, round half to even), its integer dots are exact, and only
+// the float32 combination of ~2*nb block terms rounds; exact mode is a float32 dot product.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/parallel.h"
+
+namespace pyshrink {
+namespace cpu {
+namespace {
+
+constexpr const char* OP = "pyshrink.linear_q4";
+
+struct Q4Weights {
+  const uint8_t* packed;  // [N, nb, g/2]
+  const float* scales;    // [N, nb]
+  const uint8_t* zp;      // [N, zb], or nullptr: symmetric, zero point 8
+  int64_t N, nb, g, zb;
+  const uint8_t* row(int64_t n) const { return packed + n * nb * (g / 2); }
+  const float* srow(int64_t n) const { return scales + n * nb; }
+  int zero_point(int64_t n, int64_t b) const {
+    if (!zp) return 8;
+    const uint8_t v = zp[n * zb + b / 2];
+    return (b & 1) ? (v >> 4) : (v & 0x0F);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// activation preparation: natural-order float rows -> per-block [evens | odds] float (exact) or int8 (fast)
+
+// Within every run of `span` elements (a block for fast mode, 16 for exact mode): evens first, then odds.
+void deinterleave_scalar(const float* src, int64_t Kp, int64_t span, float* dst) {
+  for (int64_t b = 0; b < Kp; b += span)
+    for (int64_t j = 0; j < span / 2; ++j) {
+      dst[b + j] = src[b + 2 * j];
+      dst[b + span / 2 + j] = src[b + 2 * j + 1];
+    }
+}
+
+// fast mode: sx = max|x| / 127, qx = clamp(round_half_even(x / sx), -127, 127) per block (IEEE division, as
+// the reference); returns sum(qx) of the block.
+int32_t quantize_block_scalar(const float* src, int64_t g, float* sx, int8_t* dst) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(src[i]));
+  const float s = amax / 127.0f;
+  *sx = s;
+  if (s == 0.0f) {
+    std::fill(dst, dst + g, 0);
+    return 0;
+  }
+  int32_t sum = 0;
+  for (int64_t j = 0; j < g / 2; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const float v = std::min(std::max(std::nearbyint(src[2 * j + h] / s), -127.0f), 127.0f);
+      dst[h * (g / 2) + j] = static_cast<int8_t>(v);
+      sum += static_cast<int32_t>(v);
+    }
+  return sum;
+}
+
+#if PYSHRINK_X86
+PYSHRINK_AVX2 void deinterleave_avx2(const float* src, int64_t Kp, int64_t span, float* dst) {
+  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int64_t b = 0; b < Kp; b += span)
+    for (int64_t i = 0; i < span; i += 16) {
+      const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + b + i), perm);
+      const __m256 c = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src + b + i + 8), perm);
+      _mm256_storeu_ps(dst + b + i / 2, _mm256_permute2f128_ps(a, c, 0x20));
+      _mm256_storeu_ps(dst + b + span / 2 + i / 2, _mm256_permute2f128_ps(a, c, 0x31));
+    }
+}
+
+// `src` is a block already in [evens | odds] order.
+PYSHRINK_AVX2 int32_t quantize_block_avx2(const float* src, int64_t g, float* sx, int8_t* dst) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t i = 0; i < g; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  const float s = *std::max_element(t, t + 8) / 127.0f;
+  *sx = s;
+  if (s == 0.0f) {
+    std::fill(dst, dst + g, 0);
+    return 0;
+  }
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < g; i += 32) {
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + i + 8 * j), vs);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+      sum = _mm256_add_epi32(sum, q[j]);
+    }
+    // packs work per 128-bit lane: undo the lane interleave with one dword permute
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permutevar8x32_epi32(p, order));
+  }
+  return hsum_epi32(sum);
+}
+#endif
+
+// Activations of one call. exact: xd [M, Kp] float, 16-element [evens | odds] runs.
+// fast: qx int8 and sx float in groups of MT rows, block-interleaved: row m, block b starts at
+// ((m / MT) * nb + b) * MT + m % MT (times g for qx); xsum [M, nb] = sx * sum(qx), row-major.
+struct Acts {
+  int64_t M = 0, Kp = 0, nb = 0, MT = 1;
+  at::Tensor xd, qx, sx, xsum;
+  int64_t slot(int64_t m, int64_t b) const { return ((m / MT) * nb + b) * MT + m % MT; }
+};
+
+template <typename T>
+Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
+  Acts a;
+  a.M = x2.size(0);
+  a.Kp = nb * g;
+  a.nb = nb;
+  a.MT = a.M == 1 ? 1 : 4;
+  const int64_t K = x2.size(1), M = a.M, Kp = a.Kp;
+  const int64_t Mp = (M + a.MT - 1) / a.MT * a.MT;  // padded rows are zeros (never stored to the output)
+  auto f32 = x2.options().dtype(at::kFloat);
+  if (fast) {
+    a.qx = at::zeros({Mp * Kp}, x2.options().dtype(at::kChar));
+    a.sx = at::zeros({Mp * nb}, f32);
+    a.xsum = at::empty({M, nb}, f32);
+  } else {
+    a.xd = at::empty({M, Kp}, f32);
+  }
+  const T* xp = x2.const_data_ptr<T>();
+  const int64_t rs = x2.stride(0), cs = x2.stride(1);
+  parallel_for(M, std::max<int64_t>(1, 8192 / Kp), [&](int64_t m0, int64_t m1) {
+    std::vector<float> nat(Kp), dei(fast ? Kp : 0);
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill(nat.begin() + K, nat.end(), 0.0f);
+      row_to_float(xp + m * rs, cs, K, nat.data(), isa);
+      float* out = fast ? dei.data() : a.xd.data_ptr<float>() + m * Kp;
+      const int64_t span = fast ? g : 16;
+#if PYSHRINK_X86
+      if (isa == Isa::kAvx2) deinterleave_avx2(nat.data(), Kp, span, out);
+      else
+#endif
+        deinterleave_scalar(nat.data(), Kp, span, out);
+      if (!fast) continue;
+      int8_t* q = a.qx.data_ptr<int8_t>();
+      float* sx = a.sx.data_ptr<float>();
+      float* xs = a.xsum.data_ptr<float>() + m * nb;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t sl = a.slot(m, b);
+        int32_t sum;
+#if PYSHRINK_X86
+        if (isa == Isa::kAvx2) sum = quantize_block_avx2(dei.data() + b * g, g, sx + sl, q + sl * g);
+        else
+#endif
+          sum = quantize_block_scalar(nat.data() + b * g, g, sx + sl, q + sl * g);  // natural order in
+        xs[b] = sx[sl] * static_cast<float>(sum);
+      }
+    }
+  });
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// fast tiles: raw[m*RN+n] = sum_b sx[m][b] * scale[n][b] * sum_k qx[m][k] * q[n][k]   (zero point not applied)
+// x / sx point at the tile's first row; row m of block b is at (b * MT + m) * G / (b * MT + m).
+
+template <int G, int MT, int RM, int RN>
+void fast_tile_scalar(const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, float* raw) {
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* wp = W.row(nidx[n]);
+      const float* ws = W.srow(nidx[n]);
+      float acc = 0.0f;
+      for (int64_t b = 0; b < W.nb; ++b) {
+        const uint8_t* p = wp + b * (G / 2);
+        const int8_t* xb = x + (b * MT + m) * G;
+        int32_t d = 0;
+        for (int j = 0; j < G / 2; ++j) d += xb[j] * (p[j] & 0x0F) + xb[G / 2 + j] * (p[j] >> 4);
+        acc += static_cast<float>(d) * (sx[b * MT + m] * ws[b]);
+      }
+      raw[m * RN + n] = acc;
+    }
+}
+
+#if PYSHRINK_X86
+template <int G, int MT, int RM, int RN>
+PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx,
+                                  float* raw) {
+  constexpr int C = G / 32;  // 32-byte chunks of codes per block
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const int64_t nb = W.nb, row_bytes = nb * (G / 2);
+  const uint8_t* wp[RN];
+  const float* ws[RN];
+  for (int n = 0; n < RN; ++n) wp[n] = W.row(nidx[n]), ws[n] = W.srow(nidx[n]);
+  __m256 acc[RM][RN];
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (RM == 1) {  // GEMV: memory bound, so ask for the next tile's rows (RN rows further) early
+      for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(wp[n] + RN * row_bytes + b * (G / 2)), _MM_HINT_T0);
+      if (b % 16 == 0)
+        for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(ws[n] + RN * nb + b), _MM_HINT_T0);
+    }
+    __m256i w[RN][C];
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* p = wp[n] + b * (G / 2);
+      if (G == 32) {
+        // 16 bytes in both lanes; low lane keeps the low nibbles, high lane shifts the high ones down
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        w[n][0] = _mm256_and_si256(_mm256_srlv_epi32(v, shift), mask);
+      } else {
+        for (int c = 0; c < C / 2; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
+          w[n][c] = _mm256_and_si256(v, mask);
+          w[n][C / 2 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        }
+      }
+    }
+    __m256 wsv[RN];
+    for (int n = 0; n < RN; ++n) wsv[n] = _mm256_broadcast_ss(ws[n] + b);
+    const int8_t* xb = x + b * MT * G;
+    for (int m = 0; m < RM; ++m) {
+      const __m256 sxv = _mm256_broadcast_ss(sx + b * MT + m);
+      for (int n = 0; n < RN; ++n) {
+        __m256i s16 = _mm256_maddubs_epi16(w[n][0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * G)));
+        for (int c = 1; c < C; ++c)
+          s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[n][c], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * G + 32 * c))));
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+        acc[m][n] = _mm256_fmadd_ps(d, _mm256_mul_ps(sxv, wsv[n]), acc[m][n]);
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) raw[m * RN + n] = hsum(acc[m][n]);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// exact tiles (small M): raw[m*RN+n] = sum_b scale[n][b] * sum_k x[m][k] * (q[n][k] - zp[n][b])
+// Packed byte j of a block pairs with activations 16*(j/8) + j%8 (low nibble) and that + 8 (high nibble).
+
+template <int G, int RM, int RN>
+void exact_tile_scalar(const Q4Weights& W, const int64_t* nidx, const float* const* xd, float* raw) {
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* wp = W.row(nidx[n]);
+      const float* ws = W.srow(nidx[n]);
+      float acc = 0.0f;
+      for (int64_t b = 0; b < W.nb; ++b) {
+        const uint8_t* p = wp + b * (G / 2);
+        const float* xb = xd[m] + b * G;
+        const int zp = W.zero_point(nidx[n], b);
+        float s = 0.0f;
+        for (int j = 0; j < G / 2; ++j) {
+          const int e = 16 * (j / 8) + j % 8;
+          s += xb[e] * static_cast<float>((p[j] & 0x0F) - zp) + xb[e + 8] * static_cast<float>((p[j] >> 4) - zp);
+        }
+        acc += s * ws[b];
+      }
+      raw[m * RN + n] = acc;
+    }
+}
+
+#if PYSHRINK_X86
+template <int G, int RM, int RN>
+PYSHRINK_AVX2 void exact_tile_avx2(const Q4Weights& W, const int64_t* nidx, const float* const* xd, float* raw) {
+  const __m256i m15 = _mm256_set1_epi32(0x0F);
+  const int64_t nb = W.nb, row_bytes = nb * (G / 2);
+  const uint8_t* wp[RN];
+  const float* ws[RN];
+  for (int n = 0; n < RN; ++n) wp[n] = W.row(nidx[n]), ws[n] = W.srow(nidx[n]);
+  __m256 acc[RM][RN];
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (RM == 1) {  // GEMV: prefetch the next tile's rows
+      for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(wp[n] + RN * row_bytes + b * (G / 2)), _MM_HINT_T0);
+      if (b % 16 == 0)
+        for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(ws[n] + RN * nb + b), _MM_HINT_T0);
+    }
+    __m256i zp[RN];
+    for (int n = 0; n < RN; ++n) zp[n] = _mm256_set1_epi32(W.zero_point(nidx[n], b));
+    __m256 blk[RM][RN];
+    for (int m = 0; m < RM; ++m)
+      for (int n = 0; n < RN; ++n) blk[m][n] = _mm256_setzero_ps();
+    for (int j = 0; j < G / 2; j += 8) {  // 8 packed bytes = 16 codes per step
+      __m256 lo[RN], hi[RN];
+      for (int n = 0; n < RN; ++n) {
+        const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp[n] + b * (G / 2) + j)));
+        lo[n] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(d, m15), zp[n]));
+        hi[n] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(d, 4), zp[n]));
+      }
+      for (int m = 0; m < RM; ++m) {
+        const __m256 xe = _mm256_loadu_ps(xd[m] + b * G + 2 * j), xo = _mm256_loadu_ps(xd[m] + b * G + 2 * j + 8);
+        for (int n = 0; n < RN; ++n) blk[m][n] = _mm256_fmadd_ps(hi[n], xo, _mm256_fmadd_ps(lo[n], xe, blk[m][n]));
+      }
+    }
+    for (int n = 0; n < RN; ++n) {
+      const __m256 sv = _mm256_broadcast_ss(ws[n] + b);
+      for (int m = 0; m < RM; ++m) acc[m][n] = _mm256_fmadd_ps(blk[m][n], sv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) raw[m * RN + n] = hsum(acc[m][n]);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// exact, M >= 4: dequantize NT weight rows into float (same 16-element [evens | odds] order as the activations, value
+// (q - zp) * scale rounded once, as dequantize_q4), then a register-blocked float GEMM over K chunks.
+
+void dequant_rows_scalar(const Q4Weights& W, int64_t n, float* dst) {
+  const int64_t g = W.g;
+  const uint8_t* p = W.row(n);
+  const float* s = W.srow(n);
+  for (int64_t b = 0; b < W.nb; ++b) {
+    const float z = static_cast<float>(W.zero_point(n, b));
+    for (int64_t j = 0; j < g / 2; ++j) {
+      const uint8_t v = p[b * (g / 2) + j];
+      const int64_t e = b * g + 16 * (j / 8) + j % 8;
+      dst[e] = (static_cast<float>(v & 0x0F) - z) * s[b];
+      dst[e + 8] = (static_cast<float>(v >> 4) - z) * s[b];
+    }
+  }
+}
+
+template <int RM>
+void gemm_tile_scalar(const float* const* x, const float* const* w, int64_t k0, int64_t k1, float* raw) {
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < 3; ++n) {
+      float s = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) s += x[m][k] * w[n][k];
+      raw[m * 3 + n] += s;
+    }
+}
+
+#if PYSHRINK_X86
+PYSHRINK_AVX2 void dequant_rows_avx2(const Q4Weights& W, int64_t n, float* dst) {
+  const int64_t g = W.g;
+  const uint8_t* p = W.row(n);
+  const float* s = W.srow(n);
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < W.nb; ++b) {
+    const __m256 vs = _mm256_set1_ps(s[b]), vz = _mm256_set1_ps(static_cast<float>(W.zero_point(n, b)));
+    for (int64_t j = 0; j < g / 2; j += 8) {
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + b * (g / 2) + j));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, m4)));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+      _mm256_storeu_ps(dst + b * g + 2 * j, _mm256_mul_ps(_mm256_sub_ps(lo, vz), vs));
+      _mm256_storeu_ps(dst + b * g + 2 * j + 8, _mm256_mul_ps(_mm256_sub_ps(hi, vz), vs));
+    }
+  }
+}
+
+template <int RM>
+PYSHRINK_AVX2 void gemm_tile_avx2(const float* const* x, const float* const* w, int64_t k0, int64_t k1, float* raw) {
+  __m256 acc[RM][3];
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < 3; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 8) {
+    const __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k), w2 = _mm256_loadu_ps(w[2] + k);
+    for (int m = 0; m < RM; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x[m] + k);
+      acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+      acc[m][2] = _mm256_fmadd_ps(xv, w2, acc[m][2]);
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < 3; ++n) raw[m * 3 + n] += hsum(acc[m][n]);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// drivers
+
+template <typename Out>
+struct Output {
+  Out* y;
+  int64_t N;
+  const float* bias;
+  void store(int64_t m, int64_t n, float v) const { y[m * N + n] = from_float<Out>(v + (bias ? bias[n] : 0.0f)); }
+};
+
+// Splits n-tiles over threads with at least ~64K multiply-adds per task.
+template <typename F>
+void for_tiles(int64_t ntiles, int64_t macs_per_tile, F&& f) {
+  parallel_for(ntiles, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, macs_per_tile)), f);
+}
+
+#if PYSHRINK_X86
+PYSHRINK_AVX2 float dot_f32_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+#endif
+
+float dot_f32(Isa isa, const float* a, const float* b, int64_t n) {
+#if PYSHRINK_X86
+  if (isa == Isa::kAvx2) return dot_f32_avx2(a, b, n);
+#endif
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <int G, int MT, int RM, int RN>
+void fast_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, float* raw) {
+#if PYSHRINK_X86
+  if (isa == Isa::kAvx2) return fast_tile_avx2<G, MT, RM, RN>(W, nidx, x, sx, raw);
+#endif
+  fast_tile_scalar<G, MT, RM, RN>(W, nidx, x, sx, raw);
+}
+
+// MT = RM = 1, RN = 4 for M == 1; MT = 4 (activation row groups), RN = 2 and RM = rows left (<= 4) otherwise.
+template <int G, int MT, int RN, typename Out>
+void run_fast(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out) {
+  const int64_t M = a.M, N = W.N, nb = W.nb;
+  const int8_t* qx = a.qx.const_data_ptr<int8_t>();
+  const float* sx = a.sx.const_data_ptr<float>();
+  const float* xsum = a.xsum.const_data_ptr<float>();
+  const int64_t ntiles = (N + RN - 1) / RN;
+  for_tiles(ntiles, RN * M * a.Kp, [&](int64_t t0, int64_t t1) {
+    std::vector<float> zs(RN * nb);  // zero point * scale per block, for the correction term
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t nidx[RN];
+      for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
+      for (int n = 0; n < RN; ++n)
+        for (int64_t b = 0; b < nb; ++b) zs[n * nb + b] = static_cast<float>(W.zero_point(nidx[n], b)) * W.srow(nidx[n])[b];
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t mr = std::min<int64_t>(MT, M - m0);
+        const int8_t* xt = qx + a.slot(m0, 0) * W.g;
+        const float* st = sx + a.slot(m0, 0);
+        float raw[MT * RN];
+        if (MT == 1 || mr == 4) fast_tile<G, MT, MT, RN>(isa, W, nidx, xt, st, raw);
+        else if (mr == 1) fast_tile<G, MT, 1, RN>(isa, W, nidx, xt, st, raw);
+        else if (mr == 2) fast_tile<G, MT, 2, RN>(isa, W, nidx, xt, st, raw);
+        else fast_tile<G, MT, 3, RN>(isa, W, nidx, xt, st, raw);
+        for (int64_t m = 0; m < mr; ++m)
+          for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
+            out.store(m0 + m, t * RN + n,
+                      raw[m * RN + n] - dot_f32(isa, zs.data() + n * nb, xsum + (m0 + m) * nb, nb));
+      }
+    }
+  });
+}
+
+template <int G, int RM, int RN>
+void exact_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const float* const* xd, float* raw) {
+#if PYSHRINK_X86
+  if (isa == Isa::kAvx2) return exact_tile_avx2<G, RM, RN>(W, nidx, xd, raw);
+#endif
+  exact_tile_scalar<G, RM, RN>(W, nidx, xd, raw);
+}
+
+// M in 1..3: weights unpacked straight into registers, no buffer.
+template <int G, int RM, int RN, typename Out>
+void run_exact_small(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out) {
+  const int64_t N = W.N;
+  const float* xd = a.xd.const_data_ptr<float>();
+  const float* xr[RM];
+  for (int m = 0; m < RM; ++m) xr[m] = xd + m * a.Kp;
+  for_tiles((N + RN - 1) / RN, RN * RM * a.Kp, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t nidx[RN];
+      for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
+      float raw[RM * RN];
+      exact_tile<G, RM, RN>(isa, W, nidx, xr, raw);
+      for (int m = 0; m < RM; ++m)
+        for (int64_t n = 0; n < RN && t * RN + n < N; ++n) out.store(m, t * RN + n, raw[m * RN + n]);
+    }
+  });
+}
+
+template <int RM>
+void gemm_tile(Isa isa, const float* const* x, const float* const* w, int64_t k0, int64_t k1, float* raw) {
+#if PYSHRINK_X86
+  if (isa == Isa::kAvx2) return gemm_tile_avx2<RM>(x, w, k0, k1, raw);
+#endif
+  gemm_tile_scalar<RM>(x, w, k0, k1, raw);
+}
+
+template <typename Out>
+void run_exact_gemm(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out) {
+  constexpr int64_t NT = 24;    // weight rows dequantized per task (multiple of 3)
+  constexpr int64_t KC = 1024;  // K chunk: 4 rows of x and 3 of W stay in L1
+  const int64_t M = a.M, N = W.N, Kp = a.Kp;
+  const float* xd = a.xd.const_data_ptr<float>();
+  for_tiles((N + NT - 1) / NT, NT * M * Kp, [&](int64_t t0, int64_t t1) {
+    std::vector<float> wbuf(NT * Kp), ybuf(M * NT);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NT, nr = std::min(NT, N - n0);
+      for (int64_t i = 0; i < NT; ++i) {
+        const int64_t n = n0 + std::min(i, nr - 1);
+        if (i >= nr && i % 3 == 0) break;  // micro tiles that would hold only duplicates are skipped below
+#if PYSHRINK_X86
+        if (isa == Isa::kAvx2) dequant_rows_avx2(W, n, wbuf.data() + i * Kp);
+        else
+#endif
+          dequant_rows_scalar(W, n, wbuf.data() + i * Kp);
+      }
+      std::fill(ybuf.begin(), ybuf.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < Kp; k0 += KC) {
+        const int64_t k1 = std::min(Kp, k0 + KC);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          const int64_t mr = std::min<int64_t>(4, M - m0);
+          const float* xr[4];
+          for (int m = 0; m < 4; ++m) xr[m] = xd + (m0 + std::min<int64_t>(m, mr - 1)) * Kp;
+          for (int64_t j = 0; j < nr; j += 3) {
+            const float* wr[3] = {wbuf.data() + j * Kp, wbuf.data() + (j + 1) * Kp, wbuf.data() + (j + 2) * Kp};
+            float raw[12] = {};
+            switch (mr) {
+              case 1: gemm_tile<1>(isa, xr, wr, k0, k1, raw); break;
+              case 2: gemm_tile<2>(isa, xr, wr, k0, k1, raw); break;
+              case 3: gemm_tile<3>(isa, xr, wr, k0, k1, raw); break;
+              default: gemm_tile<4>(isa, xr, wr, k0, k1, raw); break;
+            }
+            for (int64_t m = 0; m < mr; ++m)
+              for (int64_t n = 0; n < 3 && j + n < nr; ++n) ybuf[(m0 + m) * NT + j + n] += raw[m * 3 + n];
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < nr; ++n) out.store(m, n0 + n, ybuf[m * NT + n]);
+    }
+  });
+}
+
+template <int G, typename Out>
+void run(Isa isa, const Q4Weights& W, const Acts& a, bool fast, const Output<Out>& out) {
+  if (fast) {
+    if (a.M == 1) run_fast<G, 1, 4>(isa, W, a, out);
+    else run_fast<G, 4, 2>(isa, W, a, out);
+  } else if (a.M == 1) {
+    run_exact_small<G, 1, 4>(isa, W, a, out);
+  } else if (a.M == 2) {
+    run_exact_small<G, 2, 3>(isa, W, a, out);
+  } else if (a.M == 3) {
+    run_exact_small<G, 3, 2>(isa, W, a, out);
+  } else {
+    run_exact_gemm(isa, W, a, out);
+  }
+}
+
+at::Tensor linear_q4_cpu(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scales_in,
+                         const at::Tensor& zp_in, const c10::optional<at::Tensor>& bias_in, bool fast) {
+  TORCH_CHECK(x.device().is_cpu() && packed_in.device().is_cpu() && scales_in.device().is_cpu() &&
+                  zp_in.device().is_cpu(),
+              OP, ": x, packed, scales and zero_points must be CPU tensors, got ", x.device(), ", ",
+              packed_in.device(), ", ", scales_in.device(), ", ", zp_in.device());
+  TORCH_CHECK(packed_in.scalar_type() == at::kByte && packed_in.dim() == 3, OP,
+              ": packed must be uint8 [N, nb, g/2], got ", packed_in.scalar_type(), " ", packed_in.sizes());
+  const int64_t N = packed_in.size(0), nb = packed_in.size(1), g = 2 * packed_in.size(2), zb = (nb + 1) / 2;
+  TORCH_CHECK(g == 32 || g == 64 || g == 128, OP, ": group size ", g, " (from packed.shape[2]) not in (32, 64, 128)");
+  TORCH_CHECK(scales_in.scalar_type() == at::kFloat && scales_in.dim() == 2 && scales_in.size(0) == N &&
+                  scales_in.size(1) == nb,
+              OP, ": scales must be float32 [", N, ", ", nb, "], got ", scales_in.scalar_type(), " ", scales_in.sizes());
+  TORCH_CHECK(zp_in.scalar_type() == at::kByte, OP, ": zero_points must be uint8, got ", zp_in.scalar_type());
+  TORCH_CHECK(zp_in.numel() == 0 || (zp_in.dim() == 2 && zp_in.size(0) == N && zp_in.size(1) == zb), OP,
+              ": zero_points must be empty (symmetric) or [", N, ", ", zb, "], got ", zp_in.sizes());
+  TORCH_CHECK(x.dim() >= 1, OP, ": x must be [..., K], got a 0-d tensor");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0 && (K + g - 1) / g == nb, OP, ": x has K=", K, ", which needs ", (K + g - 1) / g,
+              " blocks of ", g, ", but the weights have ", nb);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    TORCH_CHECK(bias_in->device().is_cpu(), OP, ": bias must be a CPU tensor, got ", bias_in->device());
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, OP, ": bias must be [", N, "], got ", bias_in->sizes());
+    TORCH_CHECK(at::isFloatingType(bias_in->scalar_type()), OP, ": bias must be a float tensor, got ",
+                bias_in->scalar_type());
+    bias = bias_in->to(at::kFloat).contiguous();
+  }
+  const Isa isa = active_isa(OP);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x.options());
+  const at::Tensor x2 = x.reshape({-1, K});
+  const at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous();
+  const at::Tensor zps = zp_in.numel() ? zp_in.contiguous() : zp_in;
+  const Q4Weights W{packed.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
+                    zps.numel() ? zps.const_data_ptr<uint8_t>() : nullptr, N, nb, g, zb};
+
+  dispatch_float(x.scalar_type(), OP, "x", [&](auto tag) {
+    using T = decltype(tag);
+    if (x2.size(0) == 0 || N == 0) return;
+    const Acts a = prepare<T>(x2, g, nb, fast, isa);
+    const Output<T> o{out.data_ptr<T>(), N, bias.defined() ? bias.const_data_ptr<float>() : nullptr};
+    switch (g) {
+      case 32: run<32>(isa, W, a, fast, o); break;
+      case 64: run<64>(isa, W, a, fast, o); break;
+      default: run<128>(isa, W, a, fast, o); break;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyshrink, CPU, m) { m.impl("linear_q4", &linear_q4_cpu); }
+
+}  // namespace cpu
+}  // namespace pyshrink

@@ -1,0 +1,135 @@
+// Work splitting for pyshrink's CPU kernels: a small pool whose caller never waits for a worker that has
+// not started.
+//
+// Why not at::parallel_for: with torch's OpenMP backend every call ends in a barrier that all threads must
+// reach, so when the machine is busy and one worker is descheduled the whole op waits a scheduler timeslice.
+// On a shared 2-core machine (load average ~10) a 4096x4096 GEMV measured 63 ms that way against 1.3 ms for
+// ONNX Runtime, whose pool lets the caller take back work that no worker has claimed. This pool does the
+// same: chunks are claimed from an atomic counter by the caller and by whichever workers wake up in time;
+// the caller only waits for chunks already claimed. Workers sleep on a condition variable between calls
+// (no spinning on a busy machine). A nested or concurrent call runs serially on its own thread.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace pyshrink {
+namespace cpu {
+
+class Pool {
+ public:
+  static Pool& instance() {
+    static std::mutex m;
+    static Pool* pool = nullptr;  // leaked on purpose: no worker joins at interpreter exit
+    std::lock_guard<std::mutex> g(m);
+    if (pool == nullptr || pool->pid_ != ::getpid()) pool = new Pool();  // after fork() the workers are gone
+    return *pool;
+  }
+
+  // Runs fn(c) for every c in [0, n) on the calling thread and up to nthreads - 1 workers.
+  void run(int64_t n, int nthreads, const std::function<void(int64_t)>& fn) {
+    bool idle = false;
+    if (nthreads <= 1 || n <= 1 || !busy_.compare_exchange_strong(idle, true)) {
+      for (int64_t c = 0; c < n; ++c) fn(c);
+      return;
+    }
+    ensure_workers(nthreads - 1);
+    auto job = std::make_shared<Job>(fn, n);
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      job_ = job;
+      wanted_ = static_cast<size_t>(nthreads - 1);
+      ++epoch_;
+    }
+    cv_.notify_all();
+    work(*job);
+    // every chunk is claimed; wait only for the ones workers are still running
+    while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      job_.reset();
+    }
+    busy_.store(false, std::memory_order_release);
+  }
+
+ private:
+  struct Job {
+    Job(std::function<void(int64_t)> f, int64_t t) : fn(std::move(f)), total(t) {}
+    std::function<void(int64_t)> fn;
+    const int64_t total;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+
+  static void work(Job& j) {
+    for (int64_t c; (c = j.next.fetch_add(1, std::memory_order_relaxed)) < j.total;) {
+      j.fn(c);
+      j.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void ensure_workers(int n) {
+    std::lock_guard<std::mutex> g(mu_);
+    while (static_cast<int>(workers_.size()) < n) {
+      const size_t idx = workers_.size();
+      workers_.emplace_back([this, idx] { loop(idx); });
+      workers_.back().detach();
+    }
+  }
+
+  void loop(size_t idx) {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Job> job;  // keeps the job alive even if the caller has returned
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return epoch_ != seen; });
+        seen = epoch_;
+        if (idx >= wanted_) continue;
+        job = job_;
+      }
+      if (job) work(*job);
+    }
+  }
+
+  const pid_t pid_ = ::getpid();
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> job_;
+  uint64_t epoch_ = 0;
+  size_t wanted_ = 0;
+  std::vector<std::thread> workers_;
+  std::atomic<bool> busy_{false};
+};
+
+inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// fn(c) for c in [0, chunks), spread over torch.get_num_threads() threads.
+inline void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
+  if (chunks <= 0) return;
+  Pool::instance().run(chunks, at::in_parallel_region() ? 1 : num_threads(), fn);
+}
+
+// f(begin, end) over [0, n) in chunks of at least `grain` (about 8 chunks per thread, for balance).
+template <typename F>
+void parallel_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t nt = num_threads();
+  grain = std::max<int64_t>(1, grain);
+  if (nt == 1 || n <= grain) return f(0, n);
+  const int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, nt * 8);
+  const int64_t size = (n + chunks - 1) / chunks;
+  parallel_chunks((n + size - 1) / size, [&](int64_t c) { f(c * size, std::min(n, (c + 1) * size)); });
+}
+
+}  // namespace cpu
+}  // namespace pyshrink

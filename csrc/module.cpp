@@ -1,0 +1,42 @@
+// The Python module pyshrink._C. Importing it registers every kernel (TORCH_LIBRARY_IMPL blocks in csrc/cpu/
+// and, in CUDA builds, csrc/cuda/) for the schemas that pyshrink/ops/*.py define; the functions here only
+// say what was built and which CPU code path runs.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "cpu/isa.h"
+
+namespace {
+
+std::string cpu_isa() { return pyshrink::cpu::isa_name(pyshrink::cpu::active_isa("pyshrink._C.cpu_isa")); }
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#if PYSHRINK_X86
+  info["isa_compiled"] = "x86-64 baseline + avx2,fma,f16c (function targets)";
+#else
+  info["isa_compiled"] = "portable scalar";
+#endif
+  info["cpu_supports_avx2"] = pyshrink::cpu::cpu_supports_avx2();
+  info["cpu_isa"] = cpu_isa();
+  info["openmp_threads"] = at::get_num_threads();
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef PYSHRINK_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyshrink native kernels (registered with torch.library on import)";
+  m.def("cpu_isa", &cpu_isa, "The CPU code path the kernels take now: 'avx2' or 'scalar' (PYSHRINK_CPU_ISA overrides).");
+  m.def("build_info", &build_info, "What this build contains: compiled ISA, OpenMP threads, CUDA.");
+}
