@@ -20,7 +20,9 @@ def read_texts(sources) -> str:
         sources = [sources]
     parts = []
     for s in sources:
-        p = Path(s) if not (isinstance(s, str) and "\n" in s) else None
+        # a literal text (multi-line, or longer than any path) is never looked up as a file
+        literal = isinstance(s, str) and ("\n" in s or len(s) > 1024)
+        p = None if literal else Path(s)
         if p is not None and p.is_file():
             parts.append(p.read_text(encoding="utf-8", errors="replace"))
         elif p is not None and (p.suffix in (".txt", ".md", ".json", ".jsonl", ".py") or "/" in str(s)):

@@ -19,6 +19,10 @@ def test_empty_text_is_an_error(tmp_path, content):
         data.read_texts([f])
 
 
+def test_a_long_single_line_string_is_text_not_a_path():
+    assert data.read_texts("word " * 2000).startswith("word word")
+
+
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         data.read_texts([tmp_path / "nope.txt"])

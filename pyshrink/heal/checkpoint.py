@@ -1,0 +1,90 @@
+"""Checkpoints of a healing run, written so that an interruption at any moment leaves a usable folder.
+
+``OUT/checkpoint-best`` and ``OUT/checkpoint-last`` are ordinary pyshrink model folders (``load_model``
+reads them), each replaced atomically as a whole. ``checkpoint-last`` also holds what ``resume`` needs:
+``trainer_state.json`` (step, tokens, curve, settings) and ``optimizer.pt`` (AdamW moments and the RNG
+state: tensors only, read back with ``torch.load(weights_only=True)``, so nothing is ever unpickled).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..errors import PyshrinkError
+
+BEST = "checkpoint-best"
+LAST = "checkpoint-last"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+REPORT_FILE = "heal.json"
+
+
+class CheckpointError(PyshrinkError):
+    pass
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: Path, model, tokenizer, *, metadata: dict, state: dict | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write the model (and, for ``checkpoint-last``, the trainer and optimizer state) as one atomic folder."""
+    with models.atomic_output_dir(folder, overwrite=True) as tmp:
+        models.save(model, tokenizer, tmp, metadata=metadata, overwrite=True)
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / OPTIMIZER_FILE)
+        if state is not None:  # written last: its presence marks a complete resumable checkpoint
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
+    return folder
+
+
+def load_weights(model, folder: Path) -> None:
+    """Copy the weights saved in ``folder`` into ``model`` (whose structure must match: strict)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors weights")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(f))
+        except Exception as exc:  # safetensors raises several types for truncated files
+            raise CheckpointError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
+    own = model.state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in own if k not in sd and not (tied and k.endswith("lm_head.weight"))]
+    missing = [k for k in missing if k in dict(model.named_parameters())]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"the checkpoint in {folder} does not fit this student (is it the same student the "
+                              f"run started from?): missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                              f"different shapes {wrong[:3]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+def load_state(folder: Path, device) -> tuple[dict, dict]:
+    """(trainer state, {"optimizer": ..., "rng": ...}) of a resumable checkpoint."""
+    state_file, opt_file = Path(folder) / STATE_FILE, Path(folder) / OPTIMIZER_FILE
+    if not state_file.is_file() or not opt_file.is_file():
+        raise CheckpointError(f"{folder} is not a resumable checkpoint (it lacks {STATE_FILE} or {OPTIMIZER_FILE})")
+    try:
+        state = json.loads(state_file.read_text())
+        blob = torch.load(opt_file, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the checkpoint state in {folder}: {exc}") from exc
+    return state, blob
+
+
+def has_resumable(out: Path) -> bool:
+    return (Path(out) / LAST / STATE_FILE).is_file()

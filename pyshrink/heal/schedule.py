@@ -1,0 +1,167 @@
+"""Iterative contraction: prune a slice, heal, measure, repeat, until the one-shot size is reached.
+
+One-shot contraction removes ``contraction_ratio`` of the MLP neurons of ``num_layers_to_contract`` blocks at
+once, then heals. The schedule removes the same neurons in ``steps`` slices: after slice ``k`` a fraction
+``k * ratio / steps`` of each chosen block's original width is gone (the per-slice ratio handed to contraction
+is relative to the current, already narrower width), and after each slice the model is healed from the
+*source* (the best teacher there is) with ``heal_tokens / steps`` tokens, so every later slice measures
+neuron importance on a model that has already adapted to the earlier removals.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import models
+from ..errors import InvalidSetting, check_range
+
+
+@dataclass
+class ScheduleResult:
+    model: Any
+    tokenizer: Any
+    steps: list = field(default_factory=list)  # one dict per slice: ratio, params, ppl after contraction / heal
+    num_params: int = 0
+    source_params: int = 0
+    heal_tokens: int = 0
+
+    @property
+    def summary(self) -> dict:
+        return {"num_params": self.num_params, "source_params": self.source_params,
+                "fewer_params": 1 - self.num_params / self.source_params if self.source_params else None,
+                "heal_tokens": self.heal_tokens, "steps": self.steps}
+
+
+def slice_ratios(contraction_ratio: float, steps: int) -> list[float]:
+    """Per-slice ratios, each relative to the width left by the previous slices, that compose to the total.
+
+    After slice ``k`` the kept fraction of the original width is ``1 - k * ratio / steps``:
+    ``r_k = 1 - (1 - k r / K) / (1 - (k - 1) r / K)``.
+    """
+    r, k_total = contraction_ratio, steps
+    return [1 - (1 - k * r / k_total) / (1 - (k - 1) * r / k_total) for k in range(1, k_total + 1)]
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _contracted_layers(result) -> list[int] | None:
+    rows = (getattr(result, "summary", None) or {}).get("layers")
+    return None if rows is None else [r["layer"] for r in rows]
+
+
+@contextlib.contextmanager
+def _pinned_selection(layers):
+    """Make pyshrink.contract contract exactly ``layers`` (its API has no ``layers=`` argument yet).
+
+    Stopgap: swaps :func:`pyshrink.contract.layer_selection.choose` for the duration of one call. Once
+    ``contract`` accepts ``layers=``, :func:`iterative_contract` passes it instead and this is unused.
+    """
+    from ..contract import layer_selection
+
+    original = layer_selection.choose
+    wanted = set(layers)
+
+    def choose(candidates, n, **kwargs):
+        return sorted((c for c in candidates if c.index in wanted), key=lambda c: c.index)
+
+    layer_selection.choose = choose
+    try:
+        yield
+    finally:
+        layer_selection.choose = original
+
+
+def contract_with_layers(source, *, layers=None, **kwargs):
+    from ..contract import contract
+
+    if layers is None or _accepts(contract, "layers"):
+        return contract(source, **({} if layers is None else {"layers": layers}), **kwargs)
+    with _pinned_selection(layers):
+        return contract(source, **kwargs)
+
+
+def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5, num_layers_to_contract: int = 8,
+                       calibration=None, heal_tokens: int = 100_000, heal_text=None, eval_text=None,
+                       teacher=None, out=None, overwrite: bool = False, contract_fn: Callable | None = None,
+                       contract_kwargs: dict | None = None, progress: bool = True, **heal_kwargs) -> ScheduleResult:
+    """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
+
+    ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
+    must return an object with ``.model`` and ``.tokenizer`` (default: :func:`pyshrink.contract`). Every slice must
+    narrow the *same* blocks for the final size to equal one-shot contraction's: the blocks the first slice
+    chose (its ``summary["layers"]``) are passed to later slices as ``layers=`` when ``contract_fn`` accepts that
+    argument; otherwise each slice chooses again, and a warning says so if it chose other blocks. Healing uses
+    ``heal_text`` (default: the calibration text), ``heal_tokens // steps`` tokens per slice, and ``heal_kwargs``
+    (lr, alpha, temperature, teacher_topk, ...; ``max_seconds`` applies to each slice). Slice ``k`` continues the
+    window order where slice ``k - 1`` stopped, so all slices together see the windows one heal of
+    ``heal_tokens`` would; with ``teacher_topk`` one teacher cache serves every slice. With ``out``, the final model is saved there (atomically, with the per-slice
+    measurements in its ``pyshrink.json``); the result's ``steps`` holds them too.
+    """
+    from .api import heal
+
+    check_range("steps", steps, 1, 64, integer=True)
+    check_range("contraction_ratio", contraction_ratio, 0.0, 0.99)
+    if isinstance(heal_tokens, bool) or not isinstance(heal_tokens, int) or heal_tokens < steps:
+        raise InvalidSetting(f"heal_tokens must be an integer >= steps ({steps}), got {heal_tokens!r}")
+    text = heal_text if heal_text is not None else calibration
+    if text is None:
+        raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
+    contract_fn = contract_fn or contract_with_layers
+    contract_kwargs = dict(contract_kwargs or {})
+    out = None if out is None else Path(out).expanduser().resolve()
+    if out is not None and out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    if teacher is None:
+        teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
+    t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)
+    result = ScheduleResult(model=None, tokenizer=None, source_params=models.num_params(t_model),
+                            heal_tokens=heal_tokens)
+    if heal_kwargs.get("teacher_topk") and heal_kwargs.get("teacher_cache") is None:
+        from .teacher import TeacherCache
+        heal_kwargs["teacher_cache"] = TeacherCache(heal_kwargs["teacher_topk"])  # one teacher: share its targets
+    seq_len = heal_kwargs.get("seq_len", 512)
+    offset = heal_kwargs.pop("data_offset", 0)
+    current = source
+    per_slice = heal_tokens // steps
+    pinned = None
+    for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
+        kw = dict(contract_kwargs)
+        if pinned is not None and _accepts(contract_fn, "layers"):
+            kw["layers"] = pinned
+        if "progress" not in kw and _accepts(contract_fn, "progress"):
+            kw["progress"] = progress
+        contracted = contract_fn(current, contraction_ratio=ratio, num_layers_to_contract=num_layers_to_contract,
+                                 calibration=calibration, **kw)
+        layers = _contracted_layers(contracted)
+        if pinned is None:
+            pinned = layers
+        elif layers is not None and sorted(layers) != sorted(pinned):
+            warnings.warn(f"slice {k} contracted blocks {layers}, not the blocks {pinned} of slice 1 (the contraction "
+                          "function takes no layers= argument), so the final size differs from one-shot contraction",
+                          RuntimeWarning, stacklevel=2)
+        healed = heal((contracted.model, contracted.tokenizer), teacher, text,
+                      tokens=per_slice + (heal_tokens - per_slice * steps if k == steps else 0), eval_text=eval_text,
+                      progress=progress, data_offset=offset, **heal_kwargs)
+        offset += healed.tokens_seen // seq_len  # the next slice continues the same data order
+        heal_kwargs["teacher_ppl"] = healed.ppl_teacher  # same teacher, same held-out windows
+        result.steps.append({"slice": k, "ratio": ratio, "layers": layers, "num_params": models.num_params(healed.model),
+                             "ppl_contracted": healed.ppl_initial, "ppl_healed": healed.ppl_best,
+                             "ppl_teacher": healed.ppl_teacher, "tokens": healed.tokens_seen,
+                             "stopped": healed.stopped, "seconds": healed.seconds})
+        current = (healed.model, healed.tokenizer)
+    result.model, result.tokenizer = current
+    result.num_params = models.num_params(result.model)
+    if out is not None:
+        models.save(result.model, result.tokenizer, out, overwrite=overwrite,
+                    metadata={"schedule": result.summary, "source": str(source)})
+    return result

@@ -1,0 +1,368 @@
+"""The healing loop: AdamW on the student, a frozen teacher, held-out perplexity at intervals, checkpoints.
+
+One optimizer step sees ``batch_size * grad_accum`` windows of ``seq_len`` tokens. The windows come in a
+deterministic order (a seeded permutation per epoch), so the data a step sees depends only on the seed and
+the step number: that is what makes ``resume`` reproduce an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluate import perplexity
+from . import checkpoint as ckpt
+from .losses import distillation_loss
+
+
+@dataclass
+class HealConfig:
+    tokens: int = 200_000
+    lr: float = 2e-4
+    temperature: float = 2.0
+    alpha: float = 0.5
+    hidden_weight: float = 0.0
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 4
+    schedule: str = "cosine"
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    trainable: str = "all"
+    eval_every: int | None = None
+    until_ppl: float | None = None
+    max_seconds: float | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    teacher_topk: int | None = None
+    data_offset: int = 0  # windows of the seeded order to skip (the slices of a schedule continue the data)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, math.ceil(self.tokens / self.tokens_per_step))
+
+    @property
+    def eval_every_steps(self) -> int:
+        every = self.eval_every or max(self.tokens // 8, 1)
+        return max(1, round(every / self.tokens_per_step))
+
+    # settings that must not change between a run and its resumption (they decide data and updates)
+    RESUME_KEYS = ("lr", "temperature", "alpha", "hidden_weight", "seq_len", "batch_size", "grad_accum", "schedule",
+                   "warmup", "weight_decay", "max_grad_norm", "trainable", "seed", "teacher_topk", "data_offset")
+
+
+# ---- learning-rate schedules: fraction of the peak rate after warm-up, progress in [0, 1] -------------------
+SCHEDULES = {
+    "cosine": lambda progress: 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - 0.9 * progress,
+    "constant": lambda progress: 1.0,
+}
+
+
+def lr_at(cfg: HealConfig, step: int) -> float:
+    warm = max(1, round(cfg.warmup * cfg.total_steps)) if cfg.warmup > 0 else 0
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.total_steps - warm)
+    return cfg.lr * SCHEDULES[cfg.schedule](min(1.0, progress))
+
+
+# ---- which student parameters train --------------------------------------------------------------------
+def _is_norm(module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _all_params(student, teacher, adapter):
+    return list(student.parameters())
+
+
+def _contracted_params(student, teacher, adapter):
+    """MLP projections of the blocks narrower than the teacher's, plus every norm's weights."""
+    chosen = []
+    for sb, tb in zip(adapter.blocks(student), adapter.blocks(teacher)):
+        if adapter.mlp_width(sb) < adapter.mlp_width(tb):
+            for m in adapter.mlp_in_modules(sb) + [adapter.mlp_out_module(sb)]:
+                chosen += list(m.parameters())
+    if not chosen:
+        from ..errors import InvalidSetting
+        raise InvalidSetting("trainable='contracted' found no block whose MLP is narrower than the teacher's; "
+                             "use trainable='all'")
+    for m in student.modules():
+        if _is_norm(m):
+            chosen += list(m.parameters(recurse=False))
+    return chosen
+
+
+TRAINABLE = {"all": _all_params, "contracted": _contracted_params}
+
+
+# ---- data order ------------------------------------------------------------------------------------------
+class WindowOrder:
+    """Global window position -> window index: epoch ``e`` visits the windows in ``randperm(n, seed + e)``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return self._perms[epoch]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        return torch.stack([self._perm(g // self.n)[g % self.n] for g in range(start, start + count)])
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0  # forward/backward/update time, for tokens/s
+    seconds: float = 0.0  # wall time including evaluation and checkpoints
+    curve: list = field(default_factory=list)  # [{"tokens", "step", "ppl", "loss", "seconds"}]
+    best_ppl: float = math.inf
+    best_step: int = -1
+    best_tokens: int = 0
+    teacher_ppl: float | None = None
+    until_ppl: float | None = None
+    stopped: str | None = None
+    config: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, student, teacher, tokenizer, train_windows: torch.Tensor, eval_ids: torch.Tensor,
+                 cfg: HealConfig, adapter, *, out: Path | None = None, metadata: dict | None = None,
+                 progress: bool = True, callback=None, eval_batch_size: int = 4, teacher_cache=None):
+        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.train_windows, self.eval_ids, self.cfg, self.adapter = train_windows, eval_ids, cfg, adapter
+        self.out, self.metadata, self.progress, self.callback = out, dict(metadata or {}), progress, callback
+        self.eval_batch_size = eval_batch_size
+        if cfg.teacher_topk and teacher_cache is None:
+            from .teacher import TeacherCache
+            teacher_cache = TeacherCache(cfg.teacher_topk)
+        self.cache = teacher_cache if cfg.teacher_topk else None
+        self.device = next(student.parameters()).device
+        self.teacher_device = next(teacher.parameters()).device
+        self.order = WindowOrder(len(train_windows), cfg.seed)
+        self.state = RunState(config=asdict(cfg))
+        self.best_weights = None  # in-memory copy when there is no output folder
+        self.last_loss = math.nan
+        self.params = TRAINABLE[cfg.trainable](student, teacher, adapter)
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self):
+        ids = {id(p) for p in self.params}
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        assert len(ids) == len({id(p) for p in decay + no_decay})
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    # ---- evaluation and checkpoints -----------------------------------------------------------------------
+    def evaluate(self, model) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return perplexity(model, ids=self.eval_ids, seq_len=self.cfg.seq_len,
+                              batch_size=self.eval_batch_size, progress=False)
+        finally:
+            model.train(was_training)
+
+    def _meta(self) -> dict:
+        s = self.state
+        heal = {"step": s.step, "tokens_seen": s.tokens_seen, "held_out_ppl": s.curve[-1]["ppl"] if s.curve else None,
+                "teacher_ppl": s.teacher_ppl, "config": s.config}
+        return {**self.metadata, "heal": heal}
+
+    def _save_best(self):
+        if self.out is not None:
+            ckpt.save_checkpoint(self.out / ckpt.BEST, self.student, self.tokenizer, metadata=self._meta())
+        else:
+            self.best_weights = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+
+    def _save_last(self):
+        if self.out is None:
+            return
+        ckpt.save_checkpoint(self.out / ckpt.LAST, self.student, self.tokenizer, metadata=self._meta(),
+                             state=asdict(self.state), optimizer=self.optimizer)
+        self._write_report()
+
+    def _write_report(self):
+        if self.out is not None:
+            ckpt.write_json_atomic(self.out / ckpt.REPORT_FILE, self.report())
+
+    def report(self) -> dict:
+        s = self.state
+        return {
+            "stopped": s.stopped, "step": s.step, "total_steps": self.cfg.total_steps, "tokens_seen": s.tokens_seen,
+            "ppl_initial": s.curve[0]["ppl"] if s.curve else None, "ppl_best": s.best_ppl if s.curve else None,
+            "best_tokens": s.best_tokens, "best_step": s.best_step, "ppl_teacher": s.teacher_ppl,
+            "until_ppl": s.until_ppl, "seconds": round(s.seconds, 2),
+            "train_tokens_per_s": round(s.tokens_seen / s.train_seconds, 1) if s.train_seconds else None,
+            "curve": s.curve, "config": s.config,
+        }
+
+    def _record_eval(self, ppl: float) -> bool:
+        """Add a curve point, keep the best checkpoint; True when the target perplexity is reached."""
+        s = self.state
+        s.curve.append({"tokens": s.tokens_seen, "step": s.step, "ppl": ppl,
+                        "loss": None if math.isnan(self.last_loss) else self.last_loss, "seconds": round(s.seconds, 2)})
+        if ppl < s.best_ppl:
+            s.best_ppl, s.best_step, s.best_tokens = ppl, s.step, s.tokens_seen
+            self._save_best()
+        return s.until_ppl is not None and ppl <= s.until_ppl
+
+    # ---- resume ------------------------------------------------------------------------------------------
+    def resume_from(self, folder: Path):
+        state, blob = ckpt.load_state(folder, self.device)
+        saved = state.get("config", {})
+        changed = [k for k in HealConfig.RESUME_KEYS if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            from ..errors import InvalidSetting
+            raise InvalidSetting("cannot resume with different settings: " + ", ".join(
+                f"{k} was {saved[k]!r}, now {getattr(self.cfg, k)!r}" for k in changed))
+        ckpt.load_weights(self.student, folder)
+        try:
+            self.optimizer.load_state_dict(blob["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"the optimizer state in {folder} does not fit this student: {exc}") from exc
+        torch.set_rng_state(blob["rng"].cpu())
+        fields = RunState.__dataclass_fields__
+        self.state = RunState(**{k: v for k, v in state.items() if k in fields})
+        self.state.config = asdict(self.cfg)
+        self.state.stopped = None
+        if self.state.curve:
+            self.last_loss = self.state.curve[-1]["loss"] or math.nan
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def _micro_step(self, batch: torch.Tensor) -> dict:
+        cfg = self.cfg
+        want_hidden = cfg.hidden_weight > 0
+        teacher_out = None
+        if self.cache is not None and cfg.alpha > 0 and not want_hidden:
+            teacher_out = self.cache.targets(self.teacher, batch, cfg.temperature)
+        elif cfg.alpha > 0 or want_hidden:
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids=batch.to(self.teacher_device), use_cache=False,
+                                           output_hidden_states=want_hidden)
+        student_out = self.student(input_ids=batch, use_cache=False, output_hidden_states=want_hidden)
+        loss, parts = distillation_loss(student_out, teacher_out, batch, temperature=cfg.temperature,
+                                        alpha=cfg.alpha, hidden_weight=cfg.hidden_weight)
+        (loss / cfg.grad_accum).backward()
+        return parts
+
+    def _train_step(self) -> dict:
+        cfg, s = self.cfg, self.state
+        lr = lr_at(cfg, s.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict = {}
+        for a in range(cfg.grad_accum):
+            idx = self.order.take(cfg.data_offset + (s.step * cfg.grad_accum + a) * cfg.batch_size, cfg.batch_size)
+            parts = self._micro_step(self.train_windows[idx].to(self.device))
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.tokens_seen += cfg.tokens_per_step
+        totals["lr"] = lr
+        return totals
+
+    def run(self) -> RunState:
+        cfg, s = self.cfg, self.state
+        started = time.perf_counter()
+        base_seconds = s.seconds
+
+        def tick():
+            s.seconds = base_seconds + time.perf_counter() - started
+
+        if s.teacher_ppl is None:
+            s.teacher_ppl = self.evaluate(self.teacher)
+        s.until_ppl = cfg.until_ppl if cfg.until_ppl is not None else s.teacher_ppl
+        if not s.curve:  # the starting point of the recovery curve, and the first "best"
+            tick()
+            self._record_eval(self.evaluate(self.student))
+            self._write_report()
+        if s.curve[-1]["ppl"] <= s.until_ppl:
+            s.stopped = "until_ppl"
+        trainable = {id(p) for p in self.params}
+        flags = {p: p.requires_grad for p in self.student.parameters()}
+        for p in self.student.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.student.train()
+        if cfg.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        bar = tqdm(total=cfg.total_steps * cfg.tokens_per_step, initial=s.tokens_seen, unit="tok", unit_scale=True,
+                   desc="heal", disable=not self.progress, dynamic_ncols=True)
+        last_saved = s.step
+        try:
+            while s.stopped is None and s.step < cfg.total_steps:
+                t0 = time.perf_counter()
+                parts = self._train_step()
+                s.train_seconds += time.perf_counter() - t0
+                self.last_loss = parts["loss"]
+                tick()
+                bar.update(cfg.tokens_per_step)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{s.tokens_seen / max(s.train_seconds, 1e-9):.0f}",
+                                ppl=f"{s.curve[-1]['ppl']:.2f}", refresh=False)
+                if self.callback is not None:
+                    self.callback({"step": s.step, "tokens_seen": s.tokens_seen, **parts})
+                over_time = cfg.max_seconds is not None and s.seconds >= cfg.max_seconds
+                if s.step % cfg.eval_every_steps == 0 or s.step == cfg.total_steps or over_time:
+                    reached = self._record_eval(self.evaluate(self.student))
+                    tick()
+                    s.stopped = "until_ppl" if reached else ("time" if over_time else None)
+                    if s.stopped is None and s.step == cfg.total_steps:
+                        s.stopped = "budget"
+                    self._save_last()
+                    last_saved = s.step
+                    bar.set_postfix(loss=f"{parts['loss']:.3f}", ppl=f"{s.curve[-1]['ppl']:.2f}")
+            if s.stopped is None:
+                s.stopped = "budget"
+            if s.step != last_saved:
+                self._save_last()
+        except KeyboardInterrupt:
+            # the weights are those after the last *completed* step (a partial accumulation is discarded)
+            s.stopped = "interrupted"
+            tick()
+            if s.step != last_saved:
+                self._save_last()
+            else:
+                self._write_report()
+            raise
+        finally:
+            bar.close()
+            if cfg.gradient_checkpointing:
+                self.student.gradient_checkpointing_disable()
+            self.student.eval()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            self.optimizer.zero_grad(set_to_none=True)
+        self._restore_best()
+        tick()
+        self._write_report()
+        return s
+
+    def _restore_best(self):
+        """Leave the best weights (by held-out perplexity) in the student."""
+        s = self.state
+        if s.best_step == s.step:
+            return
+        if self.best_weights is not None:
+            self.student.load_state_dict(self.best_weights, strict=False)
+        elif self.out is not None and (self.out / ckpt.BEST).is_dir():
+            ckpt.load_weights(self.student, self.out / ckpt.BEST)

@@ -1,0 +1,61 @@
+import copy
+
+import pytest
+import transformers as tf
+
+from heal_helpers import SEQ, word_tokenizer
+from pyshrink.errors import DataError, InvalidSetting, PyshrinkError
+from pyshrink.heal import IncompatibleModels, heal
+from tiny import tiny_model
+
+TINY = dict(seq_len=SEQ, batch_size=4, grad_accum=2, eval_tokens=512, progress=False, tokens=256)
+
+
+@pytest.mark.parametrize("tokens", [0, -100, 1.5, True])
+def test_a_budget_that_is_not_a_positive_integer_is_refused(student, teacher, tokenizer, texts, tokens):
+    with pytest.raises(InvalidSetting, match="tokens"):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**TINY, "tokens": tokens})
+
+
+@pytest.mark.parametrize("setting", [{"alpha": 1.5}, {"temperature": 0}, {"lr": -1.0}, {"schedule": "step"},
+                                     {"trainable": "attention"}, {"seq_len": 1}, {"grad_accum": 0}])
+def test_bad_settings_are_refused(student, teacher, tokenizer, texts, setting):
+    with pytest.raises(InvalidSetting):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**TINY, **setting})
+
+
+def test_different_vocabularies_are_refused(student, tokenizer, texts):
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    other = tf.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(IncompatibleModels, match="different vocabularies"):
+        heal((student, tokenizer), (other, tokenizer), texts["train"], **TINY)
+
+
+def test_same_size_but_different_tokenizers_are_refused(student, teacher, tokenizer, texts):
+    with pytest.raises(IncompatibleModels, match="different tokenizers"):
+        heal((student, tokenizer), (teacher, word_tokenizer("v")), texts["train"], **TINY)
+
+
+def test_a_student_that_is_not_smaller_is_refused(teacher, tokenizer, texts):
+    with pytest.raises(IncompatibleModels, match="not smaller"):
+        heal((copy.deepcopy(teacher), tokenizer), (teacher, tokenizer), texts["train"], **TINY)
+
+
+def test_empty_or_too_short_text_is_refused(student, teacher, tokenizer, texts, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="empty"):
+        heal((student, tokenizer), (teacher, tokenizer), [empty], **TINY)
+    with pytest.raises(DataError, match="at least"):
+        heal((student, tokenizer), (teacher, tokenizer), "w3 w4 w5\nw6", **TINY)
+    with pytest.raises(DataError):
+        heal((student, tokenizer), (teacher, tokenizer), None, **TINY)
+
+
+def test_encoders_and_resume_without_output_are_refused(student, teacher, tokenizer, texts):
+    with pytest.raises(InvalidSetting, match="decoder"):
+        heal((tiny_model("bert"), tokenizer), (tiny_model("bert"), tokenizer), texts["train"], **TINY)
+    with pytest.raises(InvalidSetting, match="resume"):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], resume=True, **TINY)
+    assert issubclass(IncompatibleModels, PyshrinkError)

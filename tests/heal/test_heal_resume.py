@@ -1,0 +1,90 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from heal_helpers import SEQ, contract_mlp
+from pyshrink import models
+from pyshrink.heal import heal
+from pyshrink.heal.checkpoint import load_state
+
+TINY = dict(seq_len=SEQ, batch_size=4, grad_accum=2, eval_tokens=512, lr=3e-3, progress=False, until_ppl=0,
+            tokens=12 * 256, eval_every=4 * 256)
+
+
+def _run(trained_teacher, tokenizer, texts, out, **kw):
+    student = contract_mlp(copy.deepcopy(trained_teacher), keep=24)
+    return heal((student, tokenizer), (trained_teacher, tokenizer), texts["train"], eval_text=texts["eval"], out=out,
+                **{**TINY, **kw})
+
+
+def _interrupt_during_step(at_step):
+    """A callback that makes the *next* step's first forward pass raise KeyboardInterrupt (a Ctrl-C mid-step)."""
+    def callback(info):
+        if info["step"] == at_step:
+            def boom(module, args):
+                if module.training:
+                    raise KeyboardInterrupt
+            module = callback.model
+            module.register_forward_pre_hook(boom)
+    return callback
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_teacher, tokenizer, texts, tmp_path):
+    full = _run(trained_teacher, tokenizer, texts, tmp_path / "full")
+
+    student = contract_mlp(copy.deepcopy(trained_teacher), keep=24)
+    cb = _interrupt_during_step(6)
+    cb.model = student
+    with pytest.raises(KeyboardInterrupt):
+        heal((student, tokenizer), (trained_teacher, tokenizer), texts["train"], eval_text=texts["eval"],
+             out=tmp_path / "cut", callback=cb, **TINY)
+    state, _ = load_state(tmp_path / "cut" / "checkpoint-last", "cpu")
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 256  # the half-done 7th step is discarded
+    assert json.loads((tmp_path / "cut" / "heal.json").read_text())["stopped"] == "interrupted"
+    models.load_model(tmp_path / "cut" / "checkpoint-best")  # consistent and loadable
+    assert not [p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith(".")]
+
+    steps = []
+    resumed = _run(trained_teacher, tokenizer, texts, tmp_path / "cut", resume=True,
+                   callback=lambda info: steps.append(info["step"]))
+    assert steps == list(range(7, 13))
+    assert resumed.steps == full.steps == 12 and resumed.tokens_seen == full.tokens_seen
+    assert [p["ppl"] for p in resumed.curve] == [p["ppl"] for p in full.curve]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    last_a = models.load_model(tmp_path / "full" / "checkpoint-last", with_tokenizer=False).state_dict()
+    last_b = models.load_model(tmp_path / "cut" / "checkpoint-last", with_tokenizer=False).state_dict()
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+def test_a_crash_keeps_the_last_good_checkpoint(trained_teacher, tokenizer, texts, tmp_path):
+    student = contract_mlp(copy.deepcopy(trained_teacher), keep=24)
+
+    def crash(info):
+        if info["step"] == 6:
+            raise RuntimeError("out of memory, say")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        heal((student, tokenizer), (trained_teacher, tokenizer), texts["train"], eval_text=texts["eval"],
+             out=tmp_path / "run", callback=crash, **TINY)
+    state, _ = load_state(tmp_path / "run" / "checkpoint-last", "cpu")
+    assert state["step"] == 4  # the last evaluation point, written before the crash
+    resumed = _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True)
+    assert resumed.steps == 12 and resumed.stopped == "budget"
+
+
+def test_resume_refuses_changed_settings_and_existing_outputs(trained_teacher, tokenizer, texts, tmp_path):
+    from pyshrink.errors import InvalidSetting
+
+    _run(trained_teacher, tokenizer, texts, tmp_path / "run", tokens=4 * 256)
+    with pytest.raises(FileExistsError, match="resume"):
+        _run(trained_teacher, tokenizer, texts, tmp_path / "run")
+    with pytest.raises(InvalidSetting, match="lr was 0.003"):
+        _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True, lr=1e-3)
+    # a larger budget continues the same run
+    r = _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True, tokens=8 * 256)
+    assert r.steps == 8
+    r = _run(trained_teacher, tokenizer, texts, tmp_path / "run", overwrite=True, tokens=2 * 256)
+    assert r.steps == 2

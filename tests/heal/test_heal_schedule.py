@@ -1,0 +1,88 @@
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from heal_helpers import SEQ, contract_mlp
+from pyshrink import models
+from pyshrink.arch import adapter_for
+from pyshrink.errors import InvalidSetting
+from pyshrink.heal import iterative_contract
+from pyshrink.heal.schedule import slice_ratios
+
+HEAL = dict(seq_len=SEQ, batch_size=4, grad_accum=2, eval_tokens=512, lr=3e-3, until_ppl=0)
+
+
+def fake_contract(calls, choose=None):
+    """Stand-in for pyshrink.contract: drop the lowest-norm MLP neurons of N blocks (``choose(widths, n)``, by
+    default the widest, ties to the first), or of ``layers`` when given."""
+    def contract(source, *, contraction_ratio, num_layers_to_contract, calibration, layers=None):
+        model, tok = source
+        model = copy.deepcopy(model)
+        widths = [adapter_for(model).mlp_width(b) for b in adapter_for(model).blocks(model)]
+        if layers is None:
+            layers = (choose or (lambda w, n: sorted(range(len(w)), key=lambda i: (-w[i], i))[:n]))(
+                widths, num_layers_to_contract)
+        for i in layers:
+            contract_mlp(model, keep=round(widths[i] * (1 - contraction_ratio)), layers=[i])
+        calls.append((contraction_ratio, widths))
+        return SimpleNamespace(model=model, tokenizer=tok, summary={"layers": [{"layer": i} for i in sorted(layers)]})
+    return contract
+
+
+@pytest.mark.parametrize("ratio,steps", [(0.5, 2), (0.3, 3), (0.75, 4)])
+def test_slices_compose_to_the_one_shot_ratio(ratio, steps):
+    kept = math.prod(1 - r for r in slice_ratios(ratio, steps))
+    assert kept == pytest.approx(1 - ratio)
+
+
+def test_iterative_schedule_reaches_the_one_shot_size_and_heals_after_each_slice(trained_teacher, tokenizer, texts):
+    source = (trained_teacher, tokenizer)
+    calls = []
+    one_shot = fake_contract([])(source, contraction_ratio=0.5, num_layers_to_contract=2, calibration=None)
+    r = iterative_contract(source, steps=2, contraction_ratio=0.5, num_layers_to_contract=2,
+                           calibration=texts["train"], heal_tokens=8 * 256, eval_text=texts["eval"],
+                           contract_fn=fake_contract(calls), progress=False, **HEAL)
+    assert [w for _, w in calls] == [[96, 96, 96], [72, 72, 96]]
+    assert r.num_params == models.num_params(one_shot.model) < r.source_params
+    assert [s["slice"] for s in r.steps] == [1, 2] and sum(s["tokens"] for s in r.steps) == 8 * 256
+    assert all(s["ppl_healed"] <= s["ppl_contracted"] for s in r.steps)
+    assert r.summary["fewer_params"] > 0
+    assert [s["layers"] for s in r.steps] == [[0, 1], [0, 1]]  # slice 2 was told slice 1's blocks
+
+
+def test_without_layer_pinning_a_drifting_choice_is_reported(trained_teacher, tokenizer, texts):
+    calls = []
+
+    def drifting(source, *, contraction_ratio, num_layers_to_contract, calibration):  # no layers= argument
+        return fake_contract(calls)(source, contraction_ratio=contraction_ratio,
+                                    num_layers_to_contract=num_layers_to_contract, calibration=calibration)
+
+    with pytest.warns(RuntimeWarning, match="final size differs"):
+        r = iterative_contract((trained_teacher, tokenizer), steps=2, contraction_ratio=0.5, num_layers_to_contract=2,
+                               calibration=texts["train"], heal_tokens=2 * 256, eval_text=texts["eval"],
+                               contract_fn=drifting, progress=False, **HEAL)
+    assert [s["layers"] for s in r.steps] == [[0, 1], [0, 2]]
+
+
+def test_schedule_needs_text_and_a_budget(trained_teacher, tokenizer):
+    with pytest.raises(InvalidSetting, match="text"):
+        iterative_contract((trained_teacher, tokenizer), steps=2, heal_tokens=1000, contract_fn=fake_contract([]))
+    with pytest.raises(InvalidSetting, match="heal_tokens"):
+        iterative_contract((trained_teacher, tokenizer), steps=2, heal_tokens=0, calibration="w1 w2\n",
+                           contract_fn=fake_contract([]))
+
+
+def test_with_pyshrink_contract_every_slice_narrows_the_same_blocks(trained_teacher, tokenizer, texts):
+    from pyshrink.contract import contract
+
+    source = (trained_teacher, tokenizer)
+    kw = dict(contraction_ratio=0.5, num_layers_to_contract=2, calibration=texts["train"])
+    settings = dict(seq_len=SEQ, calibration_tokens=1024, eval_tokens=256)
+    one_shot = contract(source, **kw, **settings, progress=False)
+    r = iterative_contract(source, steps=2, heal_tokens=4 * 256, eval_text=texts["eval"], progress=False,
+                           contract_kwargs=settings, **kw, **HEAL)
+    first = r.steps[0]["layers"]
+    assert r.steps[1]["layers"] == first and len(first) == 2
+    assert r.num_params == models.num_params(one_shot.model)
