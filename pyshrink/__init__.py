@@ -9,7 +9,12 @@ import importlib
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402,F401  (loads pyshrink._C loudly; registers the kernels)
+try:  # the ONNX runtime side (pyshrink.runtime: generate/serve an exported folder) works without torch
+    import torch as _torch  # noqa: F401
+except ModuleNotFoundError:  # pragma: no cover - tests/runtime/test_generate.py::test_runtime_needs_no_torch
+    _torch = None
+if _torch is not None:
+    from . import ops  # noqa: E402,F401  (loads pyshrink._C loudly; registers the kernels)
 
 # Public API, imported lazily so that `import pyshrink` stays cheap (transformers is heavy).
 _LAZY = {

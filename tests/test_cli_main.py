@@ -31,8 +31,8 @@ def test_eval_on_a_missing_model_is_a_clear_error(tmp_path):
 
 def test_usage_error_exits_non_zero():
     r = run_cli("eval")
-    assert r.returncode != 0
-    assert "Missing argument" in r.stderr or "Usage" in r.stderr
+    assert r.returncode == 2
+    assert "Missing argument" in r.stderr and "Usage" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("cmd", ["eval"])

@@ -36,6 +36,11 @@ class Adapter:
     final_norm: str | None = None  # from ``model.base_model``
     intermediate_attr: str = "intermediate_size"  # config attribute holding the MLP width
     extra: dict = field(default_factory=dict)
+    # Attention attributes that follow the head count, set after heads are removed: the module at
+    # ``head_module`` (a path inside a block; default ``attn``) gets ``attr = value`` for each entry, where
+    # value names one of: "q_heads", "kv_heads", "groups" (query heads per kv head), "q_width" (q_heads*head_dim).
+    head_attrs: dict = field(default_factory=dict)
+    head_module: str | None = None
 
     # ---- modules ---------------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -49,6 +54,10 @@ class Adapter:
 
     def attention(self, block: nn.Module) -> nn.Module:
         return get_path(block, self.attn)
+
+    def attn_out_module(self, block: nn.Module) -> nn.Module:
+        """The attention output projection (its input features are heads x head_dim)."""
+        return get_path(block, self.o)
 
     def embedding(self, model: nn.Module) -> nn.Embedding:
         return get_path(model.base_model, self.embed)
@@ -73,3 +82,62 @@ class Adapter:
 
     def depth(self, model: nn.Module) -> int:
         return len(self.blocks(model))
+
+    # ---- attention heads -------------------------------------------------------------------------------
+    def head_counts(self, block: nn.Module, config) -> tuple[int, int]:
+        """``(query heads, key/value heads)`` of one block as it is now (blocks may differ after pruning)."""
+        from .linears import out_features
+        hd = self.head_dim(config)
+        if self.qkv:  # fused q|k|v of equal widths (multi-head attention)
+            n = out_features(get_path(block, self.qkv)) // (3 * hd)
+            return n, n
+        return out_features(get_path(block, self.q)) // hd, out_features(get_path(block, self.k)) // hd
+
+    def _head_rows(self, heads, hd):
+        import torch
+        heads = torch.as_tensor(heads, dtype=torch.long)
+        return (heads[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+
+    def keep_heads(self, block: nn.Module, config, q_keep, kv_keep) -> None:
+        """Keep query heads ``q_keep`` and key/value heads ``kv_keep`` (sorted indices), physically.
+
+        Query heads must stay grouped: kept query heads of kv head ``j`` are contiguous and every kept kv
+        head keeps the same number of them (the attention code maps query head ``h`` to kv head
+        ``h // groups``).
+        """
+        import torch
+        from .linears import keep_inputs, keep_outputs
+        hd = self.head_dim(config)
+        q_rows, kv_rows = self._head_rows(q_keep, hd), self._head_rows(kv_keep, hd)
+        if self.qkv:
+            n_q, _ = self.head_counts(block, config)
+            w = n_q * hd
+            keep_outputs(get_path(block, self.qkv), torch.cat([q_rows, w + kv_rows, 2 * w + kv_rows]))
+        else:
+            keep_outputs(get_path(block, self.q), q_rows)
+            keep_outputs(get_path(block, self.k), kv_rows)
+            keep_outputs(get_path(block, self.v), kv_rows)
+        keep_inputs(get_path(block, self.o), q_rows)
+        self.set_head_attrs(block, config, len(q_keep), len(kv_keep))
+
+    def resize_heads(self, block: nn.Module, config, n_q: int, n_kv: int) -> None:
+        """Give a skeleton block empty projections for ``n_q`` query and ``n_kv`` key/value heads."""
+        from .linears import in_features, out_features, resize
+        hd = self.head_dim(config)
+        if self.qkv:
+            m = get_path(block, self.qkv)
+            resize(m, in_features(m), (n_q + 2 * n_kv) * hd)
+        else:
+            for path, n in ((self.q, n_q), (self.k, n_kv), (self.v, n_kv)):
+                m = get_path(block, path)
+                resize(m, in_features(m), n * hd)
+        o = get_path(block, self.o)
+        resize(o, n_q * hd, out_features(o))
+        self.set_head_attrs(block, config, n_q, n_kv)
+
+    def set_head_attrs(self, block: nn.Module, config, n_q: int, n_kv: int) -> None:
+        values = {"q_heads": n_q, "kv_heads": n_kv, "groups": n_q // max(n_kv, 1),
+                  "q_width": n_q * self.head_dim(config)}
+        mod = get_path(block, self.head_module or self.attn)
+        for attr, what in self.head_attrs.items():
+            setattr(mod, attr, values[what])

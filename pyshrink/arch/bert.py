@@ -12,4 +12,6 @@ ADAPTER = register(Adapter(
     attn="attention",
     q="attention.self.query", k="attention.self.key", v="attention.self.value", o="attention.output.dense",
     embed="embeddings.word_embeddings",
+    head_attrs={"num_attention_heads": "q_heads", "all_head_size": "q_width"},
+    head_module="attention.self",
 ))

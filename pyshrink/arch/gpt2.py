@@ -14,4 +14,5 @@ ADAPTER = register(Adapter(
     embed="wte",
     final_norm="ln_f",
     intermediate_attr="n_inner",
+    head_attrs={"num_heads": "q_heads", "split_size": "q_width"},
 ))

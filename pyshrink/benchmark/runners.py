@@ -1,0 +1,219 @@
+"""One latency measurement, run inside a fresh process (see :mod:`.worker`) so that peak memory is its own.
+
+Each runtime is a small class registered in :data:`RUNNERS` with ``load()``, ``prefill(ids) -> token`` and
+``decode(token) -> token`` (greedy); :func:`measure` runs the same protocol on every one of them:
+warm-up, then ``repeats`` x (prefill of the prompt, then ``new_tokens`` single-token steps), each timed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+RUNNERS: dict = {}
+
+
+def runner(name: str):
+    def deco(cls):
+        cls.name = name
+        RUNNERS[name] = cls
+        return cls
+    return deco
+
+
+def disk_size(path) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    pats = ("*.onnx", "*.onnx.data", "*.safetensors", "*.gguf", "*.bin")
+    return sum(f.stat().st_size for pat in pats for f in p.glob(pat) if f.is_file())
+
+
+@runner("torch")
+class TorchRunner:
+    """A pyshrink/transformers model in PyTorch with transformers' KV cache (LM head on the last position only)."""
+
+    def __init__(self, model: str, threads: int | None, capacity: int):
+        self.source, self.threads = model, threads
+
+    def load(self):
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        from ..models import load_model
+
+        from ..models import CACHE_DIR, EMBEDDED
+
+        self.torch = torch
+        self.model = load_model(self.source, with_tokenizer=False)
+        if str(self.source) in EMBEDDED:
+            self.disk_path = CACHE_DIR / str(self.source)
+        self.vocab = self.model.get_output_embeddings().out_features if hasattr(
+            self.model.get_output_embeddings(), "out_features") else self.model.config.vocab_size
+
+    def _run(self, ids, past):
+        kw = {"use_cache": True, "past_key_values": past}
+        try:
+            out = self.model(ids, logits_to_keep=1, **kw)
+        except TypeError:
+            out = self.model(ids, **kw)
+        return int(out.logits[0, -1].argmax()), out.past_key_values
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            tok, self.past = self._run(self.torch.tensor([ids]), None)
+        return tok
+
+    def decode(self, tok):
+        with self.torch.inference_mode():
+            tok, self.past = self._run(self.torch.tensor([[tok]]), self.past)
+        return tok
+
+
+@runner("onnxruntime")
+class OrtRunner:
+    """A ``pyshrink export`` folder through :class:`pyshrink.runtime.DecoderSession` (shared KV buffers)."""
+
+    def __init__(self, model: str, threads: int | None, capacity: int):
+        self.folder, self.threads, self.capacity = model, threads, capacity
+
+    def load(self):
+        from ..runtime.session import DecoderSession
+
+        self.sess = DecoderSession(self.folder, threads=self.threads)
+        self.vocab = int(self.sess.meta["vocab_size"])
+
+    def prefill(self, ids):
+        self.state = self.sess.new_state(self.capacity)
+        return int(self.sess.step(self.state, ids).argmax())
+
+    def decode(self, tok):
+        return int(self.sess.step(self.state, [tok]).argmax())
+
+
+@runner("ort-genai")
+class GenaiRunner:
+    """A folder with ``genai_config.json`` (ONNX Runtime GenAI's model builder, or a pyshrink export) through
+    GenAI's own C++ generator (greedy)."""
+
+    def __init__(self, model: str, threads: int | None, capacity: int):
+        self.folder, self.threads, self.capacity = Path(model), threads, capacity
+
+    def load(self):
+        import json
+        import tempfile
+
+        import onnxruntime_genai as og
+
+        folder = self.folder
+        if self.threads:  # GenAI reads thread counts from genai_config.json: a linked copy with the setting
+            tmp = Path(tempfile.mkdtemp(prefix="pyshrink-genai-"))
+            for f in folder.iterdir():
+                if f.name != "genai_config.json":
+                    os.symlink(f.resolve(), tmp / f.name)
+            cfg = json.loads((folder / "genai_config.json").read_text())
+            cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = int(self.threads)
+            cfg["model"]["decoder"]["session_options"]["inter_op_num_threads"] = 1
+            (tmp / "genai_config.json").write_text(json.dumps(cfg))
+            folder = tmp
+        self.og = og
+        self.model = og.Model(str(folder))
+        self.vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+
+    def prefill(self, ids):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.capacity, do_sample=False)
+        self.gen = self.og.Generator(self.model, params)
+        self.gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        return self._next()
+
+    def _next(self):
+        self.gen.generate_next_token()
+        return int(self.gen.get_next_tokens()[0])
+
+    def decode(self, tok):
+        return self._next()
+
+
+@runner("llama.cpp")
+class LlamaCppRunner:
+    """A GGUF file through llama-cpp-python (greedy on the returned logits)."""
+
+    def __init__(self, model: str, threads: int | None, capacity: int):
+        self.path, self.threads, self.capacity = model, threads, capacity
+
+    def load(self):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(self.path), n_ctx=self.capacity + 8, n_batch=512, n_ubatch=512,
+                         n_threads=self.threads or os.cpu_count(), n_threads_batch=self.threads or os.cpu_count(),
+                         logits_all=False, verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def _argmax(self):
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))  # the last position's logits
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return self._argmax()
+
+    def decode(self, tok):
+        self.llm.eval([tok])
+        return self._argmax()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: Linux's VmHWM (ru_maxrss would carry over the parent's peak,
+    which Linux keeps across fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return int(getattr(info, "peak_wset", 0) or info.rss)
+
+
+def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: int = 64, threads: int | None = None,
+            repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
+    import psutil
+
+    if runtime not in RUNNERS:
+        raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNNERS)})")
+    r = RUNNERS[runtime](model, threads, prompt_tokens + new_tokens)
+    t0 = time.perf_counter()
+    r.load()
+    load_s = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss
+    ids = np.random.default_rng(seed).integers(3, min(r.vocab, 32000), size=prompt_tokens).tolist()
+    prefill, steps = [], []
+    for rep in range(warmup + repeats):
+        t = time.perf_counter()
+        tok = r.prefill(ids)
+        dt_prefill = time.perf_counter() - t
+        dts = []
+        for _ in range(new_tokens - 1):  # the prefill produced the first new token
+            t = time.perf_counter()
+            tok = r.decode(tok)
+            dts.append(time.perf_counter() - t)
+        if rep >= warmup:
+            prefill.append(dt_prefill)
+            steps.extend(dts)
+    steps_ms = np.asarray(steps) * 1e3
+    return {
+        "runtime": runtime, "model": str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "threads": threads, "repeats": repeats, "load_s": round(load_s, 3),
+        "prefill_ms": float(np.median(prefill) * 1e3), "prefill_ms_all": [round(x * 1e3, 2) for x in prefill],
+        "decode_ms_median": float(np.median(steps_ms)), "decode_ms_p95": float(np.percentile(steps_ms, 95)),
+        "decode_tokens_per_s": float(1e3 / np.median(steps_ms)),
+        "peak_rss_mb": peak_rss_bytes() / 2**20, "rss_after_load_mb": rss_loaded / 2**20,
+        "disk_mb": disk_size(getattr(r, "disk_path", model)) / 1e6,
+        "loadavg_1min": round(os.getloadavg()[0], 2),  # other work on the machine while this ran
+    }

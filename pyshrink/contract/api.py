@@ -1,0 +1,297 @@
+"""``pyshrink.contract``: the contraction stage's Python API.
+
+Flow: validate every setting and read every text (before anything heavy), load the model, get calibration
+windows (the user's text, or text the model writes itself), measure the source, observe every block once
+(:mod:`.calibration`), plan each block's contraction (:mod:`.neurons`, :mod:`.heads`), contract the cheapest
+``num_layers_to_contract`` blocks (:mod:`.layer_selection`), optionally drop unused vocabulary
+(:mod:`.vocab`), measure the result. Nothing is written unless ``out`` is given (or ``.save`` is called), and
+then only atomically.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import data, models
+from ..arch import adapter_for
+from ..errors import DataError, InvalidSetting, check_range
+from . import calibration as stats_pass
+from . import datafree, heads, layer_selection, neurons, scores, vocab
+from .quality import Quality
+
+RATIO_RANGE = (0.1, 0.9)
+
+
+@dataclass
+class ContractionSettings:
+    contraction_ratio: float = 0.5
+    num_layers_to_contract: int = 8
+    threshold: float | None = None
+    prune_heads: bool = False
+    head_ratio: float | None = None  # fraction of heads removed in contracted layers (default: contraction_ratio)
+    prune_vocab: bool = False
+    criterion: str = "fluctuation"
+    refit: str = "lstsq"
+    seq_len: int = 512
+    calibration_tokens: int = 32768
+    eval_tokens: int = 16384
+    datafree_tokens: int = 8192
+    batch_size: int = 4
+    seed: int = 0
+
+    def validate(self) -> "ContractionSettings":
+        """Check everything that does not need the model; raises :class:`InvalidSetting` naming the range."""
+        _number("contraction_ratio", self.contraction_ratio)
+        check_range("contraction_ratio", self.contraction_ratio, *RATIO_RANGE)
+        _integer("num_layers_to_contract", self.num_layers_to_contract)
+        if self.num_layers_to_contract < 1:
+            raise InvalidSetting(f"num_layers_to_contract must be in 1..depth of the model, got {self.num_layers_to_contract!r}")
+        if self.head_ratio is not None:
+            _number("head_ratio", self.head_ratio)
+            check_range("head_ratio", self.head_ratio, *RATIO_RANGE)
+        if self.threshold is not None:
+            _number("threshold", self.threshold)
+            if not (0 < self.threshold < math.inf):
+                raise InvalidSetting(f"threshold must be a positive number (mean |activation| below which a "
+                                     f"neuron is removed, e.g. 1e-3), got {self.threshold!r}")
+        if self.criterion not in scores.CRITERIA:
+            raise InvalidSetting(f"criterion must be one of {', '.join(scores.CRITERIA)}, got {self.criterion!r}")
+        if self.refit not in ("lstsq", "mean", "none"):
+            raise InvalidSetting(f"refit must be one of lstsq, mean, none, got {self.refit!r}")
+        for name in ("seq_len", "calibration_tokens", "eval_tokens", "datafree_tokens", "batch_size"):
+            _integer(name, getattr(self, name))
+            if getattr(self, name) < 1:
+                raise InvalidSetting(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        return self
+
+
+def _number(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidSetting(f"{name} must be a number, got {v!r}")
+
+
+def _integer(name, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidSetting(f"{name} must be an integer, got {v!r}")
+
+
+@dataclass
+class ContractionResult:
+    """The contracted model, its tokenizer (unchanged: ids keep their meaning) and the summary."""
+    model: torch.nn.Module
+    tokenizer: object
+    summary: dict = field(default_factory=dict)
+
+    def save(self, out, *, overwrite: bool = False) -> Path:
+        """Write safetensors + config + tokenizer + pyshrink.json atomically; ``load_model(out)`` reads it."""
+        meta = {"stage": "contract", "contraction": self.summary,
+                "source": {"name": self.summary.get("source"), "fingerprint": self.summary.get("source_fingerprint")}}
+        return models.save(self.model, self.tokenizer, out, metadata=meta, overwrite=overwrite)
+
+
+def _max_len(config) -> int:
+    for attr in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1 << 30
+
+
+def _windows(ids: torch.Tensor, seq_len: int, max_tokens: int, what: str) -> torch.Tensor:
+    if ids.numel() < 16:
+        raise DataError(f"the {what} has {ids.numel()} tokens; at least 16 are needed")
+    seq_len = min(seq_len, ids.numel())
+    return data.windows(ids, seq_len, max(max_tokens, seq_len), what=what)
+
+
+def _describe(sources) -> str:
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    names = [str(s) if "\n" not in str(s) else f"<text, {len(str(s))} chars>" for s in sources]
+    return ", ".join(names)
+
+
+def _load(source):
+    """(model, tokenizer, description, fingerprint); an in-memory pair is copied, never changed."""
+    if isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], torch.nn.Module):
+        return copy.deepcopy(source[0]).eval(), source[1], type(source[0]).__name__, None
+    model, tok = models.load_model(source)
+    kind, path = models.resolve(source)
+    fp = None
+    if kind == "embedded":
+        fp = models.fingerprint(models.embedded_gguf(str(source)))
+    elif path is not None:
+        fp = models.fingerprint(path)
+    return model, tok, str(source), fp
+
+
+def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int = 8, calibration=None,
+             eval_text=None, *, prune_heads: bool = False, prune_vocab: bool = False, threshold: float | None = None,
+             head_ratio: float | None = None, criterion: str = "fluctuation", refit: str = "lstsq", seq_len: int = 512,
+             calibration_tokens: int = 32768, eval_tokens: int = 16384, datafree_tokens: int = 8192,
+             seed: int = 0, out=None, overwrite: bool = False, progress: bool = True) -> ContractionResult:
+    """Contract a model: physically remove the least useful MLP neurons (and optionally attention heads and
+    unused vocabulary) in the ``num_layers_to_contract`` blocks where that costs least.
+
+    Args:
+        source: model folder, ``.gguf`` file, hub id, embedded name (``"smollm2-135m"``), or an in-memory
+            ``(model, tokenizer)`` pair (copied, not changed).
+        contraction_ratio: fraction of each contracted block's MLP neurons to remove (0.1-0.9).
+        num_layers_to_contract: how many blocks to contract (1..depth).
+        calibration: text file(s) or string(s) from your domain. None: data-free (decoders calibrate on text
+            they sample themselves, seeded; encoders on built-in text).
+        eval_text: text to measure quality on. None: the held-out last 10% of ``calibration``, or built-in
+            text (CPython's pydoc topics, held-out windows) in data-free mode.
+        prune_heads: also remove attention heads (``head_ratio`` of them, default ``contraction_ratio``),
+            grouped-query aware.
+        prune_vocab: drop embedding/head rows of ids the domain text (calibration + eval) never uses.
+        threshold: contextual mode: remove the neurons whose mean |activation| on the calibration text is
+            below ``threshold`` (instead of a fixed ratio).
+        criterion / refit: neuron ranking (``fluctuation``, ``obs``, ``magnitude``) and compensation
+            (``lstsq``: least-squares refit of the down projection and its bias; ``mean``: FLAP's bias
+            compensation only; ``none``); the defaults are the best measured.
+        out: if given, save the result there (atomically; ``overwrite`` to replace).
+
+    Returns:
+        :class:`ContractionResult` with ``model``, ``tokenizer`` and ``summary``.
+    """
+    t_start = time.perf_counter()
+    st = ContractionSettings(contraction_ratio, num_layers_to_contract, threshold, prune_heads, head_ratio,
+                             prune_vocab, criterion, refit, seq_len, calibration_tokens, eval_tokens,
+                             datafree_tokens, 4, seed).validate()
+    cal_text = data.read_texts(calibration) if calibration is not None else None
+    eval_str = data.read_texts(eval_text) if eval_text is not None else None
+    if prune_vocab and cal_text is None:
+        raise InvalidSetting("prune_vocab needs domain text: pass calibration text (--calibration FILE); the "
+                             "kept vocabulary is what that text uses")
+    if out is not None:
+        o = Path(out).expanduser()
+        if o.exists() and not overwrite:
+            raise FileExistsError(f"output {o} already exists (pass overwrite=True / --overwrite to replace it)")
+
+    model, tok, source_name, fp = _load(source)
+    adapter = adapter_for(model)
+    depth = adapter.depth(model)
+    check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
+    torch.manual_seed(seed)
+
+    # ---- data ------------------------------------------------------------------------------------------
+    L = min(seq_len, _max_len(model.config))
+    if cal_text is not None:
+        ids = data.tokenize(tok, cal_text)
+        if eval_str is None:
+            cal_ids, held = data.split_ids(ids, 0.1)
+            eval_desc = f"held-out last 10% of the calibration text ({_describe(calibration)})"
+        else:
+            cal_ids, held = ids, data.tokenize(tok, eval_str)
+            eval_desc = _describe(eval_text)
+        cal_win = _windows(cal_ids, L, calibration_tokens, "calibration text")
+        cal_desc = _describe(calibration)
+        mode = "threshold" if threshold is not None else "calibrated"
+    else:
+        mode = "data-free"
+        if eval_str is not None:
+            held, eval_desc = data.tokenize(tok, eval_str), _describe(eval_text)
+        else:
+            builtin = data.tokenize(tok, data.builtin_text("pydoc"))
+            held = builtin[-min(eval_tokens, builtin.numel() // 2):]
+            eval_desc = "built-in text: CPython pydoc topics (held-out last windows)"
+        if adapter.kind == "decoder":
+            dl = min(128, L)
+            cal_win = datafree.sample_ids(model, tok, tokens=datafree_tokens, seq_len=dl, seed=seed, progress=progress)
+            cal_desc = f"data-free: {cal_win.numel()} tokens sampled from the source model (seed {seed}, temperature 1)"
+        else:
+            cal_win = datafree.encoder_ids(tok, tokens=datafree_tokens, seq_len=min(128, L))
+            cal_desc = "data-free: built-in text (CPython pydoc topics, first windows)"
+        if threshold is not None:
+            mode = "threshold (data-free)"
+    eval_win = _windows(held, L, eval_tokens, "evaluation text")
+    batches = [cal_win[i:i + st.batch_size * max(1, 512 // cal_win.shape[1])]
+               for i in range(0, len(cal_win), st.batch_size * max(1, 512 // cal_win.shape[1]))]
+
+    # ---- source quality ---------------------------------------------------------------------------------
+    t_eval = time.perf_counter()
+    quality = Quality(adapter.kind, eval_win, progress=progress)
+    q_source = quality.measure(model)
+    eval_time = time.perf_counter() - t_eval
+    params_before = models.num_params(model)
+
+    # ---- observe and plan every block ------------------------------------------------------------------
+    h_ratio = head_ratio if head_ratio is not None else contraction_ratio
+
+    def consume(i, block, obs):
+        if threshold is not None:
+            remove = (obs.mlp.mean_abs < threshold).nonzero().squeeze(1)
+            remove = remove[obs.mlp.mean_abs[remove].argsort()][: int(RATIO_RANGE[1] * len(obs.mlp.mean_abs))]
+            npl = neurons.plan(adapter, block, obs.mlp, remove=remove, refit=refit)
+        else:
+            n_rm = round(contraction_ratio * adapter.mlp_width(block))
+            npl = neurons.plan(adapter, block, obs.mlp, n_remove=n_rm, criterion=criterion, refit=refit)
+        hpl = heads.plan(adapter, block, model.config, obs.attn, h_ratio, criterion=criterion, refit=refit) \
+            if prune_heads else None
+        obs.mlp.gram = None  # free the Gram matrices as soon as the block is planned
+        if obs.attn is not None:
+            obs.attn.gram = None
+        return layer_selection.LayerCandidate(i, npl, hpl, obs.out_sq / max(obs.tokens, 1))
+
+    t_c = time.perf_counter()
+    candidates = stats_pass.observe_blocks(model, adapter, batches, consume, heads=prune_heads, progress=progress)
+    chosen = layer_selection.choose(candidates, num_layers_to_contract, per_removed=threshold is not None)
+    layers = []
+    for c in chosen:
+        blk = adapter.blocks(model)[c.index]
+        row = {"layer": c.index, "width_before": adapter.mlp_width(blk)}
+        if prune_heads:
+            row["heads_before"], row["kv_heads_before"] = adapter.head_counts(blk, model.config)
+        if c.removed_neurons:
+            neurons.apply(model, adapter, c.index, c.neurons.keep, c.neurons.weight, c.neurons.bias)
+        if c.heads is not None:
+            heads.apply(model, adapter, c.index, c.heads)
+        row["width_after"] = adapter.mlp_width(blk)
+        if prune_heads:
+            row["heads_after"], row["kv_heads_after"] = adapter.head_counts(blk, model.config)
+            row["head_shape"] = c.heads.shape if c.heads is not None else None
+        row["relative_error"] = c.cost
+        layers.append(row)
+    vocab_info = None
+    if prune_vocab:
+        used = torch.cat([cal_ids, held]).unique()
+        vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config))
+    contraction_time = time.perf_counter() - t_c
+
+    # ---- result ------------------------------------------------------------------------------------------
+    t_eval = time.perf_counter()
+    q_final = quality.measure(model)
+    eval_time += time.perf_counter() - t_eval
+    params_after = models.num_params(model)
+    summary = {
+        "source": source_name,
+        "source_fingerprint": fp,
+        "architecture": adapter.name,
+        "mode": mode,
+        "settings": asdict(st),
+        "calibration": {"text": cal_desc, "tokens": int(cal_win.numel())},
+        "evaluation": {"text": eval_desc, "tokens": int(eval_win.numel()), "metric": quality.metric,
+                       "window": int(eval_win.shape[1])},
+        "params_before": params_before,
+        "params_after": params_after,
+        "reduction_pct": 100.0 * (params_before - params_after) / params_before,
+        "layers": layers,
+        "vocab": vocab_info,
+        "contraction_time_s": contraction_time,
+        "evaluation_time_s": eval_time,
+    }
+    if quality.metric == "perplexity":
+        summary.update(ppl_source=q_source, ppl_final=q_final, ppl_ratio=q_final / q_source)
+    else:
+        summary.update(embedding_cosine=q_final)
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    result = ContractionResult(model, tok, summary)
+    if out is not None:
+        result.save(out, overwrite=overwrite)
+    return result

@@ -1,0 +1,135 @@
+"""Calibration statistics, gathered block by block with forward hooks.
+
+For every block, hooks on the MLP's down projection (its input is the intermediate activation, one channel
+per neuron) and, when heads are pruned, on the attention output projection (one channel per head
+dimension) feed each activation to the native ``act_stats_`` op (sum |x|, sum x, sum x^2 per channel, and
+the token count) and add ``x^T x`` to a Gram matrix. The Gram matrix is what the least-squares refit of the
+down projection needs; the per-channel sums give the mean (for bias compensation), the variance (FLAP's
+fluctuation) and the mean magnitude (the contextual threshold).
+
+The whole model is observed in ONE pass of :func:`pyshrink.layerwise.for_each_block`: the hooks of block
+``i`` fire while the runner computes block ``i``'s outputs for block ``i + 1``; ``consume(i, block, obs)`` is
+called as soon as block ``i``'s statistics are complete, so only one block's Gram matrices live at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..arch.linears import in_features
+from ..layerwise import for_each_block
+from ..ops import act_stats_, new_accumulators
+
+
+class ChannelStats:
+    """Per-channel statistics of one activation ``[..., C]``: act_stats_ sums, count and (optionally) Gram."""
+
+    def __init__(self, channels: int, *, gram: bool = True):
+        self.acc, self.count = new_accumulators(channels)
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64) if gram else None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        act_stats_(x.detach(), self.acc, self.count)
+        if self.gram is not None:
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            self.gram += (x2.T @ x2).double()
+
+    @property
+    def n(self) -> float:
+        return float(self.count.item())
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.acc[0] / max(self.n, 1.0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.acc[1] / max(self.n, 1.0)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return self.acc[2] / max(self.n, 1.0)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.mean_sq - self.mean ** 2).clamp_min(0)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """sqrt(sum x^2) per channel: Wanda's activation norm."""
+        return self.acc[2].sqrt()
+
+
+@dataclass
+class BlockObservation:
+    """What one block did on the calibration tokens."""
+    index: int
+    mlp: ChannelStats  # input of the down projection (neurons)
+    attn: ChannelStats | None = None  # input of the attention output projection (heads x head_dim)
+    out_sq: float = 0.0  # sum of squares of the block's output hidden states
+    tokens: int = 0
+
+
+def _input_hook(stats: ChannelStats):
+    def hook(module, args):
+        stats.add(args[0])
+    return hook
+
+
+class _Observer:
+    """Attaches hooks to one block at a time; finishes a block when the next one is attached."""
+
+    def __init__(self, adapter, consume, *, heads: bool, gram: bool):
+        self.adapter, self.consume, self.heads, self.gram = adapter, consume, heads, gram
+        self.current = None  # (index, block, observation, handles)
+
+    def attach(self, i, block, inputs):
+        self.finish()
+
+        down = self.adapter.mlp_out_module(block)
+        obs = BlockObservation(i, ChannelStats(in_features(down), gram=self.gram))
+        handles = [down.register_forward_pre_hook(_input_hook(obs.mlp))]
+        if self.heads:
+            o = self.adapter.attn_out_module(block)
+            obs.attn = ChannelStats(in_features(o), gram=self.gram)
+            handles.append(o.register_forward_pre_hook(_input_hook(obs.attn)))
+
+        def out_hook(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            obs.out_sq += float(h.detach().double().pow(2).sum())
+            obs.tokens += h.shape[0] * h.shape[1]
+
+        handles.append(block.register_forward_hook(out_hook))
+        self.current = (i, block, obs, handles)
+
+    def finish(self):
+        if self.current is None:
+            return
+        i, block, obs, handles = self.current
+        for h in handles:
+            h.remove()
+        self.current = None
+        self.consume(i, block, obs)
+
+
+def observe_blocks(model, adapter, batches, consume, *, heads: bool = False, gram: bool = True,
+                   progress: bool = True) -> list:
+    """Run the calibration ``batches`` through the model block by block and call ``consume(i, block, obs)``
+    with each block's :class:`BlockObservation`; returns ``consume``'s results in block order.
+
+    The model is not changed here: the next block sees the unchanged block's outputs, so every block is
+    observed on the inputs the source model gives it.
+    """
+    results = []
+    observer = _Observer(adapter, lambda i, b, o: results.append(consume(i, b, o)), heads=heads, gram=gram)
+    try:
+        for_each_block(model, adapter, batches, observer.attach, propagate="rewritten",
+                       desc="calibration (blocks)", progress=progress)
+        observer.finish()
+    finally:
+        if observer.current is not None:  # an error mid-pass: leave no hook behind
+            for h in observer.current[3]:
+                h.remove()
+    return results

@@ -1,0 +1,56 @@
+"""Calibration without user data.
+
+Decoders calibrate on text they write themselves: a fixed-seed batch of sequences, each started from one
+random ordinary token and continued by sampling at temperature 1 with the KV cache. The activations that
+text produces follow the model's own distribution, which is what the statistics need; no corpus is
+required and the result is reproducible (seeded generator, global RNG untouched). Encoders cannot write,
+so they calibrate on CPython's built-in documentation text (:func:`pyshrink.data.builtin_text`).
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data
+from .vocab import protected_ids
+
+
+@torch.no_grad()
+def sample_ids(model, tokenizer, *, tokens: int = 4096, seq_len: int = 128, batch: int = 32,
+               temperature: float = 1.0, seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """``[n, seq_len]`` token ids sampled from ``model`` itself (``n * seq_len >= tokens``)."""
+    config = model.config
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    banned = sorted(i for i in protected_ids(tokenizer, config) if i < config.vocab_size)
+    n_seq = max(1, -(-tokens // seq_len))
+    out = []
+    bar = tqdm(total=n_seq * seq_len, desc="data-free calibration text", unit="tok", disable=not progress, leave=False)
+    for start in range(0, n_seq, batch):
+        b = min(batch, n_seq - start)
+        first = torch.randint(0, config.vocab_size, (b, 1), generator=gen)
+        for i in range(b):  # start from an ordinary token, not a special one
+            while int(first[i, 0]) in banned:
+                first[i, 0] = int(torch.randint(0, config.vocab_size, (1,), generator=gen))
+        seq = [first]
+        res = model(input_ids=first.to(device), use_cache=True)
+        past = res.past_key_values
+        for _ in range(seq_len - 1):
+            logits = res.logits[:, -1].float() / temperature
+            if banned:  # keep the text flowing: no end-of-text, padding or other special tokens
+                logits[:, banned] = float("-inf")
+            nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen)
+            seq.append(nxt)
+            res = model(input_ids=nxt.to(device), past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            bar.update(b)
+        bar.update(b)
+        out.append(torch.cat(seq, 1))
+    bar.close()
+    return torch.cat(out)
+
+
+def encoder_ids(tokenizer, *, tokens: int = 4096, seq_len: int = 128) -> torch.Tensor:
+    """Built-in English text in ``[n, seq_len]`` windows, for encoders."""
+    ids = data.tokenize(tokenizer, data.builtin_text("pydoc"))
+    return data.windows(ids, seq_len, tokens, what="built-in calibration text")

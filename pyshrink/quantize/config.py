@@ -1,0 +1,103 @@
+"""What to quantize and how: one small dataclass, validated once, recorded with the model.
+
+:class:`QuantConfig` is the whole recipe. ``bits=4`` stores ``group_size`` weights per scale in ONNX
+Runtime's MatMulNBits layout (:mod:`pyshrink.ops.q4`); ``bits=8`` stores int8 weights with one scale per
+output channel (:mod:`pyshrink.ops.q8`; ``group_size`` and ``symmetric`` do not apply). ``method`` names a
+quantizer registered in :data:`pyshrink.quantize.methods.METHODS`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import InvalidSetting
+from ..ops.q4 import GROUP_SIZES
+
+BITS = (4, 8)
+
+
+@dataclass
+class QuantConfig:
+    """Settings of :func:`pyshrink.quantize`.
+
+    bits            4 (group-wise, MatMulNBits layout) or 8 (per output channel, symmetric).
+    group_size      weights per scale along K for 4 bits: 32, 64 or 128. A K that is not a multiple is
+                    zero-padded (as MatMulNBits does); any K works.
+    symmetric       4-bit only: zero point fixed at 8 (True) or one 4-bit zero point per group (False).
+    method          "rtn", "awq", "gptq" or "auto" (best the calibration data allows; "rtn" without data).
+    skip            module names (fnmatch patterns, matched on the qualified name or its last part) to keep
+                    in floating point. The output head is skipped by default.
+    head_bits       bits for the output head when it is not skipped (None: ``bits``). A tied head is
+                    untied: the embedding stays in floating point.
+    fast            4-bit layers' ``linear_q4`` mode: True (default) = activations quantized to int8 per
+                    block with integer dot products, False = float activations (see
+                    :class:`~pyshrink.quantize.linear.QuantLinear` for the measurements).
+    calib_tokens    calibration tokens used at most (the first ones of the text).
+    min_calib_tokens  fewer calibration tokens than this is an error that names the number.
+    seq_len         calibration window length in tokens.
+    batch_size      calibration windows per forward batch.
+    awq_grid        number of alpha values searched for the activation-aware scales (0 .. 1).
+    clip_grid       number of clipping ratios searched, from 1.0 down to ``clip_min``.
+    clip_min        smallest clipping ratio tried.
+    damp            GPTQ's Hessian damping, as a fraction of the mean diagonal.
+    act_order       GPTQ: process columns by decreasing Hessian diagonal (group scales stay in K order).
+    gptq_block      GPTQ's lazy-batch width in columns (a multiple of the group size is used).
+    scale_unfoldable  AWQ: where no preceding op can absorb 1/s (verified numerically), keep the scale
+                    vector in QuantLinear (``input_scale``, one extra multiply) instead of not scaling.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+    method: str = "auto"
+    skip: tuple = ("lm_head",)
+    head_bits: int | None = None
+    fast: bool = True
+    calib_tokens: int = 16384
+    min_calib_tokens: int = 2048
+    seq_len: int = 512
+    batch_size: int = 8
+    awq_grid: int = 20
+    clip_grid: int = 20
+    clip_min: float = 0.5
+    damp: float = 0.01
+    act_order: bool = False
+    gptq_block: int = 128
+    scale_unfoldable: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.skip = tuple(self.skip or ())
+        self.validate()
+
+    def validate(self) -> "QuantConfig":
+        from .methods import METHODS
+
+        for name, b in (("bits", self.bits), ("head_bits", self.head_bits)):
+            if b is not None and (isinstance(b, bool) or b not in BITS):
+                raise InvalidSetting(f"{name} must be 4 or 8, got {b!r} (pyshrink stores 4-bit group-wise or "
+                                     f"8-bit per-channel weights; other widths are not supported)")
+        if self.group_size not in GROUP_SIZES:
+            raise InvalidSetting(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (the group sizes "
+                                 f"the 4-bit kernels and ONNX Runtime's MatMulNBits support), got {self.group_size!r}")
+        if self.bits == 8 and not self.symmetric:
+            raise InvalidSetting("8-bit weights are symmetric per output channel; asymmetric (zero-point) "
+                                 "quantization is supported with bits=4 only")
+        if self.method not in METHODS:
+            raise InvalidSetting(f"unknown quantization method {self.method!r} (known: {', '.join(METHODS)})")
+        for name, lo in (("calib_tokens", 1), ("min_calib_tokens", 1), ("seq_len", 2), ("batch_size", 1),
+                         ("awq_grid", 1), ("clip_grid", 1), ("gptq_block", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise InvalidSetting(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not 0.0 < self.clip_min <= 1.0:
+            raise InvalidSetting(f"clip_min must be in (0, 1], got {self.clip_min!r}")
+        if not 0.0 <= self.damp < 1.0:
+            raise InvalidSetting(f"damp must be in [0, 1), got {self.damp!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        d.pop("progress")
+        return d

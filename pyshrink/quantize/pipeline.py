@@ -1,0 +1,144 @@
+"""Source in, quantized folder out, with before/after numbers: what ``pyshrink quantize`` runs.
+
+Quality is measured on held-out text: ``eval_text`` when given, else the last ``held_out`` fraction of
+the calibration tokens (never used for calibration), else the built-in pydoc corpus. Decoders are scored
+by perplexity, encoders by the cosine similarity of their mean-pooled embeddings to the source model's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import data
+from ..arch import adapter_for
+from ..errors import DataError
+from ..models import CACHE_DIR, load_model, resolve, save
+from .api import QuantReport, quantize_model
+from .config import QuantConfig
+
+
+@dataclass
+class QuantRun:
+    out: Path
+    report: QuantReport
+    metric: str  # "perplexity" or "embedding cosine similarity"
+    before: float
+    after: float
+    eval_tokens: int
+    eval_source: str
+    source_bytes: int | None
+    out_bytes: int
+    params: int  # weights the model holds, quantized or not (tied ones once)
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict:
+        r = self.report.to_dict()
+        return {
+            "out": str(self.out), "method": self.report.method, "config": r["config"],
+            "metric": self.metric, "before": self.before, "after": self.after,
+            "ratio": self.after / self.before if self.before else None,
+            "eval_tokens": self.eval_tokens, "eval_source": self.eval_source,
+            "calib_tokens": self.report.calib_tokens,
+            "source_bytes": self.source_bytes, "out_bytes": self.out_bytes,
+            "bits_per_weight_quantized": self.report.bits_per_weight,
+            "bits_per_weight_model": 8 * self.out_bytes / max(self.params, 1),
+            "quantize_seconds": self.report.seconds, "seconds": self.seconds,
+            "untied_head": self.report.untied_head, "layers": r["layers"],
+        }
+
+
+def weights_bytes(path) -> int:
+    """Bytes of a model's weight files (``*.safetensors``, or the ``.gguf`` file)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+
+
+def _source_bytes(source) -> int | None:
+    kind, path = resolve(source)
+    if kind == "embedded":
+        path = CACHE_DIR / str(source)
+    return weights_bytes(path) if path is not None and Path(path).exists() else None
+
+
+def represented_params(model) -> int:
+    from .linear import is_quantized
+
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel()
+    return n + sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))
+
+
+@torch.no_grad()
+def embeddings(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean-pooled last hidden states ``[n, H]`` of token windows (an encoder's sentence embeddings)."""
+    outs = []
+    for i in range(0, len(windows), batch_size):
+        outs.append(model(input_ids=windows[i:i + batch_size]).last_hidden_state.float().mean(1))
+    return torch.cat(outs)
+
+
+def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, eval_text=None,
+                       eval_tokens: int = 16384, held_out: float = 0.1, overwrite: bool = False,
+                       progress: bool = True) -> QuantRun:
+    """Load ``source``, measure it, quantize it with ``config``, measure again, save to ``out``."""
+    from ..evaluate import perplexity
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:  # fail before the expensive part
+        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+    model, tok = load_model(source)
+    adapter = adapter_for(model)
+    calib_ids = eval_ids = None
+    eval_source = ""
+    if calibration:
+        calib_ids = data.tokenize(tok, data.read_texts(calibration))
+    if eval_text:
+        eval_ids, eval_source = data.tokenize(tok, data.read_texts(eval_text)), "eval text"
+    elif calib_ids is not None:
+        calib_ids, eval_ids = data.split_ids(calib_ids, held_out)
+        eval_source = f"held-out last {held_out:.0%} of the calibration text"
+    else:
+        eval_ids, eval_source = data.tokenize(tok, data.builtin_text("pydoc")), "built-in pydoc text"
+    eval_ids = eval_ids[:eval_tokens]
+
+    seq_len = config.seq_len
+    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if adapter.kind == "decoder":
+        metric = "perplexity"
+        measure = lambda m: perplexity(m, ids=eval_ids, seq_len=min(seq_len, max_pos or seq_len),  # noqa: E731
+                                        progress=progress)
+        before = measure(model)
+    else:
+        metric = "embedding cosine similarity"
+        win = data.windows(eval_ids, min(128, max_pos or 128), what="evaluation text")
+        ref = embeddings(model, win)
+        measure = lambda m: float(torch.nn.functional.cosine_similarity(embeddings(m, win), ref).mean())  # noqa: E731
+        before = 1.0
+
+    cfg = config
+    if calib_ids is not None and calib_ids.numel() == 0:
+        raise DataError("the calibration text is empty")
+    report = quantize_model(model, cfg, calibration=calib_ids, tokenizer=tok)
+    after = measure(model)
+    meta = {"source": str(source), "quantize": {k: v for k, v in report.to_dict().items() if k != "layers"},
+            "quality": {"metric": metric, "before": before, "after": after, "eval_tokens": int(eval_ids.numel()),
+                        "eval_source": eval_source}}
+    save(model, tok, out, metadata=meta, overwrite=overwrite)
+    return QuantRun(out=out, report=report, metric=metric, before=before, after=after,
+                    eval_tokens=int(eval_ids.numel()), eval_source=eval_source, source_bytes=_source_bytes(source),
+                    out_bytes=weights_bytes(out), params=represented_params(model),
+                    seconds=time.perf_counter() - t0)
+
+
+__all__ = ["quantize_to_folder", "QuantRun", "embeddings", "weights_bytes"]

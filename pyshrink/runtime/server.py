@@ -1,0 +1,198 @@
+"""An OpenAI-compatible completions server over an exported decoder (stdlib HTTP, numpy, onnxruntime).
+
+``POST /v1/completions`` ({model, prompt, max_tokens, temperature, top_p, seed, stream}) and
+``GET /health``. Each request generates with its own KV state over the one shared InferenceSession, so
+concurrent requests cannot see each other's cache; at most ``max_concurrency`` generate at once (the rest
+wait their turn). Limits on the body size, the prompt length and ``max_tokens`` answer 4xx with a JSON
+error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .generate import OnnxLM, Sampling
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # None: the model's maximum length - 1
+    max_tokens: int = 512
+    max_concurrency: int = 4
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def _number(body, key, default, lo, hi, integer=False):
+    v = body.get(key, default)
+    if v is None:
+        v = default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not (lo <= v <= hi):
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{key}' must be {kind} in [{lo}, {hi}], got {v!r}", key, "invalid_value")
+    return v
+
+
+class CompletionService:
+    """Request validation and generation, independent of HTTP (so it is testable without sockets)."""
+
+    def __init__(self, lm: OnnxLM, limits: Limits | None = None, model_name: str | None = None):
+        self.lm = lm
+        self.limits = limits or Limits()
+        self.model_name = model_name or lm.name
+        self._slots = threading.BoundedSemaphore(self.limits.max_concurrency)
+
+    def parse(self, body: dict):
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt", "invalid_value")
+        model = body.get("model")
+        if model is not None and model not in (self.model_name, ""):
+            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+        max_tokens = _number(body, "max_tokens", 16, 1, self.limits.max_tokens, integer=True)
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ApiError(400, f"'seed' must be a non-negative integer, got {seed!r}", "seed", "invalid_value")
+        ids = self.lm.encode(prompt)
+        limit = self.limits.max_prompt_tokens or (self.lm.max_length - 1)
+        limit = min(limit, self.lm.max_length - 1)
+        if not ids:
+            raise ApiError(400, "the prompt encodes to no tokens", "prompt", "invalid_value")
+        if len(ids) > limit:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {limit}", "prompt",
+                           "context_length_exceeded")
+        return ids, max_tokens, Sampling(float(temperature), float(top_p), seed), bool(body.get("stream", False))
+
+    def complete(self, ids, max_tokens, sampling, on_token=None):
+        with self._slots:
+            return self.lm.generate_ids(ids, max_tokens, sampling, on_token=on_token)
+
+    def response(self, ids, new, reason) -> dict:
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"text": self.lm.decode(new), "index": 0, "logprobs": None, "finish_reason": reason}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)},
+        }
+
+
+def make_handler(service: CompletionService):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "pyshrink"
+
+        def log_message(self, fmt, *args):  # quiet by default; the CLI prints one line per request instead
+            if getattr(self.server, "verbose", False):
+                super().log_message(fmt, *args)
+
+        def _json(self, status: int, obj: dict):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/health":
+                return self._json(200, {"status": "ok", "model": service.model_name})
+            if self.path.rstrip("/") == "/v1/models":
+                return self._json(200, {"object": "list", "data": [{"id": service.model_name, "object": "model"}]})
+            self._json(404, ApiError(404, f"no route GET {self.path}").body())
+
+        def do_POST(self):
+            try:
+                if self.path.rstrip("/") != "/v1/completions":
+                    raise ApiError(404, f"no route POST {self.path}")
+                length = self.headers.get("Content-Length")
+                if length is None:
+                    raise ApiError(411, "a Content-Length header is required")
+                try:
+                    n = int(length)
+                except ValueError:
+                    raise ApiError(400, f"bad Content-Length {length!r}") from None
+                if n < 0 or n > service.limits.max_body_bytes:
+                    self.close_connection = True  # do not read an oversized body
+                    raise ApiError(413, f"request body of {n} bytes exceeds the limit of {service.limits.max_body_bytes}")
+                try:
+                    body = json.loads(self.rfile.read(n) or b"null")
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+                ids, max_tokens, sampling, stream = service.parse(body)
+                if stream:
+                    return self._stream(ids, max_tokens, sampling)
+                new, reason = service.complete(ids, max_tokens, sampling)
+                self._json(200, service.response(ids, new, reason))
+            except ApiError as exc:
+                self._json(exc.status, exc.body())
+            except Exception as exc:  # noqa: BLE001  (a server answers; it does not die)
+                self._json(500, ApiError(500, f"{type(exc).__name__}: {exc}").body())
+
+        def _stream(self, ids, max_tokens, sampling):
+            """Server-sent events, one per token (text deltas by decoding the whole completion so far)."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            cid, created, toks, sent = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), [], [""]
+
+            def event(text, reason):
+                chunk = {"id": cid, "object": "text_completion", "created": created, "model": service.model_name,
+                         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+
+            def on_token(tok):
+                toks.append(tok)
+                text = service.lm.decode(toks)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    event(text[len(sent[0]):], None)
+                    sent[0] = text
+
+            _, reason = service.complete(ids, max_tokens, sampling, on_token=on_token)
+            event(service.lm.decode(toks)[len(sent[0]):], reason)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+
+    return Handler
+
+
+def make_server(folder_or_lm, host: str = "127.0.0.1", port: int = 8000, *, limits: Limits | None = None,
+                threads: int | None = None, verbose: bool = False) -> ThreadingHTTPServer:
+    """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address[1]``)."""
+    lm = folder_or_lm if isinstance(folder_or_lm, OnnxLM) else OnnxLM(folder_or_lm, threads=threads)
+    server = ThreadingHTTPServer((host, port), make_handler(CompletionService(lm, limits)))
+    server.daemon_threads = True
+    server.verbose = verbose
+    return server
+
+
+def serve(folder, host: str = "127.0.0.1", port: int = 8000, **kw):
+    server = make_server(folder, host, port, **kw)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

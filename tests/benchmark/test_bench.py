@@ -1,0 +1,63 @@
+"""Benchmarks: every runtime row has its numbers, memory is measured per process, outputs are written."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))  # onnx_helpers
+
+from onnx_helpers import tiny_model, word_tokenizer  # noqa: E402
+from pyshrink import models  # noqa: E402
+from pyshrink.benchmark import bench, chart, markdown_table  # noqa: E402
+from pyshrink.errors import InvalidSetting  # noqa: E402
+
+KEYS = ("prefill_ms", "decode_ms_median", "decode_ms_p95", "decode_tokens_per_s", "peak_rss_mb", "disk_mb")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny-llama"
+    models.save(tiny_model("llama"), word_tokenizer(), out)
+    return out
+
+
+def test_both_runtimes_export_on_the_fly(tiny_folder, tmp_path):
+    rows = bench([str(tiny_folder)], runtime="both", prompt_tokens=8, new_tokens=4, repeats=1, threads=1,
+                 export_dir=tmp_path)
+    assert [r["runtime"] for r in rows] == ["torch", "onnxruntime"]
+    for r in rows:
+        assert "error" not in r, r
+        assert all(r[k] > 0 for k in KEYS)
+        assert r["decode_ms_p95"] >= r["decode_ms_median"]
+    assert (tmp_path / "tiny-llama-onnx" / "pyshrink_onnx.json").is_file()
+    table = markdown_table(rows)
+    assert table.count("\n") == 3 and "tiny-llama" in table
+    pytest.importorskip("matplotlib")
+    assert chart(rows, tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_onnxruntime_needs_an_export_folder(tiny_folder):
+    with pytest.raises(InvalidSetting, match="export"):
+        bench([str(tiny_folder)], runtime="onnxruntime")
+    with pytest.raises(InvalidSetting, match="runtime"):
+        bench([str(tiny_folder)], runtime="tensorflow")
+
+
+def test_a_failing_model_is_reported_in_its_row(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "pyshrink_onnx.json").write_text(json.dumps({"kind": "decoder", "model_file": "none.onnx"}))
+    rows = bench([str(tmp_path / "broken")], runtime="onnxruntime", prompt_tokens=4, new_tokens=2, repeats=1)
+    assert "error" in rows[0]
+    assert "error" in markdown_table(rows)
+
+
+def test_ort_genai_peer_runner(tiny_folder, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from pyshrink import export_onnx
+    from pyshrink.benchmark import run_one
+
+    export_onnx(str(tiny_folder), tmp_path / "onnx")
+    row = run_one("ort-genai", tmp_path / "onnx", prompt_tokens=8, new_tokens=4, repeats=1, threads=1)
+    assert "error" not in row, row
+    assert row["decode_tokens_per_s"] > 0 and row["disk_mb"] > 0

@@ -1,0 +1,56 @@
+"""Calibration hooks: statistics come from the native act_stats_ op, one block at a time, on every token."""
+import torch
+
+import pyshrink.contract.calibration as calib
+from pyshrink.arch import adapter_for
+from pyshrink.ops import act_stats_
+
+from pyshrink_tiny_models import tiny_model
+
+
+def test_channel_stats_match_direct_computation():
+    x = torch.randn(3, 50, 7)
+    st = calib.ChannelStats(7)
+    st.add(x)
+    flat = x.reshape(-1, 7).double()
+    assert st.n == 150
+    torch.testing.assert_close(st.mean_abs, flat.abs().mean(0))
+    torch.testing.assert_close(st.mean, flat.mean(0))
+    torch.testing.assert_close(st.variance, flat.var(0, unbiased=False))
+    torch.testing.assert_close(st.gram, flat.T @ flat, rtol=1e-5, atol=1e-4)  # float32 products, float64 sums
+
+
+def test_hooks_use_act_stats_and_see_every_token(monkeypatch):
+    calls = []
+
+    def spy(x, acc, count):
+        calls.append(x.shape)
+        act_stats_(x, acc, count)
+
+    monkeypatch.setattr(calib, "act_stats_", spy)
+    model = tiny_model("llama")
+    ad = adapter_for(model)
+    batches = [torch.randint(0, 300, (2, 16)) for _ in range(3)]
+    seen = {}
+
+    def consume(i, block, obs):
+        seen[i] = (obs.mlp.n, obs.attn.n, obs.tokens)
+        return i
+
+    assert calib.observe_blocks(model, ad, batches, consume, heads=True, progress=False) == [0, 1, 2]
+    assert seen == {i: (96.0, 96.0, 96) for i in range(3)}
+    assert len(calls) == 3 * 3 * 2  # blocks x batches x (down_proj input, o_proj input)
+    # no hook is left behind
+    for blk in ad.blocks(model):
+        assert not ad.mlp_out_module(blk)._forward_pre_hooks and not blk._forward_hooks
+
+
+def test_observation_does_not_change_the_model():
+    model = tiny_model("gpt2")
+    ad = adapter_for(model)
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    calib.observe_blocks(model, ad, [ids], lambda i, b, o: None, heads=True, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -1,0 +1,58 @@
+"""``pyshrink contract``: summary table or JSON, helpful --help, user errors exit 2 and write nothing."""
+import json
+
+import pytest
+
+from pyshrink.cli import main
+from pyshrink.data import builtin_text
+from pyshrink.models import load_model
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "domain.txt"
+    p.write_text(builtin_text("pydoc")[:10000])
+    return p
+
+
+def test_help_lists_the_options(capsys):
+    assert main(["contract", "--help"]) == 0
+    text = capsys.readouterr().out
+    for opt in ("--contraction-ratio", "--num-layers-to-contract", "--calibration", "--eval", "--prune-heads",
+                "--prune-vocab", "--threshold", "--json", "--overwrite", "0.1-0.9"):
+        assert opt in text
+
+
+def test_json_summary_and_loadable_output(tiny_folder, domain, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["contract", str(tiny_folder("phi")), "-o", str(out), "--num-layers-to-contract", "2",
+                 "--contraction-ratio", "0.25", "--calibration", str(domain), "--prune-heads", "--prune-vocab",
+                 "--calibration-tokens", "1024", "--eval-tokens", "512", "--json"])
+    assert code == 0
+    s = json.loads(capsys.readouterr().out)
+    for key in ("params_before", "params_after", "reduction_pct", "ppl_source", "ppl_final", "layers",
+                "wall_time_s", "evaluation", "vocab"):
+        assert key in s
+    assert [r["width_after"] for r in s["layers"]] == [72, 72]
+    model, tok = load_model(out)
+    assert model is not None
+
+
+def test_table_summary(tiny_folder, domain, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["contract", str(tiny_folder("gpt2")), "-o", str(out), "--num-layers-to-contract", "1",
+                 "--calibration", str(domain), "--calibration-tokens", "512", "--eval-tokens", "512"]) == 0
+    text = capsys.readouterr().out
+    assert "params before" in text and "perplexity final" in text and "layers contracted (1)" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--contraction-ratio", "0.95"], "0.1-0.9"),
+    (["--num-layers-to-contract", "9"], "1..3"),
+    (["--calibration", "/nonexistent/domain.txt"], "does not exist"),
+])
+def test_user_errors_exit_2_and_write_nothing(tiny_folder, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["contract", str(tiny_folder("gpt2")), "-o", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

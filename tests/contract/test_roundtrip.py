@@ -1,0 +1,98 @@
+"""Every family: contract (neurons, heads, vocabulary) -> physically smaller weights -> save -> load_model
+-> identical outputs; decoders still generate, and only original ids the domain uses."""
+import json
+
+import pytest
+import torch
+
+import pyshrink
+from pyshrink.arch import adapter_for
+from pyshrink.arch.linears import in_features, out_features
+from pyshrink.data import builtin_text
+from pyshrink.models import load_model, num_params
+
+TEXT = builtin_text("pydoc")[:12000]
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        res = model(input_ids=ids)
+    return res.logits if hasattr(res, "logits") else res.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def contracted(tiny_folder, tmp_path_factory):
+    made = {}
+
+    def make(family):
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"contracted-{family}") / "out"
+            res = pyshrink.contract(tiny_folder(family), 0.5, 2, calibration=TEXT, prune_heads=True,
+                                    prune_vocab=True, seq_len=64, calibration_tokens=1024, eval_tokens=256,
+                                    out=out, progress=False)
+            made[family] = (res, out)
+        return made[family]
+
+    return make
+
+
+from pyshrink_tiny_models import families  # noqa: E402
+
+
+@pytest.mark.parametrize("family", families())
+def test_physical_shapes_and_params(family, contracted, tiny_folder):
+    res, out = contracted(family)
+    model, s = res.model, res.summary
+    ad = adapter_for(model)
+    src = load_model(tiny_folder(family), with_tokenizer=False)
+    full = ad.mlp_width(ad.blocks(src)[0])
+    assert len(s["layers"]) == 2
+    for row in s["layers"]:
+        blk = ad.blocks(model)[row["layer"]]
+        assert row["width_after"] == full - round(0.5 * full) == ad.mlp_width(blk)
+        for m in ad.mlp_in_modules(blk):
+            assert out_features(m) == row["width_after"]
+            assert tuple(m.weight.shape) in ((row["width_after"], in_features(m)), (in_features(m), row["width_after"]))
+        assert row["heads_after"] < row["heads_before"]
+        n_q, n_kv = ad.head_counts(blk, model.config)
+        assert n_q % n_kv == 0  # grouped-query layout stays valid
+    untouched = set(range(ad.depth(model))) - {r["layer"] for r in s["layers"]}
+    for i in untouched:
+        assert ad.mlp_width(ad.blocks(model)[i]) == full
+    assert s["params_after"] == num_params(model) < s["params_before"] == num_params(src)
+    assert s["vocab"]["vocab_after"] < s["vocab"]["vocab_before"]
+    meta = json.loads((out / "pyshrink.json").read_text())
+    kinds = [t["kind"] for t in meta["transforms"]]
+    assert kinds.count("contract.mlp") == 2 and kinds.count("contract.heads") == 2 and "contract.vocab" in kinds
+    assert meta["contraction"]["settings"]["contraction_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("family", families())
+def test_save_load_identical_outputs(family, contracted):
+    res, out = contracted(family)
+    loaded, tok = load_model(out)
+    ids = torch.randint(0, res.model.config.vocab_size, (2, 17))
+    assert torch.equal(_out(res.model, ids), _out(loaded, ids))
+    assert num_params(loaded) == res.summary["params_after"]
+
+
+@pytest.mark.parametrize("family", [f for f in families() if f != "bert"])
+def test_generate_after_load_returns_kept_original_ids(family, contracted):
+    res, out = contracted(family)
+    loaded, tok = load_model(out)
+    emb = loaded.get_input_embeddings()
+    kept = set(loaded.get_output_embeddings().kept_ids.tolist())
+    prompt = tok("The class statement", return_tensors="pt").input_ids
+    gen = loaded.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)
+    new = gen[0, prompt.shape[1]:].tolist()
+    assert len(new) > 0 and all(t in kept for t in new)
+    assert emb.num_embeddings == loaded.config.vocab_size  # ids keep their original meaning
+    assert isinstance(tok.decode(gen[0]), str)
+    sampled = loaded.generate(input_ids=prompt, max_new_tokens=12, do_sample=True, top_k=0)
+    assert all(t in kept for t in sampled[0, prompt.shape[1]:].tolist())
+
+
+def test_tied_embeddings_stay_tied(contracted):
+    res, out = contracted("llama")  # the tiny llama ties its head to the embedding
+    for model in (res.model, load_model(out, with_tokenizer=False)):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

@@ -1,0 +1,83 @@
+"""The math of choosing and refitting channels, on synthetic layers with known answers."""
+import pytest
+import torch
+
+from pyshrink.contract import scores
+from pyshrink.contract.calibration import ChannelStats
+
+
+def _layer(x, w, b=None, group=1):
+    st = ChannelStats(x.shape[1])
+    st.add(x)
+    return scores.Layer(w.double(), None if b is None else b.double(), st, group=group)
+
+
+def _empirical_error(x, w, b, keep, w_new, b_new, group=1):
+    K = scores._channels(keep, group)
+    y = x.double() @ w.double().T + (0 if b is None else b.double())
+    y_new = x.double()[:, K] @ w_new.T + (0 if b_new is None else b_new)
+    return float((y_new - y).pow(2).sum(1).mean())
+
+
+def test_output_error_matches_empirical():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(512, 24) + 0.3, torch.randn(8, 24), torch.randn(8)
+    layer = _layer(x, w, b)
+    keep = torch.arange(0, 24, 2)
+    for mode in ("lstsq", "mean", "none"):
+        w_new, b_new = scores.refit(layer, keep, mode)
+        assert scores.output_error(layer, keep, w_new, b_new) == pytest.approx(
+            _empirical_error(x, w, b, keep, w_new, b_new), rel=1e-6)
+
+
+def test_lstsq_recovers_redundant_channels_and_beats_mean_and_none():
+    torch.manual_seed(1)
+    base = torch.randn(1024, 12) + 1.0
+    mix = torch.randn(12, 6)
+    x = torch.cat([base, base @ mix + 0.5], 1)  # channels 12..17 are affine in 0..11
+    w = torch.randn(5, 18)
+    layer = _layer(x, w)
+    keep = torch.arange(12)
+    errs = {m: scores.output_error(layer, keep, *scores.refit(layer, keep, m, damp=1e-9)) for m in ("lstsq", "mean", "none")}
+    total = float((x.double() @ w.double().T).pow(2).sum(1).mean())
+    assert errs["lstsq"] < 1e-6 * total
+    assert errs["lstsq"] < errs["mean"] < errs["none"]
+
+
+def test_obs_removes_the_redundant_channels():
+    torch.manual_seed(2)
+    base = torch.randn(2048, 10)
+    x = torch.cat([base, base[:, :4] * 2 + 0.01 * torch.randn(2048, 4)], 1)  # 10..13 duplicate 0..3
+    w = torch.randn(6, 14)
+    w[:, 10:] *= 5  # large weights: magnitude would keep the duplicates
+    layer = _layer(x, w)
+    removed = scores.obs(layer, 4, steps=4)
+    # one of every duplicated pair goes, none of the unique channels
+    assert set(removed.tolist()) <= set(range(14)) - set(range(4, 10))
+    for i in range(4):
+        assert (i in removed.tolist()) != (i + 10 in removed.tolist())
+    assert set(scores.magnitude(layer, 4).tolist()).isdisjoint(range(10, 14))
+
+
+def test_obs_beats_fluctuation_and_magnitude_on_correlated_channels():
+    torch.manual_seed(3)
+    x = torch.randn(4096, 16) @ torch.randn(16, 32) * torch.rand(32) * 2
+    w = torch.randn(8, 32)
+    layer = _layer(x, w)
+    err = {}
+    for name in ("obs", "fluctuation", "magnitude"):
+        keep = scores.kept_groups(layer, scores.CRITERIA[name](layer, 20))
+        err[name] = scores.output_error(layer, keep, *scores.refit(layer, keep, "lstsq"))
+    assert err["obs"] <= min(err["fluctuation"], err["magnitude"]) * 1.0001
+
+
+def test_grouped_obs_respects_buckets():
+    torch.manual_seed(4)
+    x, w = torch.randn(1024, 24), torch.randn(6, 24)
+    layer = _layer(x, w, group=4)  # 6 groups of 4 channels
+    bucket = torch.tensor([0, 0, 0, 1, 1, 1])
+    removed = scores.obs(layer, 4, bucket=bucket, per_bucket=2)
+    assert sorted(bucket[removed].tolist()) == [0, 0, 1, 1]
+    keep = scores.kept_groups(layer, removed)
+    w_new, b_new = scores.refit(layer, keep)
+    assert w_new.shape == (6, 8)

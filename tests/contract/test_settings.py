@@ -1,0 +1,83 @@
+"""Settings are validated before any heavy work, with messages that name the valid range; on any error
+nothing is written, and the source is never changed."""
+import pytest
+
+import pyshrink
+from pyshrink.arch import UnsupportedArchitecture
+from pyshrink.errors import DataError, InvalidSetting
+from pyshrink.models import fingerprint
+
+TEXT = "The quick brown fox jumps over the lazy dog.\n" * 80
+
+
+def _contract(src, out, **kw):
+    kw.setdefault("num_layers_to_contract", 1)
+    return pyshrink.contract(src, calibration=kw.pop("calibration", TEXT), out=out, seq_len=32,
+                             calibration_tokens=256, eval_tokens=64, progress=False, **kw)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.95, 1.5, -0.5])
+def test_ratio_out_of_range(tiny_folder, tmp_path, ratio):
+    out = tmp_path / "out"
+    with pytest.raises(InvalidSetting, match=r"contraction_ratio must be in 0\.1-0\.9"):
+        _contract(tiny_folder("llama"), out, contraction_ratio=ratio)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("n", [0, 4, 100])
+def test_num_layers_out_of_range(tiny_folder, tmp_path, n):
+    out = tmp_path / "out"
+    with pytest.raises(InvalidSetting, match=r"num_layers_to_contract must be in 1\.\.(3|depth)"):
+        _contract(tiny_folder("llama"), out, num_layers_to_contract=n)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind either
+
+
+@pytest.mark.parametrize("bad", [dict(num_layers_to_contract=1.5), dict(contraction_ratio="half"),
+                                 dict(threshold=-1.0), dict(head_ratio=0.99), dict(criterion="nope")])
+def test_other_bad_settings(tiny_folder, tmp_path, bad):
+    with pytest.raises(InvalidSetting):
+        _contract(tiny_folder("llama"), tmp_path / "out", **bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_or_missing_text(tiny_folder, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(DataError, match="empty"):
+        _contract(tiny_folder("llama"), tmp_path / "out", calibration=str(empty))
+    with pytest.raises(DataError, match="does not exist"):
+        _contract(tiny_folder("llama"), tmp_path / "out", calibration=str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_vocab_needs_domain_text(tiny_folder, tmp_path):
+    with pytest.raises(InvalidSetting, match="prune_vocab needs domain text"):
+        _contract(tiny_folder("llama"), tmp_path / "out", calibration=None, prune_vocab=True)
+
+
+def test_unknown_architecture(tmp_path, tokenizer):
+    from transformers import T5Config
+
+    src = tmp_path / "t5"
+    T5Config(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32).save_pretrained(src)
+    with pytest.raises(UnsupportedArchitecture, match="supports: .*llama"):
+        _contract(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_before_work(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _contract(tiny_folder("llama"), out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_source_is_untouched(tiny_folder, tmp_path):
+    src = tiny_folder("gpt2")
+    before = fingerprint(src)
+    _contract(src, tmp_path / "out", prune_heads=True, prune_vocab=True)
+    assert fingerprint(src) == before
+    assert (tmp_path / "out" / "pyshrink.json").is_file()

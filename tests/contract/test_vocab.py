@@ -1,0 +1,39 @@
+"""Vocabulary pruning keeps original ids working: kept ids score exactly as before, removed ids are -inf."""
+import torch
+
+from pyshrink.contract import vocab
+
+from pyshrink_tiny_models import tiny_model
+
+
+def test_compact_vocab_keeps_kept_logits_and_masks_removed():
+    model = tiny_model("llama")  # tied embeddings
+    ids = torch.randint(5, 200, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    kept = vocab.kept_ids(torch.arange(5, 200), None, model.config)
+    assert {1, 2, 3} <= set(kept.tolist())  # bos/eos/pad (named by the config) are protected
+    info = vocab.apply(model, kept)
+    assert info == {"vocab_before": model.config.vocab_size, "vocab_after": len(kept)}
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert after.shape == before.shape
+    torch.testing.assert_close(after[..., kept], before[..., kept])
+    removed = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    removed[kept] = False
+    assert torch.isneginf(after[..., removed]).all()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.get_input_embeddings().weight.shape[0] == len(kept)
+
+
+def test_untied_head_and_removed_input_ids():
+    model = tiny_model("gpt2")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    kept = vocab.kept_ids(torch.arange(10, 50), None, model.config)
+    vocab.apply(model, kept)
+    emb = model.get_input_embeddings()
+    assert model.get_output_embeddings().weight is not emb.weight
+    # a removed id still embeds (to the fallback row) instead of failing
+    out = emb(torch.tensor([[300, 11]]))
+    assert out.shape == (1, 2, model.config.n_embd)

@@ -1,0 +1,206 @@
+"""Export of every family: ONNX Runtime agrees with PyTorch on a prompt and over KV-cache steps."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from onnx_helpers import DECODERS, VOCAB, contracted_llama, quantized, random_prompt, tiny_model, vocab_contracted
+from pyshrink import export_onnx
+from pyshrink.arch import adapter_for
+from pyshrink.export import ExportValidationError
+from pyshrink.export.validate import INT4_RTOL
+from pyshrink.export.weights import WeightPolicy, apply_substitutions
+from pyshrink.runtime import DecoderSession
+
+ORT_MAX_IR = 10  # what pyshrink writes; onnxruntime >= 1.18 reads it
+
+
+def _steps_parity(folder, model, prompt_len=7, steps=4, seed=1, substitutions=None):
+    """Largest |ORT - torch| (relative to max(1, max|logit|)) over a prefill and ``steps`` cached steps."""
+    ids = random_prompt(prompt_len + steps, seed)
+    sess = DecoderSession(folder)
+    state = sess.new_state(prompt_len + steps)
+    got = [sess.step(state, ids[:prompt_len])] + [sess.step(state, ids[prompt_len + k: prompt_len + k + 1])
+                                                   for k in range(steps)]
+    worst = 0.0
+    with torch.no_grad(), apply_substitutions(model, substitutions or {}):
+        for k in range(steps + 1):
+            ref = model(torch.tensor([ids[: prompt_len + k]])).logits[0, -1].numpy()
+            worst = max(worst, float(np.abs(got[k] - ref).max() / max(1.0, np.abs(ref).max())))
+    return worst
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_export_matches_pytorch_over_kv_cache_steps(family, exported):
+    folder = exported(family)
+    meta = json.loads((folder / "pyshrink_onnx.json").read_text())
+    assert meta["kind"] == "decoder" and meta["validation"]["kv_steps"] >= 3
+    assert meta["validation"]["max_abs_diff"] <= meta["validation"]["tolerance"]
+    assert {"model.onnx", "tokenizer.json", "genai_config.json", "pyshrink_onnx.json"} <= {p.name for p in folder.iterdir()}
+    assert _steps_parity(folder, tiny_model(family)) < 1e-4
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_kv_cache_inputs_outputs_and_ir_version(family, exported):
+    folder = exported(family)
+    m = onnx.load(str(folder / "model.onnx"))
+    assert m.ir_version == ORT_MAX_IR
+    ins = [i.name for i in m.graph.input]
+    outs = [o.name for o in m.graph.output]
+    n = adapter_for(tiny_model(family)).depth(tiny_model(family))
+    assert ins[:2] == ["input_ids", "attention_mask"]
+    assert [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")] == ins[2:]
+    assert outs[0] == "logits" and outs[1:] == [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])  # loads as written
+
+
+def test_encoder_export_matches_pytorch(exported):
+    folder = exported("bert")
+    meta = json.loads((folder / "pyshrink_onnx.json").read_text())
+    assert meta["kind"] == "encoder" and "last_hidden_state" in meta["outputs"]
+    model = tiny_model("bert")
+    ids = torch.tensor([random_prompt(11, 3)])
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                           "token_type_ids": torch.zeros_like(ids).numpy()})[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    assert np.abs(got - ref)[0, :8].max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_int4_export_matches_the_dequantized_pytorch_model(family, tmp_path):
+    """accuracy_level 0 (float activations): the graph computes exactly with the dequantized 4-bit weights."""
+    model = tiny_model(family)
+    export_onnx(model, tmp_path / "o", int4=True, accuracy_level=0)
+    policy = WeightPolicy(int4=True, group_size=32)
+    from pyshrink.export.spec import decoder_spec
+
+    decoder_spec(model, policy)  # the same round-to-nearest, to substitute in PyTorch
+    assert _steps_parity(tmp_path / "o", model, substitutions=policy.substitutions) < 1e-4
+    meta = json.loads((tmp_path / "o" / "pyshrink_onnx.json").read_text())
+    assert meta["weights"]["projections"]["rtn"] > 0 and meta["weights"]["projections"]["float"] == 0
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+
+
+def test_int4_accuracy_level_4_within_its_stated_bound(exported):
+    meta = json.loads((exported("llama", int4=True) / "pyshrink_onnx.json").read_text())
+    v = meta["validation"]
+    assert v["relative_tolerance"] == INT4_RTOL and v["max_abs_diff"] <= v["tolerance"]
+    assert v["exact_twin_max_abs_diff"] <= 1e-3 * v["scale"]  # the same graph with float activations: exact
+
+
+def test_quantized_model_is_exported_by_byte_copy(tmp_path):
+    model = quantized(tiny_model("llama"), group_size=32, symmetric=False)
+    export_onnx(model, tmp_path / "q", accuracy_level=0)
+    m = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    attn = model.model.layers[0].self_attn
+    packed = np.concatenate([attn.q_proj.packed.numpy(), attn.k_proj.packed.numpy(), attn.v_proj.packed.numpy()])
+    assert np.array_equal(inits["layers.0.attn.qkv.qweight"], packed)  # the very bytes, not re-quantized
+    zps = np.concatenate([attn.q_proj.zero_points.numpy(), attn.k_proj.zero_points.numpy(), attn.v_proj.zero_points.numpy()])
+    assert np.array_equal(inits["layers.0.attn.qkv.qzeros"], zps.reshape(-1))
+    meta = json.loads((tmp_path / "q" / "pyshrink_onnx.json").read_text())
+    assert meta["weights"]["projections"]["copied"] == 3 * 7 and meta["weights"]["projections"]["rtn"] == 0
+    assert _steps_parity(tmp_path / "q", model) < 1e-4
+
+
+def test_8bit_quantized_model_exports_exactly(tmp_path):
+    model = quantized(tiny_model("gpt2"), bits=8)
+    export_onnx(model, tmp_path / "q8", accuracy_level=0)
+    meta = json.loads((tmp_path / "q8" / "pyshrink_onnx.json").read_text())
+    assert meta["weights"]["projections"]["copied"] == 3 * 4
+    assert _steps_parity(tmp_path / "q8", model) < 1e-4
+
+
+def test_contracted_model_with_per_layer_widths_and_heads(tmp_path):
+    model = contracted_llama()
+    export_onnx(model, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "pyshrink_onnx.json").read_text())
+    assert [l["mlp_width"] for l in meta["layers"]] == [40, 96, 17]
+    assert [(l["num_heads"], l["num_kv_heads"]) for l in meta["layers"]] == [(4, 2), (2, 1), (4, 2)]
+    assert _steps_parity(tmp_path / "c", model) < 1e-4
+
+
+def test_contracted_vocabulary_maps_ids_and_logits(tmp_path):
+    keep = list(range(0, VOCAB, 2))  # even ids only
+    model = vocab_contracted(tiny_model("llama"), keep)
+    export_onnx(model, tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "pyshrink_onnx.json").read_text())
+    assert meta["vocab_size"] == VOCAB and meta["vocab_keep"] == keep
+    sess = DecoderSession(tmp_path / "v")
+    state = sess.new_state(8)
+    logits = sess.step(state, [4, 8, 10, 3])  # tokenizer ids; 3 was removed (reads the fallback row)
+    assert logits.shape == (VOCAB,) and np.isneginf(logits[1::2]).all()
+    with torch.no_grad():
+        ref = model(torch.tensor([[4, 8, 10, 3]])).logits[0, -1].numpy()
+    assert np.abs(logits[0::2] - ref[0::2]).max() < 1e-4
+    inits = {t.name for t in onnx.load(str(tmp_path / "v" / "model.onnx")).graph.initializer}
+    assert "embed_tokens.weight" in inits and "vocab_remap" in inits
+
+
+def test_failed_validation_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "fail"
+    with pytest.raises(ExportValidationError, match="largest \\|difference\\|"):
+        export_onnx(tiny_model("llama"), out, tolerance=0.0)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder either
+
+
+def test_existing_output_is_not_replaced_without_overwrite(exported):
+    with pytest.raises(FileExistsError):
+        export_onnx(tiny_model("llama"), exported("llama"))
+
+
+def test_external_data(tmp_path):
+    export_onnx(tiny_model("gpt2"), tmp_path / "x", external_data=True)
+    names = {p.name for p in (tmp_path / "x").iterdir()}
+    assert "model.onnx.data" in names
+    assert (tmp_path / "x" / "model.onnx").stat().st_size < 200_000 < (tmp_path / "x" / "model.onnx.data").stat().st_size
+    assert json.loads((tmp_path / "x" / "pyshrink_onnx.json").read_text())["external_data"] == "model.onnx.data"
+
+
+@pytest.mark.parametrize("kw, match", [({"group_size": 48}, "group_size"), ({"accuracy_level": 2.5}, "accuracy_level"),
+                                       ({"opset": 12}, "opset"), ({"logits": "some"}, "logits")])
+def test_bad_settings_are_clear_errors(kw, match, tmp_path):
+    from pyshrink.errors import InvalidSetting
+
+    with pytest.raises(InvalidSetting, match=match):
+        export_onnx(tiny_model("llama"), tmp_path / "o", **kw)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_tied_embedding_with_padded_groups(symmetric, tmp_path):
+    """hidden 80 is not a multiple of the group (32): the shared 4-bit embedding rows are cut back to 80."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=80, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=5, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    export_onnx(model, tmp_path / "p", int4=True, group_size=32, symmetric=symmetric, accuracy_level=0)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "p" / "model.onnx")).graph.node}
+    assert "GatherBlockQuantized" in ops
+    assert json.loads((tmp_path / "p" / "pyshrink_onnx.json").read_text())["validation"]["max_abs_diff"] < 1e-4
+
+
+def test_accuracy_level_auto_falls_back_to_what_validates(tmp_path):
+    """With a bound that int8 activations cannot meet, 'auto' settles on float activations; 4 is an error."""
+    model = tiny_model("llama")
+    with pytest.raises(ExportValidationError, match="accuracy_level=0 or 'auto'"):
+        export_onnx(model, tmp_path / "four", int4=True, tolerance=1e-3)
+    assert not (tmp_path / "four").exists()
+    export_onnx(model, tmp_path / "auto", int4=True, accuracy_level="auto", tolerance=1e-3)
+    meta = json.loads((tmp_path / "auto" / "pyshrink_onnx.json").read_text())
+    assert meta["weights"]["accuracy_level"] == "0" and len(meta["validation"]["rejected"]) == 2
+    levels = {a.i for n in onnx.load(str(tmp_path / "auto" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0}

@@ -1,0 +1,41 @@
+"""`pyshrink export` and `pyshrink bench` as a user meets them: results, exit codes, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from onnx_helpers import tiny_model, word_tokenizer
+from pyshrink import models
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pyshrink", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=dict(os.environ))
+
+
+def test_export_cli_writes_a_validated_folder(tmp_path):
+    src = tmp_path / "tiny"
+    models.save(tiny_model("opt"), word_tokenizer(), src)
+    r = cli("export", src, "-o", tmp_path / "onnx", "--int4", "--group-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "max |ORT - PyTorch|" in r.stdout
+    meta = json.loads((tmp_path / "onnx" / "pyshrink_onnx.json").read_text())
+    assert meta["weights"]["int4"] and meta["validation"]["kv_steps"] >= 3
+    r = cli("export", src, "-o", tmp_path / "onnx")  # exists
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_export_cli_errors(tmp_path):
+    r = cli("export", tmp_path / "missing", "-o", tmp_path / "o")
+    assert r.returncode == 2 and "pyshrink: error:" in r.stderr and "does not exist" in r.stderr
+    r = cli("export", "smollm2-135m", "-o", tmp_path / "o", "--group-size", "48")
+    assert r.returncode == 2 and "group_size" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_cli_errors(tmp_path):
+    r = cli("bench", tmp_path, "--runtime", "tensorflow")
+    assert r.returncode == 2 and "runtime must be one of" in r.stderr

@@ -1,0 +1,66 @@
+"""``pyshrink quantize``: a thin layer over the Python API, with a summary and clean user errors."""
+import json
+
+import pytest
+
+from _quantutil import tiny_model, word_text, word_tokenizer
+from pyshrink import models
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    models.save(tiny_model("llama"), word_tokenizer(), root / "src")
+    (root / "calib.txt").write_text(word_text(6000))
+    return root
+
+
+def _main(args, capsys):
+    from pyshrink.cli import main
+
+    rc = main([*args, "--eval-tokens", "2048"])
+    return rc, capsys.readouterr()
+
+
+def test_cli_quantize_json(source, capsys):
+    out = source / "q4"
+    rc, cap = _main(["quantize", str(source / "src"), "-o", str(out), "--bits", "4", "--group-size", "32",
+                     "--method", "auto", "--calibration", str(source / "calib.txt"), "--seq-len", "64", "--json"],
+                    capsys)
+    assert rc == 0, cap.err
+    s = json.loads(cap.out.strip().splitlines()[-1])
+    assert s["metric"] == "perplexity" and s["method"] == "auto"
+    assert s["after"] / s["before"] < 1.1 and s["out_bytes"] < s["source_bytes"]
+    assert 4.9 < s["bits_per_weight_quantized"] < 5.1 and len(s["layers"]) == 21
+    loaded, _ = models.load_model(out)
+    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+
+
+def test_cli_quantize_table(source, capsys):
+    rc, cap = _main(["quantize", str(source / "src"), "-o", str(source / "q8"), "--bits", "8", "--method", "rtn",
+                     "--calibration", str(source / "calib.txt"), "--seq-len", "64", "--head-bits", "8"], capsys)
+    assert rc == 0, cap.err
+    for needle in ("weights on disk", "bits per weight", "perplexity", "per-layer relative output error", "down_proj"):
+        assert needle in cap.out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bits", "3"], "bits must be 4 or 8"),
+    (["--group-size", "100"], "group_size must be one of 32, 64, 128"),
+    (["--method", "magic"], "unknown quantization method"),
+    (["--bits", "8", "--asymmetric"], "symmetric"),
+])
+def test_cli_bad_settings_exit_2(source, capsys, args, needle):
+    rc, cap = _main(["quantize", str(source / "src"), "-o", str(source / "bad"), *args], capsys)
+    assert rc == 2 and needle in cap.err
+
+
+def test_cli_refuses_existing_output_and_quantized_input(source, capsys):
+    out = source / "exists"
+    out.mkdir()
+    rc, cap = _main(["quantize", str(source / "src"), "-o", str(out), "--method", "rtn"], capsys)
+    assert rc == 2 and "already exists" in cap.err
+    q = source / "q-rtn"
+    assert _main(["quantize", str(source / "src"), "-o", str(q), "--method", "rtn", "--json"], capsys)[0] == 0
+    rc, cap = _main(["quantize", str(q), "-o", str(source / "twice"), "--method", "rtn"], capsys)
+    assert rc == 2 and "already quantized" in cap.err

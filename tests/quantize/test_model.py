@@ -1,0 +1,90 @@
+"""Whole models of every family: quantize, run, save, reload, generate."""
+import json
+
+import pytest
+import torch
+
+from _quantutil import FAMILY_NAMES, calib_ids, model_output, random_ids, tiny_model, word_tokenizer
+from pyshrink import models
+from pyshrink.arch import adapter_for
+from pyshrink.arch.linears import is_projection
+from pyshrink.quantize import QuantLinear, QuantLinear8, quantize, quantize_model
+from pyshrink.quantize.config import QuantConfig
+
+SMALL = dict(seq_len=64, min_calib_tokens=256, progress=False)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_family_quantizes_and_runs(family):
+    ids = random_ids()
+    ref_model = tiny_model(family)
+    ref = model_output(ref_model, ids)
+
+    rtn = quantize_model(tiny_model(family), QuantConfig(method="rtn", group_size=32, **SMALL), calibration=calib_ids())
+    model = tiny_model(family)
+    rep = quantize_model(model, QuantConfig(method="auto", group_size=32, **SMALL), calibration=calib_ids())
+    blocks = adapter_for(model).blocks(model)
+    for block in blocks:  # every projection inside the blocks is quantized, nothing is left as a float Linear
+        assert not any(is_projection(m) for m in block.modules())
+        assert any(isinstance(m, QuantLinear) for m in block.modules())
+    head = adapter_for(model).output_head(model)
+    assert head is None or isinstance(head, torch.nn.Linear)  # skipped by default
+    assert rep.method == "auto" and len(rep.layers) == len(rtn.layers) > 0
+    out = model_output(model, ids)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 0.25
+    mean = lambda r: sum(l.rel_error for l in r.layers) / len(r.layers)  # noqa: E731
+    assert mean(rep) < mean(rtn)  # calibration output error, layer by layer
+    assert all(l.error_kind == "output" for l in rep.layers)
+    assert 4.4 < rep.bits_per_weight < 5.2  # 4-bit codes + a float32 scale per 32
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_data_free_rtn(family):
+    model = tiny_model(family)
+    ref = model_output(tiny_model(family), random_ids())
+    rep = quantize_model(model, QuantConfig(method="auto", group_size=64, progress=False))  # no data: rtn
+    assert rep.method == "rtn" and rep.calib_tokens == 0
+    assert all(l.error_kind == "weight" and l.method == "rtn" for l in rep.layers)
+    assert _rel(model_output(model, random_ids()), ref) < 0.3
+
+
+def test_eight_bit_is_nearly_lossless():
+    ids = random_ids()
+    ref = model_output(tiny_model("llama"), ids)
+    model = quantize(tiny_model("llama"), bits=8, calibration=calib_ids(), **SMALL)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear8)
+    assert _rel(model_output(model, ids), ref) < 0.02
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("llama", dict(method="auto", group_size=32, skip=(), head_bits=8)),  # tied head: quantized and untied
+    ("gpt2", dict(method="gptq", group_size=64, symmetric=False)),  # Conv1D projections
+    ("bert", dict(method="awq", group_size=32)),  # encoder, input_scale where 1/s cannot be folded
+    ("opt", dict(method="rtn", bits=8)),
+])
+def test_save_load_identical_and_generate(tmp_path, family, kw):
+    model = tiny_model(family)
+    quantize(model, calibration=calib_ids(), **kw, **SMALL)
+    ids = random_ids()
+    before = model_output(model, ids)
+    out = models.save(model, word_tokenizer(), tmp_path / "q")
+    meta = json.loads((out / models.META_FILE).read_text())
+    assert meta["transforms"][-1]["kind"] == "quantize"
+    loaded, _ = models.load_model(out)
+    torch.testing.assert_close(model_output(loaded, ids), before, rtol=0, atol=0)
+    kinds = {type(m) for m in loaded.modules()}
+    assert QuantLinear in kinds or QuantLinear8 in kinds
+    if family == "llama":
+        assert isinstance(loaded.lm_head, QuantLinear8) and loaded.model.embed_tokens.weight.dtype == torch.float32
+        assert loaded.config.tie_word_embeddings is False
+    if family == "bert":
+        assert any(getattr(m, "input_scale", None) is not None for m in loaded.modules())
+    if adapter_for(loaded).kind == "decoder":
+        gen = loaded.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=1)
+        assert gen.shape == (1, 11)
+        # a loaded model generates exactly what the in-memory quantized one does
+        torch.testing.assert_close(gen, model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=1))

@@ -1,0 +1,109 @@
+"""The completions server: concurrent requests keep their own state; limits answer clear 4xx JSON errors.
+
+Loopback only (127.0.0.1, an ephemeral port), a bounded number of requests, each with a timeout.
+"""
+import http.client
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from onnx_helpers import random_prompt, text
+from pyshrink.runtime import Limits, OnnxLM, make_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    lm = OnnxLM(tiny_onnx("llama"))
+    srv = make_server(lm, "127.0.0.1", 0, limits=Limits(max_body_bytes=4096, max_prompt_tokens=40, max_tokens=32,
+                                                          max_concurrency=3))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield lm, srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def _request(port, method, path, body=None, raw: bytes | None = None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    return r.status, payload
+
+
+def _post(port, body):
+    status, payload = _request(port, "POST", "/v1/completions", body)
+    return status, json.loads(payload)
+
+
+def test_health(server):
+    lm, port = server
+    status, payload = _request(port, "GET", "/health")
+    assert status == 200 and json.loads(payload) == {"status": "ok", "model": lm.name}
+
+
+def test_concurrent_requests_match_single_request_greedy(server):
+    lm, port = server
+    prompts = [text(random_prompt(4 + i, seed=10 + i)) for i in range(6)]
+    expected = [lm.generate(p, max_new_tokens=10).text for p in prompts]  # one at a time
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda p: _post(port, {"model": lm.name, "prompt": p, "max_tokens": 10,
+                                                       "temperature": 0}), prompts))
+    for (status, body), want in zip(results, expected):
+        assert status == 200, body
+        assert body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == want
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert body["usage"]["completion_tokens"] <= 10
+
+
+def test_seeded_sampling_is_reproducible_over_http(server):
+    _, port = server
+    req = {"prompt": "w5 w9 w13", "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    assert _post(port, req)[1]["choices"][0]["text"] == _post(port, req)[1]["choices"][0]["text"]
+
+
+def test_streaming_gives_the_same_text(server):
+    lm, port = server
+    prompt = text(random_prompt(5, seed=3))
+    status, payload = _request(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8,
+                                                                 "temperature": 0, "stream": True})
+    assert status == 200
+    events = [ln[len("data: "):] for ln in payload.decode().split("\n\n") if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == lm.generate(prompt, 8).text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": "w5", "max_tokens": 33}, 400, "max_tokens"),  # above the server's limit
+    ({"prompt": "w5", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": " ".join(["w5"] * 41)}, 400, "prompt"),  # 41 prompt tokens > 40
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": "w5", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "w5", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "w5", "model": "other"}, 404, "model"),
+    ({"max_tokens": 4}, 400, "prompt"),
+])
+def test_invalid_requests_are_4xx_json(server, body, status, param):
+    _, port = server
+    got, payload = _post(port, body)
+    assert got == status
+    assert payload["error"]["param"] == param and payload["error"]["message"]
+
+
+def test_body_limits_and_routes(server):
+    _, port = server
+    status, payload = _request(port, "POST", "/v1/completions", raw=b"x" * 5000)
+    assert status == 413 and "exceeds" in json.loads(payload)["error"]["message"]
+    status, payload = _request(port, "POST", "/v1/completions", raw=b"{not json")
+    assert status == 400 and "JSON" in json.loads(payload)["error"]["message"]
+    assert _request(port, "GET", "/nope")[0] == 404
+    assert _request(port, "POST", "/v1/chat/nope", {"prompt": "w5"})[0] == 404
+    # the server still answers after the errors
+    assert _post(port, {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0})[0] == 200
