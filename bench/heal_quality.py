@@ -95,7 +95,7 @@ def main(argv=None):
     if args.contract == "own":
         contract_fn, a_kw, b_kw = own_contract, {}, {}
     else:
-        from pyshrink.heal.schedule import contract_with_layers as contract_fn  # pyshrink.contract, layers pinnable
+        from pyshrink.contract import contract as contract_fn  # takes layers=, so slices are pinned
         # contract's own before/after report is not used here: one window keeps it cheap
         a_kw = dict(calibration_tokens=args.calibration_tokens, eval_tokens=512, progress=False)
         b_kw = dict(calibration_tokens=args.b_calibration_tokens, eval_tokens=512, progress=False)

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ..errors import InvalidSetting
+
 HELP = (
     "Contract a model: physically remove the least useful MLP neurons (and, optionally, attention heads and "
     "unused vocabulary) in the layers where that costs least, save it, and print what it saved and what it cost."
@@ -14,10 +16,38 @@ HELP = (
     "Without --calibration it runs data-free: a decoder calibrates on text it samples itself (seeded), and quality "
     "is measured on built-in held-out text. With --calibration, statistics come from your domain text and quality "
     "is measured on --eval (or on the held-out last 10% of the calibration text)."
+    "\n\n"
+    "--heal-tokens N then heals the contracted model by distillation from SOURCE on N tokens of the calibration "
+    "text (never on the evaluation text), so 'perplexity final' is after healing. --steps K (K >= 2) contracts "
+    "in K slices instead, healing after each (N/K tokens per slice), to the same final size; its perplexities "
+    "are measured on the heals' held-out tail of the calibration text."
     "\n\n\b\nExamples:\n"
     "  pyshrink contract smollm2-135m -o out/smollm2-contracted\n"
-    "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --prune-vocab --json"
+    "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --prune-vocab --json\n"
+    "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --heal-tokens 100000\n"
+    "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --heal-tokens 100000 --steps 2\n"
+    "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --layers 10,11,12,13"
 )
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"3,4,5"`` -> ``[3, 4, 5]`` (range and uniqueness are checked by the API, against the model)."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",")]
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise InvalidSetting(f"--layers takes comma-separated block indices, e.g. 3,4,5; got {text!r}")
+    return [int(p) for p in parts]
+
+
+def check_schedule(steps: int, heal_tokens: int | None, calibration) -> None:
+    """--steps K needs --heal-tokens and --calibration (every slice is healed on the calibration text)."""
+    if steps < 1:
+        raise InvalidSetting(f"--steps must be 1 (one shot) or more (slices), got {steps}")
+    if steps >= 2 and not heal_tokens:
+        raise InvalidSetting(f"--steps {steps} heals after every slice, so it needs --heal-tokens N (N/{steps} per slice)")
+    if steps >= 2 and not calibration:
+        raise InvalidSetting(f"--steps {steps} heals after every slice on the calibration text: pass --calibration FILE")
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +56,8 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Argument(..., help="Model folder, .gguf file, hub id, or embedded name (smollm2-135m)."),
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
         contraction_ratio: float = typer.Option(0.5, "--contraction-ratio", help="Fraction of each contracted layer's MLP neurons to remove (0.1-0.9)."),
-        num_layers_to_contract: int = typer.Option(8, "--num-layers-to-contract", help="How many layers to contract (1..depth); the cheapest ones are chosen."),
+        num_layers_to_contract: Optional[int] = typer.Option(None, "--num-layers-to-contract", show_default=False, help="How many layers to contract (1..depth); the cheapest ones are chosen (default 8)."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="Contract exactly these blocks (comma-separated indices, 0-based, e.g. 3,4,5) instead of the cheapest; excludes --num-layers-to-contract."),
         calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Domain text file(s) to calibrate on (repeatable). Omit for data-free."),
         eval_text: Optional[List[Path]] = typer.Option(None, "--eval", help="Text file(s) to measure quality on."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="Also remove attention heads (grouped-query aware)."),
@@ -34,23 +65,41 @@ def register(app: typer.Typer) -> None:
         threshold: Optional[float] = typer.Option(None, "--threshold", help="Contextual mode: remove neurons whose mean |activation| is below this (e.g. 1e-3)."),
         calibration_tokens: int = typer.Option(32768, "--calibration-tokens", help="Use at most this many calibration tokens."),
         eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Measure quality on at most this many tokens."),
-        seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling."),
+        heal_tokens: Optional[int] = typer.Option(None, "--heal-tokens", help="After contracting, heal by distillation from SOURCE on this many tokens of the calibration text (needs --calibration)."),
+        steps: int = typer.Option(1, "--steps", help="Contract in K slices with a heal after each (prune, heal, measure, repeat); K >= 2 needs --heal-tokens and --calibration. 1: one shot."),
+        seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling and the healing data order."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     ):
         from ..contract import contract
-        from ..contract.summary import render
+        from ..contract.summary import render, render_schedule
 
         if out.exists() and not overwrite:
             raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
-        result = contract(
-            source, contraction_ratio=contraction_ratio, num_layers_to_contract=num_layers_to_contract,
-            calibration=[str(p) for p in calibration] if calibration else None,
-            eval_text=[str(p) for p in eval_text] if eval_text else None,
-            prune_heads=prune_heads, prune_vocab=prune_vocab, threshold=threshold,
-            calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, seed=seed,
-            out=out, overwrite=overwrite, progress=True,
-        )
+        pinned = parse_layers(layers)
+        if pinned is not None and num_layers_to_contract is not None:
+            raise InvalidSetting("--layers names the blocks to contract; leave out --num-layers-to-contract")
+        check_schedule(steps, heal_tokens, calibration)
+        cal = [str(p) for p in calibration] if calibration else None
+        settings = dict(eval_text=[str(p) for p in eval_text] if eval_text else None, prune_heads=prune_heads,
+                        prune_vocab=prune_vocab, threshold=threshold, calibration_tokens=calibration_tokens,
+                        eval_tokens=eval_tokens, seed=seed)
+        n_layers = 8 if num_layers_to_contract is None else num_layers_to_contract
+        if steps >= 2:
+            from ..heal import iterative_contract
+
+            result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
+                                        num_layers_to_contract=n_layers, calibration=cal, heal_tokens=heal_tokens,
+                                        layers=pinned, contract_kwargs=settings, seed=seed, out=out,
+                                        overwrite=overwrite, progress=True)
+            if as_json:
+                typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))
+            else:
+                render_schedule(result.summary, out)
+            return
+        result = contract(source, contraction_ratio=contraction_ratio, num_layers_to_contract=n_layers,
+                          calibration=cal, layers=pinned, heal_tokens=heal_tokens, out=out, overwrite=overwrite,
+                          progress=True, **settings)
         if as_json:
             typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))
         else:

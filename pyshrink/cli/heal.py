@@ -1,4 +1,6 @@
-"""``pyshrink heal STUDENT --teacher SOURCE --text FILE -o OUT``: distill a contracted model from its source."""
+"""``pyshrink heal STUDENT --teacher SOURCE --text FILE -o OUT``: distill a contracted model from its source.
+
+(The iterative contract-heal schedule is ``pyshrink contract ... --heal-tokens N --steps K``.)"""
 from __future__ import annotations
 
 import json
@@ -57,39 +59,3 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{result.tokens_seen:,} tokens in {result.seconds:.0f} s "
                    f"({result.train_tokens_per_s or 0:.0f} training tokens/s), stopped: {result.stopped}")
         typer.echo(f"recovery curve: {result.out / 'heal.json'}")
-
-    @app.command("heal-schedule")
-    def schedule_cmd(
-        source: str = typer.Argument(..., help="The model to contract (folder, .gguf, hub id or embedded name)."),
-        out: Path = typer.Option(..., "-o", "--out", help="Folder for the contracted and healed model."),
-        steps: int = typer.Option(2, help="Contraction slices, each followed by a heal."),
-        contraction_ratio: float = typer.Option(0.5, help="Fraction of MLP neurons removed in each chosen block, "
-                                                "in all (the same final size as one-shot contraction)."),
-        num_layers_to_contract: int = typer.Option(8, help="Blocks to contract."),
-        calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Calibration text (also "
-                                                         "healed on unless --heal-text is given)."),
-        heal_text: Optional[List[Path]] = typer.Option(None, "--heal-text", help="Text to heal on."),
-        eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help="Held-out text for the heals."),
-        heal_tokens: int = typer.Option(100_000, help="Healing tokens in all, split evenly over the slices."),
-        lr: float = typer.Option(2e-4, help="Peak learning rate of each heal."),
-        temperature: float = typer.Option(2.0, help="Softening temperature of the distillation term."),
-        alpha: float = typer.Option(0.5, help="Weight of distillation against plain next-token loss (0..1)."),
-        seq_len: int = typer.Option(512, help="Window length in tokens."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
-        as_json: bool = typer.Option(False, "--json", help="Print the per-slice measurements as JSON."),
-    ):
-        """Contract SOURCE in slices with a distillation heal after each (prune, recover, measure, repeat)."""
-        from ..heal import iterative_contract
-
-        result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
-                                    num_layers_to_contract=num_layers_to_contract, calibration=calibration or None,
-                                    heal_text=heal_text or None, eval_text=eval_text or None, heal_tokens=heal_tokens,
-                                    out=out, overwrite=overwrite, lr=lr, temperature=temperature, alpha=alpha,
-                                    seq_len=seq_len, progress=not as_json)
-        if as_json:
-            typer.echo(json.dumps(result.summary, default=str))
-            return
-        for s in result.steps:
-            typer.echo(f"slice {s['slice']}: {s['num_params']:,} params, perplexity {s['ppl_contracted']:.3f} after "
-                       f"contraction -> {s['ppl_healed']:.3f} after {s['tokens']:,} healing tokens")
-        typer.echo(f"{out}: {result.num_params:,} parameters ({result.summary['fewer_params']:.1%} fewer than the source)")

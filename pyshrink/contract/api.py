@@ -3,8 +3,9 @@
 Flow: validate every setting and read every text (before anything heavy), load the model, get calibration
 windows (the user's text, or text the model writes itself), measure the source, observe every block once
 (:mod:`.calibration`), plan each block's contraction (:mod:`.neurons`, :mod:`.heads`), contract the cheapest
-``num_layers_to_contract`` blocks (:mod:`.layer_selection`), optionally drop unused vocabulary
-(:mod:`.vocab`), measure the result. Nothing is written unless ``out`` is given (or ``.save`` is called), and
+``num_layers_to_contract`` blocks (:mod:`.layer_selection`) or the ``layers`` given, optionally heal the result
+by distillation from the source (:func:`pyshrink.heal.heal_in_place`) and drop unused vocabulary (:mod:`.vocab`),
+measure the result. Nothing is written unless ``out`` is given (or ``.save`` is called), and
 then only atomically.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ class ContractionSettings:
     datafree_tokens: int = 8192
     batch_size: int = 4
     seed: int = 0
+    layers: list | None = None  # explicit block indices (None: the measured choice)
+    heal_tokens: int | None = None  # distillation budget after contraction (None or 0: no healing)
 
     def validate(self) -> "ContractionSettings":
         """Check everything that does not need the model; raises :class:`InvalidSetting` naming the range."""
@@ -67,7 +70,49 @@ class ContractionSettings:
             _integer(name, getattr(self, name))
             if getattr(self, name) < 1:
                 raise InvalidSetting(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.layers is not None:
+            self.layers = _layer_list(self.layers)
+        if self.heal_tokens is not None:
+            _integer("heal_tokens", self.heal_tokens)
+            if self.heal_tokens < 0:
+                raise InvalidSetting(f"heal_tokens must be a non-negative integer (0: no healing), got {self.heal_tokens!r}")
         return self
+
+
+def _layer_list(layers) -> list[int]:
+    """``layers`` as a list of unique non-negative ints (the upper bound, the depth, is checked with the model)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise InvalidSetting(f"layers must be a list of block indices, e.g. [3, 4, 5], got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise InvalidSetting("layers must name at least one block index (or be None to choose the blocks by measurement)")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise InvalidSetting(f"layers must hold block indices (integers >= 0), got {i!r} in {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise InvalidSetting(f"layers must not repeat a block index, got {layers!r}")
+    return layers
+
+
+# pyshrink.heal arguments that contract(heal_tokens=...) decides itself, so heal_options may not set them
+_HEAL_FIXED = ("student", "teacher", "text", "tokens", "tokenizer", "eval_text", "out", "resume", "overwrite",
+               "progress", "plot", "callback", "teacher_cache", "data_offset", "teacher_ppl")
+
+
+def _heal_options(options) -> dict:
+    import inspect
+
+    from ..heal import heal
+
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidSetting(f"heal_options must be a dict of pyshrink.heal arguments, got {type(options).__name__}")
+    allowed = [k for k in inspect.signature(heal).parameters if k not in _HEAL_FIXED]
+    bad = sorted(k for k in options if k not in allowed)
+    if bad:
+        raise InvalidSetting(f"heal_options: unknown or fixed argument(s) {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    return dict(options)
 
 
 def _number(name, v):
@@ -116,9 +161,13 @@ def _describe(sources) -> str:
     return ", ".join(names)
 
 
+def _is_pair(source) -> bool:
+    return isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], torch.nn.Module)
+
+
 def _load(source):
     """(model, tokenizer, description, fingerprint); an in-memory pair is copied, never changed."""
-    if isinstance(source, (tuple, list)) and len(source) == 2 and isinstance(source[0], torch.nn.Module):
+    if _is_pair(source):
         return copy.deepcopy(source[0]).eval(), source[1], type(source[0]).__name__, None
     model, tok = models.load_model(source)
     kind, path = models.resolve(source)
@@ -134,7 +183,8 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
              eval_text=None, *, prune_heads: bool = False, prune_vocab: bool = False, threshold: float | None = None,
              head_ratio: float | None = None, criterion: str = "fluctuation", refit: str = "lstsq", seq_len: int = 512,
              calibration_tokens: int = 32768, eval_tokens: int = 16384, datafree_tokens: int = 8192,
-             seed: int = 0, out=None, overwrite: bool = False, progress: bool = True) -> ContractionResult:
+             seed: int = 0, out=None, overwrite: bool = False, progress: bool = True, layers=None,
+             heal_tokens: int | None = None, heal_options: dict | None = None) -> ContractionResult:
     """Contract a model: physically remove the least useful MLP neurons (and optionally attention heads and
     unused vocabulary) in the ``num_layers_to_contract`` blocks where that costs least.
 
@@ -142,7 +192,9 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         source: model folder, ``.gguf`` file, hub id, embedded name (``"smollm2-135m"``), or an in-memory
             ``(model, tokenizer)`` pair (copied, not changed).
         contraction_ratio: fraction of each contracted block's MLP neurons to remove (0.1-0.9).
-        num_layers_to_contract: how many blocks to contract (1..depth).
+        num_layers_to_contract: how many blocks to contract (1..depth); the cheapest by measurement are chosen.
+            Ignored when ``layers`` is given (the count is then ``len(layers)``; the default 8 cannot be told
+            apart from an explicit 8, so a mismatch is not an error here; the CLI refuses both together).
         calibration: text file(s) or string(s) from your domain. None: data-free (decoders calibrate on text
             they sample themselves, seeded; encoders on built-in text).
         eval_text: text to measure quality on. None: the held-out last 10% of ``calibration``, or built-in
@@ -155,6 +207,16 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         criterion / refit: neuron ranking (``fluctuation``, ``obs``, ``magnitude``) and compensation
             (``lstsq``: least-squares refit of the down projection and its bias; ``mean``: FLAP's bias
             compensation only; ``none``); the defaults are the best measured.
+        layers: explicit block indices to contract (unique ints in ``0..depth-1``) instead of the measured choice.
+        heal_tokens: after contraction, heal the model in place by distillation from the source for this many
+            tokens of the calibration text (:func:`pyshrink.heal.heal_in_place`; needs ``calibration``, decoders
+            only). The heal trains on the calibration part only and keeps the best checkpoint by perplexity on its
+            own held-out tail of it, so ``ppl_final`` (measured after healing, on the evaluation text) is on text
+            the heal never saw. With ``prune_vocab`` the vocabulary is dropped after healing (distillation compares
+            full-vocabulary distributions). The summary's ``heal`` entry has the tokens seen, the perplexity before
+            and after healing and the time. None or 0: no healing.
+        heal_options: further :func:`pyshrink.heal` arguments for that heal (``lr``, ``alpha``, ``temperature``,
+            ``batch_size``, ``until_ppl``, ``max_seconds``, ...); ``seq_len`` and ``seed`` default to contraction's.
         out: if given, save the result there (atomically; ``overwrite`` to replace).
 
     Returns:
@@ -163,7 +225,15 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     t_start = time.perf_counter()
     st = ContractionSettings(contraction_ratio, num_layers_to_contract, threshold, prune_heads, head_ratio,
                              prune_vocab, criterion, refit, seq_len, calibration_tokens, eval_tokens,
-                             datafree_tokens, 4, seed).validate()
+                             datafree_tokens, 4, seed, layers, heal_tokens).validate()
+    layers, heal_opts = st.layers, _heal_options(heal_options)
+    if layers is not None:
+        st.num_layers_to_contract = len(layers)  # recorded as what was done (the argument is ignored)
+    if heal_opts and not heal_tokens:
+        raise InvalidSetting("heal_options configure the heal, which runs only with heal_tokens=N (N > 0)")
+    if heal_tokens and calibration is None:
+        raise InvalidSetting("heal_tokens needs text to heal on: pass calibration text (calibration=... / "
+                             "--calibration FILE); the heal distills the source into the contracted model on it")
     cal_text = data.read_texts(calibration) if calibration is not None else None
     eval_str = data.read_texts(eval_text) if eval_text is not None else None
     if prune_vocab and cal_text is None:
@@ -177,7 +247,18 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     model, tok, source_name, fp = _load(source)
     adapter = adapter_for(model)
     depth = adapter.depth(model)
-    check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
+    if layers is None:
+        check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
+    elif max(layers) >= depth:
+        raise InvalidSetting(f"layers must be block indices in 0..{depth - 1} (the model has {depth} blocks), "
+                             f"got {layers!r}")
+    if heal_tokens and adapter.kind != "decoder":
+        raise InvalidSetting(f"heal_tokens: healing trains next-token prediction, so it needs a decoder; "
+                             f"{adapter.name} is an encoder")
+    # the heal's teacher is the source as it was: an in-memory source is already a copy, a loaded one is not
+    teacher = None
+    if heal_tokens:
+        teacher = (source[0], source[1]) if _is_pair(source) else (copy.deepcopy(model), tok)
     torch.manual_seed(seed)
 
     # ---- data ------------------------------------------------------------------------------------------
@@ -225,6 +306,11 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     h_ratio = head_ratio if head_ratio is not None else contraction_ratio
 
     def consume(i, block, obs):
+        if layers is not None and i not in layers:  # pinned blocks: nothing to plan here
+            obs.mlp.gram = None
+            if obs.attn is not None:
+                obs.attn.gram = None
+            return None
         if threshold is not None:
             remove = (obs.mlp.mean_abs < threshold).nonzero().squeeze(1)
             remove = remove[obs.mlp.mean_abs[remove].argsort()][: int(RATIO_RANGE[1] * len(obs.mlp.mean_abs))]
@@ -241,8 +327,11 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
 
     t_c = time.perf_counter()
     candidates = stats_pass.observe_blocks(model, adapter, batches, consume, heads=prune_heads, progress=progress)
-    chosen = layer_selection.choose(candidates, num_layers_to_contract, per_removed=threshold is not None)
-    layers = []
+    if layers is None:
+        chosen = layer_selection.choose(candidates, num_layers_to_contract, per_removed=threshold is not None)
+    else:
+        chosen = [c for c in candidates if c is not None]  # block order, as choose() returns them
+    rows = []
     for c in chosen:
         blk = adapter.blocks(model)[c.index]
         row = {"layer": c.index, "width_before": adapter.mlp_width(blk)}
@@ -257,17 +346,43 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             row["heads_after"], row["kv_heads_after"] = adapter.head_counts(blk, model.config)
             row["head_shape"] = c.heads.shape if c.heads is not None else None
         row["relative_error"] = c.cost
-        layers.append(row)
+        rows.append(row)
+    contraction_time = time.perf_counter() - t_c
+
+    # ---- heal (before vocabulary pruning: distillation compares full-vocabulary distributions) -------------
+    heal_info = None
+    if heal_tokens:
+        from ..heal import heal_in_place
+
+        t_eval = time.perf_counter()
+        q_before_heal = quality.measure(model)
+        eval_time += time.perf_counter() - t_eval
+        t_h = time.perf_counter()
+        # cal_ids excludes the held-out evaluation text, so ppl_final is measured on text the heal never saw
+        h = heal_in_place(model, tok, teacher=teacher, text=cal_ids, tokens=heal_tokens, progress=progress,
+                          **{"seq_len": L, "seed": seed, **heal_opts})
+        heal_info = {"tokens": heal_tokens, "tokens_seen": h["tokens_seen"], "stopped": h["stopped"],
+                     "ppl_before": q_before_heal, "ppl_after": None, "seconds": time.perf_counter() - t_h,
+                     "text": f"calibration text ({cal_desc}), without the evaluation text",
+                     "held_out": {k: h[k] for k in ("ppl_initial", "ppl_best", "ppl_teacher", "until_ppl",
+                                                    "best_tokens")},
+                     "curve": h["curve"], "options": heal_opts}
+        if prune_vocab:
+            t_eval = time.perf_counter()
+            heal_info["ppl_after"] = quality.measure(model)
+            eval_time += time.perf_counter() - t_eval
+
     vocab_info = None
     if prune_vocab:
         used = torch.cat([cal_ids, held]).unique()
         vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config))
-    contraction_time = time.perf_counter() - t_c
 
     # ---- result ------------------------------------------------------------------------------------------
     t_eval = time.perf_counter()
     q_final = quality.measure(model)
     eval_time += time.perf_counter() - t_eval
+    if heal_info is not None and heal_info["ppl_after"] is None:
+        heal_info["ppl_after"] = q_final
     params_after = models.num_params(model)
     summary = {
         "source": source_name,
@@ -281,8 +396,10 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         "params_before": params_before,
         "params_after": params_after,
         "reduction_pct": 100.0 * (params_before - params_after) / params_before,
-        "layers": layers,
+        "layers": rows,
+        "layers_chosen": "given" if layers is not None else "measured",
         "vocab": vocab_info,
+        "heal": heal_info,
         "contraction_time_s": contraction_time,
         "evaluation_time_s": eval_time,
     }

@@ -9,8 +9,8 @@ neuron importance on a model that has already adapted to the earlier removals.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +28,22 @@ class ScheduleResult:
     num_params: int = 0
     source_params: int = 0
     heal_tokens: int = 0
+    source: str | None = None
+    seconds: float = 0.0
 
     @property
     def summary(self) -> dict:
-        return {"num_params": self.num_params, "source_params": self.source_params,
+        """Sizes, per-slice measurements, and the source's and the final perplexity on the heals' held-out windows
+        (the tail of the heal text, never trained on; each heal keeps its best checkpoint by them)."""
+        last = self.steps[-1] if self.steps else {}
+        ppl_source, ppl_final = last.get("ppl_teacher"), last.get("ppl_healed")
+        return {"source": self.source, "num_params": self.num_params, "source_params": self.source_params,
                 "fewer_params": 1 - self.num_params / self.source_params if self.source_params else None,
-                "heal_tokens": self.heal_tokens, "steps": self.steps}
+                "heal_tokens": self.heal_tokens, "tokens_seen": sum(s["tokens"] for s in self.steps),
+                "ppl_source": ppl_source, "ppl_final": ppl_final,
+                "ppl_ratio": ppl_final / ppl_source if ppl_source and ppl_final is not None else None,
+                "evaluation": "held-out tail of the heal text (the heals' own windows)",
+                "seconds": round(self.seconds, 2), "steps": self.steps}
 
 
 def slice_ratios(contraction_ratio: float, steps: int) -> list[float]:
@@ -59,48 +69,26 @@ def _contracted_layers(result) -> list[int] | None:
     return None if rows is None else [r["layer"] for r in rows]
 
 
-@contextlib.contextmanager
-def _pinned_selection(layers):
-    """Make pyshrink.contract contract exactly ``layers`` (its API has no ``layers=`` argument yet).
-
-    Stopgap: swaps :func:`pyshrink.contract.layer_selection.choose` for the duration of one call. Once
-    ``contract`` accepts ``layers=``, :func:`iterative_contract` passes it instead and this is unused.
-    """
-    from ..contract import layer_selection
-
-    original = layer_selection.choose
-    wanted = set(layers)
-
-    def choose(candidates, n, **kwargs):
-        return sorted((c for c in candidates if c.index in wanted), key=lambda c: c.index)
-
-    layer_selection.choose = choose
-    try:
-        yield
-    finally:
-        layer_selection.choose = original
-
-
-def contract_with_layers(source, *, layers=None, **kwargs):
+def _default_contract():
+    """pyshrink.contract, imported late (pyshrink.contract imports pyshrink.heal for ``heal_tokens``)."""
     from ..contract import contract
 
-    if layers is None or _accepts(contract, "layers"):
-        return contract(source, **({} if layers is None else {"layers": layers}), **kwargs)
-    with _pinned_selection(layers):
-        return contract(source, **kwargs)
+    return contract
 
 
 def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5, num_layers_to_contract: int = 8,
                        calibration=None, heal_tokens: int = 100_000, heal_text=None, eval_text=None,
-                       teacher=None, out=None, overwrite: bool = False, contract_fn: Callable | None = None,
-                       contract_kwargs: dict | None = None, progress: bool = True, **heal_kwargs) -> ScheduleResult:
+                       teacher=None, layers=None, out=None, overwrite: bool = False,
+                       contract_fn: Callable | None = None, contract_kwargs: dict | None = None, progress: bool = True,
+                       **heal_kwargs) -> ScheduleResult:
     """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
 
     ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
     must return an object with ``.model`` and ``.tokenizer`` (default: :func:`pyshrink.contract`). Every slice must
     narrow the *same* blocks for the final size to equal one-shot contraction's: the blocks the first slice
-    chose (its ``summary["layers"]``) are passed to later slices as ``layers=`` when ``contract_fn`` accepts that
-    argument; otherwise each slice chooses again, and a warning says so if it chose other blocks. Healing uses
+    chose (its ``summary["layers"]``), or ``layers`` when given, are passed to every later slice as ``layers=``
+    when ``contract_fn`` accepts that argument; otherwise each slice chooses again, and a warning says so if it
+    chose other blocks. Healing uses
     ``heal_text`` (default: the calibration text), ``heal_tokens // steps`` tokens per slice, and ``heal_kwargs``
     (lr, alpha, temperature, teacher_topk, ...; ``max_seconds`` applies to each slice). Slice ``k`` continues the
     window order where slice ``k - 1`` stopped, so all slices together see the windows one heal of
@@ -116,8 +104,12 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     text = heal_text if heal_text is not None else calibration
     if text is None:
         raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
-    contract_fn = contract_fn or contract_with_layers
     contract_kwargs = dict(contract_kwargs or {})
+    if contract_fn is None:
+        contract_fn = _default_contract()
+        _check_slices(contraction_ratio, steps, contract_kwargs)
+    if layers is not None and not _accepts(contract_fn, "layers"):
+        raise InvalidSetting("layers= needs a contraction function that takes a layers= argument")
     out = None if out is None else Path(out).expanduser().resolve()
     if out is not None and out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -129,11 +121,15 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if heal_kwargs.get("teacher_topk") and heal_kwargs.get("teacher_cache") is None:
         from .teacher import TeacherCache
         heal_kwargs["teacher_cache"] = TeacherCache(heal_kwargs["teacher_topk"])  # one teacher: share its targets
-    seq_len = heal_kwargs.get("seq_len", 512)
+    if "seq_len" not in heal_kwargs:  # heal on contraction's windows, which fit the model's positions
+        from ..contract.api import _max_len
+        heal_kwargs["seq_len"] = min(contract_kwargs.get("seq_len", 512), _max_len(t_model.config))
+    seq_len = heal_kwargs["seq_len"]
     offset = heal_kwargs.pop("data_offset", 0)
     current = source
     per_slice = heal_tokens // steps
-    pinned = None
+    pinned = None if layers is None else list(layers)
+    t_start = time.perf_counter()
     for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
         kw = dict(contract_kwargs)
         if pinned is not None and _accepts(contract_fn, "layers"):
@@ -142,11 +138,11 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
             kw["progress"] = progress
         contracted = contract_fn(current, contraction_ratio=ratio, num_layers_to_contract=num_layers_to_contract,
                                  calibration=calibration, **kw)
-        layers = _contracted_layers(contracted)
+        done = _contracted_layers(contracted)
         if pinned is None:
-            pinned = layers
-        elif layers is not None and sorted(layers) != sorted(pinned):
-            warnings.warn(f"slice {k} contracted blocks {layers}, not the blocks {pinned} of slice 1 (the contraction "
+            pinned = done
+        elif done is not None and sorted(done) != sorted(pinned):
+            warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {pinned} of slice 1 (the contraction "
                           "function takes no layers= argument), so the final size differs from one-shot contraction",
                           RuntimeWarning, stacklevel=2)
         healed = heal((contracted.model, contracted.tokenizer), teacher, text,
@@ -154,14 +150,36 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                       progress=progress, data_offset=offset, **heal_kwargs)
         offset += healed.tokens_seen // seq_len  # the next slice continues the same data order
         heal_kwargs["teacher_ppl"] = healed.ppl_teacher  # same teacher, same held-out windows
-        result.steps.append({"slice": k, "ratio": ratio, "layers": layers, "num_params": models.num_params(healed.model),
+        result.steps.append({"slice": k, "ratio": ratio, "layers": done, "num_params": models.num_params(healed.model),
                              "ppl_contracted": healed.ppl_initial, "ppl_healed": healed.ppl_best,
                              "ppl_teacher": healed.ppl_teacher, "tokens": healed.tokens_seen,
                              "stopped": healed.stopped, "seconds": healed.seconds})
         current = (healed.model, healed.tokenizer)
     result.model, result.tokenizer = current
     result.num_params = models.num_params(result.model)
+    result.source = str(source) if isinstance(source, (str, Path)) else type(t_model).__name__
+    result.seconds = time.perf_counter() - t_start
     if out is not None:
         models.save(result.model, result.tokenizer, out, overwrite=overwrite,
                     metadata={"schedule": result.summary, "source": str(source)})
     return result
+
+
+def _check_slices(contraction_ratio: float, steps: int, contract_kwargs: dict) -> None:
+    """Refuse, before any work, settings pyshrink.contract cannot run slice by slice."""
+    from ..contract.api import RATIO_RANGE
+
+    for name, why in (("threshold", "threshold mode removes neurons by activation, not by a ratio that can be "
+                                    "sliced"),
+                      ("prune_vocab", "a slice with vocabulary pruning leaves the student a vocabulary unlike the "
+                                      "source's, and the next heal compares them token by token; one-shot "
+                                      "contraction with heal_tokens (steps=1) heals first and then drops the "
+                                      "vocabulary"),
+                      ("heal_tokens", "the schedule heals after every slice itself")):
+        if contract_kwargs.get(name):
+            raise InvalidSetting(f"the iterative schedule cannot take {name}: {why}")
+    ratios = slice_ratios(contraction_ratio, steps)
+    if steps > 1 and min(ratios) < RATIO_RANGE[0]:
+        raise InvalidSetting(f"{steps} steps of contraction_ratio {contraction_ratio} make slices that remove "
+                             f"{min(ratios):.3f} of a block's width, below contraction's minimum {RATIO_RANGE[0]}: "
+                             "use fewer steps or a larger ratio")

@@ -19,7 +19,8 @@ def test_help_lists_the_options(capsys):
     assert main(["contract", "--help"]) == 0
     text = capsys.readouterr().out
     for opt in ("--contraction-ratio", "--num-layers-to-contract", "--calibration", "--eval", "--prune-heads",
-                "--prune-vocab", "--threshold", "--json", "--overwrite", "0.1-0.9"):
+                "--prune-vocab", "--threshold", "--json", "--overwrite", "0.1-0.9", "--heal-tokens", "--steps",
+                "--layers", "3,4,5"):
         assert opt in text
 
 
@@ -50,9 +51,21 @@ def test_table_summary(tiny_folder, domain, tmp_path, capsys):
     (["--contraction-ratio", "0.95"], "0.1-0.9"),
     (["--num-layers-to-contract", "9"], "1..3"),
     (["--calibration", "/nonexistent/domain.txt"], "does not exist"),
+    (["--heal-tokens", "1000"], "heal_tokens needs text to heal on: pass calibration"),
+    (["--heal-tokens", "-1", "--calibration", "{domain}"], "non-negative"),
+    (["--steps", "2", "--calibration", "{domain}"], "--steps 2 heals after every slice, so it needs --heal-tokens"),
+    (["--steps", "2", "--heal-tokens", "1000"], "pass --calibration FILE"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "2", "--heal-tokens", "1000", "--calibration", "{domain}", "--prune-vocab"], "cannot take prune_vocab"),
+    (["--steps", "8", "--heal-tokens", "1000", "--calibration", "{domain}"], "use fewer steps"),
+    (["--layers", "0,0"], "must not repeat"),
+    (["--layers", "1,x"], "comma-separated block indices"),
+    (["--layers", "3"], r"0..2 (the model has 3 blocks)"),
+    (["--layers", "0,1", "--num-layers-to-contract", "2"], "leave out --num-layers-to-contract"),
 ])
-def test_user_errors_exit_2_and_write_nothing(tiny_folder, tmp_path, capsys, args, message):
+def test_user_errors_exit_2_and_write_nothing(tiny_folder, domain, tmp_path, capsys, args, message):
     out = tmp_path / "out"
+    args = [a.replace("{domain}", str(domain)) for a in args]
     assert main(["contract", str(tiny_folder("gpt2")), "-o", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -59,3 +59,50 @@ def test_a_contracted_folder_heals_and_its_checkpoints_load_back(trained_teacher
         assert models.num_params(healed) == models.num_params(c.model)
     meta = json.loads((tmp_path / "out" / "checkpoint-best" / "pyshrink.json").read_text())
     assert meta["transforms"] and meta["heal"]["step"] >= 0 and meta["healed_from"]["teacher"].endswith("teacher")
+
+
+# ---- pyshrink contract --heal-tokens / --steps ----------------------------------------------------------------
+@pytest.fixture()
+def source_folder(trained_teacher, tokenizer, texts, tmp_path):
+    models.save(trained_teacher, tokenizer, tmp_path / "source")
+    (tmp_path / "train.txt").write_text(texts["train"])
+    (tmp_path / "eval.txt").write_text(texts["eval"])
+    return tmp_path
+
+
+def _contract(folder, *extra):
+    return main(["contract", str(folder / "source"), "-o", str(folder / "out"), "--calibration",
+                 str(folder / "train.txt"), "--eval", str(folder / "eval.txt"), "--calibration-tokens", "1024",
+                 "--eval-tokens", "512", *extra])
+
+
+def test_contract_heal_tokens_reports_the_heal(source_folder, capsys):
+    assert _contract(source_folder, "--contraction-ratio", "0.75", "--num-layers-to-contract", "3",
+                     "--heal-tokens", "2048", "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    h = s["heal"]
+    assert h["tokens"] == 2048 and 0 < h["tokens_seen"] <= 2048 and h["seconds"] > 0
+    assert s["ppl_final"] == h["ppl_after"] and h["ppl_before"] > s["ppl_source"]
+    saved = models.load_model(source_folder / "out", with_tokenizer=False)
+    assert models.num_params(saved) == s["params_after"]
+    assert json.loads((source_folder / "out" / "pyshrink.json").read_text())["contraction"]["heal"]["tokens"] == 2048
+
+
+def test_contract_steps_runs_the_iterative_schedule(source_folder, capsys):
+    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    assert [st["slice"] for st in s["steps"]] == [1, 2]
+    assert [st["layers"] for st in s["steps"]] == [[0, 2], [0, 2]]
+    assert s["tokens_seen"] == sum(st["tokens"] for st in s["steps"]) <= 2048
+    assert s["ppl_final"] == s["steps"][-1]["ppl_healed"] and s["ppl_source"] == s["steps"][-1]["ppl_teacher"]
+    saved = models.load_model(source_folder / "out", with_tokenizer=False)
+    from pyshrink.arch import adapter_for
+    ad = adapter_for(saved)
+    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]  # half of 96 in blocks 0 and 2, in 2 slices
+    assert models.num_params(saved) == s["num_params"] < s["source_params"]
+
+
+def test_contract_steps_table(source_folder, capsys):
+    assert _contract(source_folder, "--num-layers-to-contract", "1", "--heal-tokens", "1024", "--steps", "2") == 0
+    text = capsys.readouterr().out
+    assert "slice 1" in text and "slice 2" in text and "perplexity final" in text and "reduction" in text
