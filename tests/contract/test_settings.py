@@ -81,3 +81,9 @@ def test_source_is_untouched(tiny_folder, tmp_path):
     _contract(src, tmp_path / "out", prune_heads=True, prune_vocab=True)
     assert fingerprint(src) == before
     assert (tmp_path / "out" / "pyshrink.json").is_file()
+
+
+def test_heal_tokens_needs_a_decoder(tiny_folder, tmp_path):
+    with pytest.raises(InvalidSetting, match="healing trains next-token prediction, so it needs a decoder"):
+        _contract(tiny_folder("bert"), tmp_path / "out", heal_tokens=256)
+    assert not (tmp_path / "out").exists()

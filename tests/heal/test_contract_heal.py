@@ -12,6 +12,7 @@ import torch
 from heal_helpers import SEQ
 from pyshrink import data
 from pyshrink.contract import contract
+from pyshrink.contract.summary import rows
 from pyshrink.errors import InvalidSetting
 
 SETTINGS = dict(contraction_ratio=0.75, num_layers_to_contract=3, seq_len=SEQ, calibration_tokens=1024,
@@ -40,6 +41,8 @@ def test_heal_tokens_lowers_the_held_out_loss_of_the_same_contraction(trained_te
     assert h["ppl_before"] == pytest.approx(plain.summary["ppl_final"], rel=1e-6)
     assert healed.summary["ppl_final"] == h["ppl_after"] < 0.85 * h["ppl_before"]
     assert healed.summary["ppl_ratio"] == pytest.approx(healed.summary["ppl_final"] / healed.summary["ppl_source"])
+    assert dict(rows(healed.summary))["healing"].startswith("4,096 of 4,096 tokens in ")
+    assert "healing" not in dict(rows(plain.summary))
 
     loss_plain = held_out_loss(plain.model, tokenizer, texts["eval"])
     loss_healed = held_out_loss(healed.model, tokenizer, texts["eval"])
