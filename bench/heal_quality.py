@@ -8,11 +8,14 @@ measure to keep their best checkpoint and to stop early, and ``--test-windows`` 
 script measures: every perplexity reported below is on those, which no stage ever saw.
 
 Part A: the source contracted at pyshrink's defaults (with calibration) is healed by distillation for at most
-``--minutes`` (stopping once the tracked perplexity reaches the source's), then the same contracted model is
-fine-tuned with next-token loss alone on the same token budget. Part B (``--part b``): a model with ~25% fewer
-parameters made by one-shot contraction + one heal, against the iterative schedule (``--steps`` slices, a heal
-after each) with the same final size and the same healing tokens. Results go to ``OUT/heal_quality.json``
-and ``OUT/heal_quality.png``.
+``--minutes`` (stopping once the tracked perplexity reaches the source's, unless ``--until-ppl 0``), then the
+same contracted model is fine-tuned with next-token loss alone on the same token budget. Part B (``--part b``):
+a model with ~25% fewer parameters made by one-shot contraction + one heal, against iterative schedules
+(``--b-variant``: slices, heal-budget split, block pinning) with the same final size and the same healing
+tokens (the slices' heals together visit exactly the windows the one-shot heal visits). ``--ood-windows``
+windows of another domain (CPython's pydoc topics) are measured too: healing on WikiText partly adapts the
+model to WikiText's format, which the WikiText test windows reward and the other domain does not. Results go
+to ``OUT/heal_quality.json`` and ``OUT/heal_quality.png``.
 """
 from __future__ import annotations
 
@@ -67,13 +70,24 @@ def main(argv=None):
     ap.add_argument("--b-tokens", type=int, default=12_288, help="healing tokens of each part-B model")
     ap.add_argument("--b-ratio", type=float, default=0.53)
     ap.add_argument("--b-layers", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="slices of the iterative arm when no --b-variant is given")
+    ap.add_argument("--b-variant", action="append", default=None, metavar="SPEC",
+                    help="an iterative arm of part B (repeatable): comma-separated key=value, keys steps (K), "
+                    "split (K colon-separated heal-budget weights, 0 = no heal after that slice; default equal), "
+                    "pin (one-shot: every slice narrows the blocks one-shot contraction chose; first: the blocks "
+                    "slice 1 chooses, the library's default). Example: steps=2,split=1:3,pin=one-shot")
+    ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
+                    "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "
                     "holds out 10%% of it for its own report)")
     ap.add_argument("--calibration-tokens", type=int, default=32_768, help="contract's calibration_tokens "
                     "(its default); part B uses --b-calibration-tokens")
     ap.add_argument("--b-calibration-tokens", type=int, default=8192)
     ap.add_argument("--track-windows", type=int, default=4)
+    ap.add_argument("--ood-windows", type=int, default=4, help="windows of another domain (CPython's pydoc topics, "
+                    "never trained on) also measured for every model: what healing on WikiText does elsewhere")
+    ap.add_argument("--until-ppl", type=float, default=None, help="part A distillation's early stop on the tracked "
+                    "windows (default: the source's perplexity there; 0: no early stop)")
     ap.add_argument("--test-windows", type=int, default=12)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--alpha", type=float, default=0.5)
@@ -82,6 +96,7 @@ def main(argv=None):
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=4096)
     ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0, help="order in which every heal visits the healing windows")
     ap.add_argument("--threads", default="auto", help="torch threads; auto = 1 when the machine is busier than "
                     "its cores (oversubscribed OpenMP threads are far slower), else all cores")
     args = ap.parse_args(argv)
@@ -114,26 +129,36 @@ def main(argv=None):
     print(f"tokens: {ids.numel():,} = heal {heal_ids.numel():,} (first {args.calib_tokens:,} also calibrate) + "
           f"tracked {n_track:,} + test {n_test:,}", flush=True)
 
+    ood = None
+    if args.ood_windows:
+        ood = data.tokenize(tok, data.builtin_text("pydoc"))[:args.ood_windows * w]
+
     def ppl(model):
         return perplexity(model, ids=test, seq_len=w, progress=False)
+
+    def ppl_ood(model):
+        return None if ood is None else perplexity(model, ids=ood, seq_len=w, progress=False)
 
     results = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "environment": env,
                "settings": vars(args)}
     t0 = time.perf_counter()
-    results["source"] = {"params": models.num_params(teacher), "ppl": ppl(teacher)}
+    results["source"] = {"params": models.num_params(teacher), "ppl": ppl(teacher), "ppl_ood": ppl_ood(teacher)}
     print(f"source: {results['source']}", flush=True)
     cache = TeacherCache(args.topk) if args.topk else None
-    common = dict(lr=args.lr, temperature=args.temperature, trainable=args.trainable, grad_accum=args.grad_accum,
-                  eval_text=track, eval_tokens=n_track, eval_every=args.eval_every, teacher_cache=cache,
-                  progress=False)
+    common = dict(seed=args.seed, lr=args.lr, temperature=args.temperature, trainable=args.trainable,
+                  grad_accum=args.grad_accum, eval_text=track, eval_tokens=n_track, eval_every=args.eval_every,
+                  teacher_cache=cache, progress=False)
 
     def record(name, result, model, **extra):
-        entry = {"params": models.num_params(model), "ppl": ppl(model), "tokens": result.tokens_seen,
+        entry = {"params": models.num_params(model), "ppl": ppl(model), "ppl_ood": ppl_ood(model),
+                 "tokens": result.tokens_seen,
                  "heal_seconds": result.seconds, "train_tokens_per_s": result.train_tokens_per_s,
                  "stopped": result.stopped, "tracked_ppl_initial": result.ppl_initial,
                  "tracked_ppl_best": result.ppl_best, "tracked_ppl_teacher": result.ppl_teacher,
                  "curve": result.curve, **extra}
         entry["ppl_ratio_to_source"] = entry["ppl"] / results["source"]["ppl"]
+        if entry["ppl_ood"] is not None:
+            entry["ppl_ood_ratio_to_source"] = entry["ppl_ood"] / results["source"]["ppl_ood"]
         results[name] = entry
         print(f"{name}: " + json.dumps({k: v for k, v in entry.items() if k != "curve"}, default=str), flush=True)
         (out / "heal_quality.json").write_text(json.dumps(results, indent=2, default=str))
@@ -141,13 +166,13 @@ def main(argv=None):
     if "a" in args.part:
         t = time.perf_counter()
         c = contract_fn(args.source, calibration=calibration, **a_kw)
-        results["contracted"] = {"params": models.num_params(c.model), "ppl": ppl(c.model),
+        results["contracted"] = {"params": models.num_params(c.model), "ppl": ppl(c.model), "ppl_ood": ppl_ood(c.model),
                                  "contract_seconds": round(time.perf_counter() - t, 1),
                                  "layers": [row["layer"] for row in getattr(c, "summary", {}).get("layers", [])]}
         print(f"contracted: {results['contracted']}", flush=True)
         plain_student = copy.deepcopy(c.model)
         r = heal((c.model, tok), (teacher, tok), heal_ids, tokens=args.tokens, max_seconds=60 * args.minutes,
-                 alpha=args.alpha, **common)
+                 alpha=args.alpha, until_ppl=args.until_ppl, **common)
         record("distilled", r, r.model)
         r2 = heal((plain_student, tok), (teacher, tok), heal_ids, tokens=r.tokens_seen, alpha=0.0, until_ppl=0,
                   **common)
@@ -162,22 +187,38 @@ def main(argv=None):
         t = time.perf_counter()
         one = contract_fn(args.source, **kw, **b_kw)
         results["b_one_shot_contracted"] = {
-            "params": models.num_params(one.model), "ppl": ppl(one.model),
+            "params": models.num_params(one.model), "ppl": ppl(one.model), "ppl_ood": ppl_ood(one.model),
             "contract_seconds": round(time.perf_counter() - t, 1),
             "layers": [row["layer"] for row in getattr(one, "summary", {}).get("layers", [])]}
         print(f"b_one_shot_contracted: {results['b_one_shot_contracted']}", flush=True)
-        r = heal((one.model, tok), (teacher, tok), heal_ids, tokens=args.b_tokens, alpha=args.alpha, until_ppl=0,
-                 **common)
-        record("b_one_shot_healed", r, r.model)
-        del one, r
-        t = time.perf_counter()
-        it = iterative_contract(args.source, steps=args.steps, heal_tokens=args.b_tokens, heal_text=heal_ids,
-                                teacher=(teacher, tok), contract_fn=contract_fn, contract_kwargs=b_kw,
-                                alpha=args.alpha, until_ppl=0, **kw, **common)
-        results["b_iterative"] = {"params": it.num_params, "ppl": ppl(it.model), "steps": it.steps,
-                                  "seconds": round(time.perf_counter() - t, 1)}
-        results["b_iterative"]["ppl_ratio_to_source"] = results["b_iterative"]["ppl"] / results["source"]["ppl"]
-        print(f"b_iterative: {json.dumps(results['b_iterative'], default=str)}", flush=True)
+        if not args.b_no_one_shot_heal:
+            r = heal((one.model, tok), (teacher, tok), heal_ids, tokens=args.b_tokens, alpha=args.alpha, until_ppl=0,
+                     **common)
+            record("b_one_shot_healed", r, r.model)
+            del r
+        del one
+        for spec in args.b_variant or [f"steps={args.steps}"]:
+            v = dict(kv.split("=", 1) for kv in spec.split(","))
+            unknown = set(v) - {"steps", "split", "pin"}
+            if unknown:
+                ap.error(f"--b-variant {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
+            steps = int(v.get("steps", args.steps))
+            split = [float(x) for x in v["split"].split(":")] if "split" in v else None
+            pinned = results["b_one_shot_contracted"]["layers"] if v.get("pin", "first") == "one-shot" else None
+            t = time.perf_counter()
+            it = iterative_contract(args.source, steps=steps, heal_tokens=args.b_tokens, heal_text=heal_ids,
+                                    teacher=(teacher, tok), contract_fn=contract_fn, contract_kwargs=b_kw,
+                                    alpha=args.alpha, until_ppl=0, heal_split=split, layers=pinned, **kw, **common)
+            name = "b_iterative_" + spec.replace("=", "").replace(",", "_").replace(":", "-")
+            entry = {"spec": spec, "params": it.num_params, "ppl": ppl(it.model), "ppl_ood": ppl_ood(it.model),
+                     "steps": it.steps, "seconds": round(time.perf_counter() - t, 1)}
+            entry["ppl_ratio_to_source"] = entry["ppl"] / results["source"]["ppl"]
+            if entry["ppl_ood"] is not None:
+                entry["ppl_ood_ratio_to_source"] = entry["ppl_ood"] / results["source"]["ppl_ood"]
+            results[name] = entry
+            print(f"{name}: {json.dumps(entry, default=str)}", flush=True)
+            (out / "heal_quality.json").write_text(json.dumps(results, indent=2, default=str))
+            del it
 
     results["wall_seconds"] = round(time.perf_counter() - t0, 1)
     if cache is not None:

@@ -56,6 +56,26 @@ def slice_ratios(contraction_ratio: float, steps: int) -> list[float]:
     return [1 - (1 - k * r / k_total) / (1 - (k - 1) * r / k_total) for k in range(1, k_total + 1)]
 
 
+def split_budget(heal_tokens: int, steps: int, heal_split=None) -> list[int]:
+    """Healing tokens of each slice: ``heal_tokens`` shared in proportion to ``heal_split`` (default: equally).
+
+    A weight of 0 skips the heal after that slice (the next slice then calibrates on the unhealed model).
+    Rounding leftovers go to the last slice, so the slices always add up to ``heal_tokens``.
+    """
+    if heal_split is None:
+        heal_split = [1] * steps
+    weights = list(heal_split)
+    if len(weights) != steps or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0
+                                    for w in weights):
+        raise InvalidSetting(f"heal_split must hold {steps} non-negative weights (one per slice), got {heal_split!r}")
+    if weights[-1] <= 0:
+        raise InvalidSetting(f"heal_split must give the last slice a positive weight (the final model is the one "
+                             f"that must recover), got {heal_split!r}")
+    total = sum(weights)
+    tokens = [int(heal_tokens * w // total) for w in weights[:-1]]
+    return tokens + [heal_tokens - sum(tokens)]
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -80,7 +100,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                        calibration=None, heal_tokens: int = 100_000, heal_text=None, eval_text=None,
                        teacher=None, layers=None, out=None, overwrite: bool = False,
                        contract_fn: Callable | None = None, contract_kwargs: dict | None = None, progress: bool = True,
-                       **heal_kwargs) -> ScheduleResult:
+                       heal_split=None, **heal_kwargs) -> ScheduleResult:
     """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
 
     ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
@@ -89,7 +109,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     chose (its ``summary["layers"]``), or ``layers`` when given, are passed to every later slice as ``layers=``
     when ``contract_fn`` accepts that argument; otherwise each slice chooses again, and a warning says so if it
     chose other blocks. Healing uses
-    ``heal_text`` (default: the calibration text), ``heal_tokens // steps`` tokens per slice, and ``heal_kwargs``
+    ``heal_text`` (default: the calibration text), ``heal_tokens // steps`` tokens per slice (or shares in
+    proportion to ``heal_split``, K weights, e.g. ``[1, 3]``; 0 skips a slice's heal), and ``heal_kwargs``
     (lr, alpha, temperature, teacher_topk, ...; ``max_seconds`` applies to each slice). Slice ``k`` continues the
     window order where slice ``k - 1`` stopped, so all slices together see the windows one heal of
     ``heal_tokens`` would; with ``teacher_topk`` one teacher cache serves every slice. With ``out``, the final model is saved there (atomically, with the per-slice
@@ -101,6 +122,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     check_range("contraction_ratio", contraction_ratio, 0.0, 0.99)
     if isinstance(heal_tokens, bool) or not isinstance(heal_tokens, int) or heal_tokens < steps:
         raise InvalidSetting(f"heal_tokens must be an integer >= steps ({steps}), got {heal_tokens!r}")
+    split_budget(heal_tokens, steps, heal_split)  # refuse a bad split before any work
     text = heal_text if heal_text is not None else calibration
     if text is None:
         raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
@@ -127,7 +149,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     seq_len = heal_kwargs["seq_len"]
     offset = heal_kwargs.pop("data_offset", 0)
     current = source
-    per_slice = heal_tokens // steps
+    budgets = split_budget(heal_tokens, steps, heal_split)
     pinned = None if layers is None else list(layers)
     t_start = time.perf_counter()
     for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
@@ -145,9 +167,15 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
             warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {pinned} of slice 1 (the contraction "
                           "function takes no layers= argument), so the final size differs from one-shot contraction",
                           RuntimeWarning, stacklevel=2)
-        healed = heal((contracted.model, contracted.tokenizer), teacher, text,
-                      tokens=per_slice + (heal_tokens - per_slice * steps if k == steps else 0), eval_text=eval_text,
-                      progress=progress, data_offset=offset, **heal_kwargs)
+        if budgets[k - 1] == 0:  # no heal after this slice: the next one contracts the unhealed model
+            result.steps.append({"slice": k, "ratio": ratio, "layers": done,
+                                 "num_params": models.num_params(contracted.model), "ppl_contracted": None,
+                                 "ppl_healed": None, "ppl_teacher": heal_kwargs.get("teacher_ppl"), "tokens": 0,
+                                 "stopped": "no heal", "seconds": 0.0})
+            current = (contracted.model, contracted.tokenizer)
+            continue
+        healed = heal((contracted.model, contracted.tokenizer), teacher, text, tokens=budgets[k - 1],
+                      eval_text=eval_text, progress=progress, data_offset=offset, **heal_kwargs)
         offset += healed.tokens_seen // seq_len  # the next slice continues the same data order
         heal_kwargs["teacher_ppl"] = healed.ppl_teacher  # same teacher, same held-out windows
         result.steps.append({"slice": k, "ratio": ratio, "layers": done, "num_params": models.num_params(healed.model),

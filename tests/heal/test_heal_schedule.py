@@ -9,7 +9,7 @@ from pyshrink import models
 from pyshrink.arch import adapter_for
 from pyshrink.errors import InvalidSetting
 from pyshrink.heal import iterative_contract
-from pyshrink.heal.schedule import slice_ratios
+from pyshrink.heal.schedule import slice_ratios, split_budget
 
 HEAL = dict(seq_len=SEQ, batch_size=4, grad_accum=2, eval_tokens=512, lr=3e-3, until_ppl=0)
 
@@ -50,6 +50,30 @@ def test_iterative_schedule_reaches_the_one_shot_size_and_heals_after_each_slice
     assert all(s["ppl_healed"] <= s["ppl_contracted"] for s in r.steps)
     assert r.summary["fewer_params"] > 0
     assert [s["layers"] for s in r.steps] == [[0, 1], [0, 1]]  # slice 2 was told slice 1's blocks
+
+
+def test_split_budget_shares_the_tokens_by_weight_and_refuses_bad_splits():
+    assert split_budget(1000, 2) == [500, 500]
+    assert split_budget(1000, 3, [1, 1, 2]) == [250, 250, 500]
+    assert split_budget(1001, 2, [1, 3]) == [250, 751]  # the rounding leftover goes to the last slice
+    assert split_budget(1000, 2, [0, 1]) == [0, 1000]
+    for bad in ([1], [1, 2, 3], [1, -1], [1, 0], ["a", 1], [True, 1]):
+        with pytest.raises(InvalidSetting, match="heal_split"):
+            split_budget(1000, 2, bad)
+
+
+def test_a_zero_weight_slice_is_not_healed_and_the_last_gets_its_tokens(trained_teacher, tokenizer, texts):
+    calls = []
+    r = iterative_contract((trained_teacher, tokenizer), steps=2, contraction_ratio=0.5, num_layers_to_contract=2,
+                           calibration=texts["train"], heal_tokens=4 * 256, eval_text=texts["eval"],
+                           contract_fn=fake_contract(calls), progress=False, heal_split=[0, 1], **HEAL)
+    assert [s["tokens"] for s in r.steps] == [0, 4 * 256]
+    assert r.steps[0]["stopped"] == "no heal" and r.steps[0]["ppl_healed"] is None
+    assert r.steps[1]["ppl_healed"] <= r.steps[1]["ppl_contracted"]
+    assert [w for _, w in calls] == [[96, 96, 96], [72, 72, 96]]  # slice 2 narrowed the unhealed slice-1 model
+    with pytest.raises(InvalidSetting, match="heal_split"):
+        iterative_contract((trained_teacher, tokenizer), steps=2, calibration=texts["train"], heal_tokens=512,
+                           contract_fn=fake_contract([]), heal_split=[1, 0])
 
 
 def test_without_layer_pinning_a_drifting_choice_is_reported(trained_teacher, tokenizer, texts):
