@@ -4,7 +4,7 @@
 replaces the model's projections in place with :class:`QuantLinear` (4-bit, ONNX Runtime MatMulNBits
 layout, ``linear_q4`` op) or :class:`QuantLinear8` (int8 per output channel, ``linear_q8`` op).
 Methods: ``rtn`` (round to nearest), ``awq`` (activation-aware scales + clipping), ``gptq``
-(error-compensating), ``auto`` (AWQ scales, then per layer the better of the two; ``rtn`` without data).
+(error-compensating), ``auto`` (AWQ scales, then per layer the best of rtn, awq and gptq; ``rtn`` without data).
 Modules: config (settings), linear (the layers), grid (fake quantization), hessian (output error),
 awq, gptq, calib (block statistics and folds), methods (registry), api (the stage).
 """

@@ -86,7 +86,7 @@ def quantize(model, bits: int = 4, group_size: int = 64, symmetric: bool = True,
 
     ``calibration``: text (a string, a file path, a list of them; needs ``tokenizer``) or token ids
     (a 1-D LongTensor or ``[n, seq_len]`` windows). ``method``: "rtn", "awq", "gptq" or "auto" (AWQ scales,
-    then per layer the better of clipped rounding and GPTQ; "rtn" when no calibration is given).
+    then per layer the best of plain rounding, clipped rounding and GPTQ; "rtn" when no calibration is given).
     ``skip``: module names or fnmatch patterns left in floating point (the output head by default).
     Other settings (``head_bits``, ``fast``, ``calib_tokens``, ``seq_len`` ...) are the fields of
     :class:`QuantConfig`, which may also be passed whole as ``config``. See :func:`quantize_model` for the

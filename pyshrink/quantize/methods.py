@@ -83,20 +83,27 @@ class GPTQ(Method):
 
 @register_method
 class Auto(Method):
-    """AWQ scales, then per layer whichever of AWQ's clipped rounding and GPTQ has the lower output
-    error on the calibration data; round-to-nearest when there is no data."""
+    """AWQ scales, then per layer whichever of round-to-nearest, AWQ's clipped rounding and GPTQ has the
+    lowest output error on the calibration data; round-to-nearest when there is no data.
+
+    Round-to-nearest is always a candidate, so no layer ends up with a larger calibration output error
+    than plain rounding of the same (scaled) weights: clipping is chosen per group with only part of
+    ``H`` (its diagonal at 8 bits) and GPTQ can lose to plain rounding on a layer, and the exact error of
+    every candidate is cheap next to producing it.
+    """
 
     name = "auto"
     needs_data = False
     searches_scales = True
+    candidates = ("rtn", "awq", "gptq")
 
     def resolve(self, has_data):
         return self if has_data else METHODS["rtn"]
 
     def quantize(self, w, H, grid, cfg):
         best = None
-        for cand in (METHODS["awq"], METHODS["gptq"]):
-            buffers, deq, label = cand.quantize(w, H, grid, cfg)
+        for name in self.candidates:
+            buffers, deq, label = METHODS[name].quantize(w, H, grid, cfg)
             err = float(output_error(deq - w.float(), H))
             if best is None or err < best[0]:
                 best = (err, buffers, deq, label)
