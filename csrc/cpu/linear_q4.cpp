@@ -195,6 +195,36 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
   return a;
 }
 
+#if PYSHRINK_X86
+// Prologue shared by the AVX2 tiles: the RN weight rows' code and scale pointers, and RM x RN zeroed float
+// accumulators.
+template <int RM, int RN>
+struct TileState {
+  const uint8_t* wp[RN];
+  const float* ws[RN];
+  __m256 acc[RM][RN];
+  PYSHRINK_AVX2_INLINE TileState(const Q4Weights& W, const int64_t* nidx) {
+    for (int n = 0; n < RN; ++n) wp[n] = W.row(nidx[n]), ws[n] = W.srow(nidx[n]);
+    for (int m = 0; m < RM; ++m)
+      for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  }
+  // GEMV (RM == 1) is memory bound: ask early for block b of the next tile's rows (RN rows further), which
+  // adds RN streams in flight to the RN the hardware prefetcher follows (prefetching the current rows
+  // further ahead measured slower).
+  template <int G>
+  PYSHRINK_AVX2_INLINE void prefetch_next_tile(int64_t nb, int64_t b) const {
+    const int64_t row_bytes = nb * (G / 2);
+    for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(wp[n] + RN * row_bytes + b * (G / 2)), _MM_HINT_T0);
+    if (b % 16 == 0)
+      for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(ws[n] + RN * nb + b), _MM_HINT_T0);
+  }
+  PYSHRINK_AVX2_INLINE void finish(float* raw) const {
+    for (int m = 0; m < RM; ++m)
+      for (int n = 0; n < RN; ++n) raw[m * RN + n] = hsum(acc[m][n]);
+  }
+};
+#endif
+
 // ---------------------------------------------------------------------------------------------------------
 // fast tiles: raw[m*RN+n] = sum_b sx[m][b] * scale[n][b] * sum_k qx[m][k] * q[n][k]   (zero point not applied)
 // x / sx point at the tile's first row; row m of block b is at (b * MT + m) * G / (b * MT + m).
@@ -225,19 +255,13 @@ PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  const int64_t nb = W.nb, row_bytes = nb * (G / 2);
-  const uint8_t* wp[RN];
-  const float* ws[RN];
-  for (int n = 0; n < RN; ++n) wp[n] = W.row(nidx[n]), ws[n] = W.srow(nidx[n]);
-  __m256 acc[RM][RN];
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  const int64_t nb = W.nb;
+  TileState<RM, RN> t(W, nidx);
+  const uint8_t* const* wp = t.wp;
+  const float* const* ws = t.ws;
+  auto& acc = t.acc;
   for (int64_t b = 0; b < nb; ++b) {
-    if (RM == 1) {  // GEMV: memory bound, so ask for the next tile's rows (RN rows further) early
-      for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(wp[n] + RN * row_bytes + b * (G / 2)), _MM_HINT_T0);
-      if (b % 16 == 0)
-        for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(ws[n] + RN * nb + b), _MM_HINT_T0);
-    }
+    if (RM == 1) t.template prefetch_next_tile<G>(nb, b);
     __m256i w[RN][C];
     for (int n = 0; n < RN; ++n) {
       const uint8_t* p = wp[n] + b * (G / 2);
@@ -267,8 +291,7 @@ PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const
       }
     }
   }
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) raw[m * RN + n] = hsum(acc[m][n]);
+  t.finish(raw);
 }
 #endif
 
@@ -302,19 +325,13 @@ void exact_tile_scalar(const Q4Weights& W, const int64_t* nidx, const float* con
 template <int G, int RM, int RN>
 PYSHRINK_AVX2 void exact_tile_avx2(const Q4Weights& W, const int64_t* nidx, const float* const* xd, float* raw) {
   const __m256i m15 = _mm256_set1_epi32(0x0F);
-  const int64_t nb = W.nb, row_bytes = nb * (G / 2);
-  const uint8_t* wp[RN];
-  const float* ws[RN];
-  for (int n = 0; n < RN; ++n) wp[n] = W.row(nidx[n]), ws[n] = W.srow(nidx[n]);
-  __m256 acc[RM][RN];
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  const int64_t nb = W.nb;
+  TileState<RM, RN> t(W, nidx);
+  const uint8_t* const* wp = t.wp;
+  const float* const* ws = t.ws;
+  auto& acc = t.acc;
   for (int64_t b = 0; b < nb; ++b) {
-    if (RM == 1) {  // GEMV: prefetch the next tile's rows
-      for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(wp[n] + RN * row_bytes + b * (G / 2)), _MM_HINT_T0);
-      if (b % 16 == 0)
-        for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(ws[n] + RN * nb + b), _MM_HINT_T0);
-    }
+    if (RM == 1) t.template prefetch_next_tile<G>(nb, b);
     __m256i zp[RN];
     for (int n = 0; n < RN; ++n) zp[n] = _mm256_set1_epi32(W.zero_point(nidx[n], b));
     __m256 blk[RM][RN];
@@ -337,8 +354,7 @@ PYSHRINK_AVX2 void exact_tile_avx2(const Q4Weights& W, const int64_t* nidx, cons
       for (int m = 0; m < RM; ++m) acc[m][n] = _mm256_fmadd_ps(blk[m][n], sv, acc[m][n]);
     }
   }
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) raw[m * RN + n] = hsum(acc[m][n]);
+  t.finish(raw);
 }
 #endif
 
