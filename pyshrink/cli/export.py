@@ -16,8 +16,10 @@ def register(app: typer.Typer) -> None:
                                  "genai_config.json)."),
         int4: bool = typer.Option(False, "--int4", help="4-bit MatMulNBits for float projections and the LM head "
                                   "(round-to-nearest); pyshrink-quantized layers are always copied byte for byte."),
-        accuracy_level: str = typer.Option("4", "--accuracy-level", help="MatMulNBits compute: 4 = int8 activations "
-                                           "(fastest on CPU), 0 = float, auto = the fastest that passes validation."),
+        accuracy_level: str = typer.Option("4", "--accuracy-level", help="MatMulNBits compute for every projection: "
+                                           "4 = int8 activations (fastest on CPU), 0 = float; auto = 4 where validation "
+                                           "allows, 0 only on the projections whose int8 activations move the logits "
+                                           "(measured; recorded in pyshrink_onnx.json)."),
         opset: int = typer.Option(21, "--opset", help="ONNX opset (17..23)."),
         group_size: int = typer.Option(32, "--group-size", help="4-bit group size for --int4 (32, 64 or 128)."),
         asymmetric: bool = typer.Option(False, "--asymmetric", help="--int4 with zero points."),
@@ -51,5 +53,10 @@ def register(app: typer.Typer) -> None:
         v = meta.get("validation")
         check = (f"max |ORT - PyTorch| {v['max_abs_diff']:.3g} <= {v['tolerance']:.3g} over a {v['prompt_tokens']}-token "
                  f"prompt + {v['kv_steps']} KV-cache steps on {', '.join(v['providers'])}") if v else "not validated"
+        levels = meta["weights"].get("accuracy_levels")
+        if levels:
+            zero = sorted(n for n, lvl in levels.items() if lvl == 0)
+            check += (f"; accuracy_level 4 on {len(levels) - len(zero)} of {len(levels)} projections"
+                      + (f" (0 on {', '.join(zero)})" if zero and len(zero) <= 8 else ""))
         typer.echo(f"exported {model} -> {path} ({meta['kind']}, {size / 1e6:.1f} MB, projections "
                    f"{meta['weights']['projections']}); {check}")

@@ -46,14 +46,19 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
 
     ``int4``: quantize the remaining float projections (and a float LM head) to 4 bits with round-to-nearest
     (``group_size``, ``symmetric``); projections that are already pyshrink QuantLinear layers are always
-    exported by byte copy. ``accuracy_level``: MatMulNBits' compute mode (4 = int8 activations, fastest on
-    CPU; 0 = float). ``logits``: ``"last"`` computes the LM head for the last position only (generation),
-    ``"all"`` for every position. ``external_data``: None = only above 1.5 GB of weights, True = always.
-    ``tolerance``: the validation bound relative to max(1, max|logit|) (default 1e-3 float, 5e-2 with
-    4-bit weights and accuracy_level 4). Returns the output folder.
+    exported by byte copy. ``accuracy_level``: MatMulNBits' compute mode for every projection (4 = int8
+    activations, fastest on CPU; 0 = float), or ``"auto"``: 4 where validation allows it, 0 only on the
+    projections whose int8 activations measurably move the logits (:mod:`.accuracy`; the choice is recorded
+    in ``pyshrink_onnx.json`` under ``weights.accuracy_levels``). ``logits``: ``"last"`` computes the LM head
+    for the last position only (generation), ``"all"`` for every position. ``external_data``: None = only
+    above 1.5 GB of weights, True = always. ``tolerance``: the validation bound relative to
+    max(1, max|logit|) (default 1e-3, or 0.15 when any 4-bit projection runs at accuracy_level 4). Returns
+    the output folder.
     """
     if accuracy_level != "auto":
         check_range("accuracy_level", accuracy_level, 0, 4, integer=True)
+    elif not validate:
+        raise InvalidSetting("accuracy_level='auto' chooses levels by validating them: it needs validate=True")
     check_range("opset", opset, 17, 23, integer=True)
     if group_size not in GROUP_SIZES:
         raise InvalidSetting(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
@@ -93,8 +98,6 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
             meta = {"kind": "encoder", "family": adapter.name, "inputs": ["input_ids", "attention_mask", "token_type_ids"],
                     "outputs": info["outputs"], "hidden_size": int(model.config.hidden_size)}
     quantized = policy.counts["copied"] + policy.counts["rtn"] > 0
-    plans = ACCURACY_PLANS if accuracy_level == "auto" and quantized else [
-        (str(accuracy_level if accuracy_level != "auto" else 4), lambda name, lvl=accuracy_level: 4 if lvl == "auto" else lvl)]
     proto = graph.model()
     external = external_data if external_data is not None else graph.initializer_bytes > EXTERNAL_THRESHOLD
     meta.update({
@@ -110,28 +113,12 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
         del proto
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        failures = []
-        for k, (label, level_of) in enumerate(plans):
-            if len(plans) > 1:
-                _set_accuracy(tmp / MODEL_FILE, level_of)
-            meta["weights"]["accuracy_level"] = label if len(plans) > 1 else accuracy_level
-            if not validate:
-                break
-            any4 = quantized and any(level_of(n) == 4 for n in ("layers.0.attn.qkv", "layers.0.mlp.out", "lm_head"))
-            tol = tolerance if tolerance is not None else (INT4_RTOL if any4 else FLOAT_RTOL)
-            try:
-                meta["validation"] = {**_validate(tmp / MODEL_FILE, model, meta, policy, tol, twin=k == 0).to_dict(),
-                                      "relative_tolerance": tol}
-                break
-            except ExportValidationError as exc:
-                failures.append(f"accuracy_level {label}: {exc}")
-                if k + 1 == len(plans):
-                    hint = ("" if accuracy_level in (0, "auto") else
-                            "; int8 activations (accuracy_level 4) may be too coarse for this model: try "
-                            "accuracy_level=0 or 'auto'")
-                    raise ExportValidationError("; ".join(failures) + hint) from None
-        if failures:
-            meta["validation"]["rejected"] = failures
+        if validate:
+            check = lambda: _validate(tmp / MODEL_FILE, model, meta, policy, tolerance, quantized)  # noqa: E731
+            if accuracy_level == "auto" and quantized:
+                meta["validation"] = _auto_levels(tmp, model, meta, tolerance, check)
+            else:
+                meta["validation"] = _fixed_level(accuracy_level, check)
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if meta["kind"] == "decoder":
@@ -139,34 +126,88 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     return Path(out_dir)
 
 
-# accuracy_level="auto": the fastest MatMulNBits compute that passes validation, tried in this order
-ACCURACY_PLANS = [
-    ("4", lambda name: 4),
-    ("4, attention projections 0", lambda name: 0 if ".attn." in name else 4),
-    ("0", lambda name: 0),
-]
+def _fixed_level(accuracy_level, check) -> dict:
+    """Validate the graph as built (every projection at ``accuracy_level``); a failure is an error."""
+    try:
+        return check()
+    except ExportValidationError as exc:
+        if accuracy_level in (0, "auto"):
+            raise
+        raise ExportValidationError(f"{exc}; int8 activations (accuracy_level {accuracy_level}) may be too coarse for "
+                                    "this model: try accuracy_level='auto' (per projection) or 0") from None
 
 
-def _set_accuracy(path: Path, level_of):
-    """Rewrite the accuracy_level of every MatMulNBits node (weights, even external ones, are untouched)."""
+def _auto_levels(tmp: Path, model, meta: dict, tolerance, check) -> dict:
+    """accuracy_level="auto": level 4 where it is harmless, 0 where it is not, chosen by measurement
+    (:mod:`.accuracy`). The choice and the measured effects are recorded in ``meta["weights"]``."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
-    for node in m.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = int(level_of(node.name))
-    onnx.save_model(m, str(path))  # references to model.onnx.data, if any, stay as they are
+    from . import accuracy
+
+    path = tmp / MODEL_FILE
+    proto = onnx.load(str(path), load_external_data=False)
+    names = accuracy.projection_names(proto)
+    weights = meta["weights"]
+    weights["accuracy_levels"] = dict.fromkeys(names, 4)
+    failures = []
+    try:
+        return check()
+    except ExportValidationError as exc:
+        failures.append(f"accuracy_level 4 on every projection: {exc}")
+    tol = tolerance if tolerance is not None else INT4_RTOL
+    drift = accuracy.measure(proto, _probe(tmp, model, meta))
+    weights["level4_effect"] = {n: round(d, 6) for n, d in drift.items()}
+    for label, levels in accuracy.plans(drift, tol):
+        accuracy.set_levels(proto, levels)
+        onnx.save_model(proto, str(path))  # references to model.onnx.data, if any, stay as they are
+        weights["accuracy_levels"] = levels
+        try:
+            return {**check(), "rejected": failures}
+        except ExportValidationError as exc:
+            failures.append(f"accuracy_level {label}: {exc}")
+    raise ExportValidationError("; ".join(failures))
 
 
-def _validate(path: Path, model, meta, policy, tol, *, twin: bool):
+def _probe(tmp: Path, model, meta: dict):
+    """Runs a variant of the written model on fixed inputs (a different prompt from validation's, so that
+    validation stays an independent check of the choice). Models with external weights run from a file
+    next to ``model.onnx.data``; others from memory."""
+    import onnx
+
+    from . import accuracy
+
+    probe = (accuracy.decoder_probe(tmp, meta, seed=1) if meta["kind"] == "decoder" else
+             accuracy.encoder_probe(model, seed=1))
+    if not meta["external_data"]:
+        return probe
+
+    def from_file(model_bytes: bytes):
+        f = tmp / "probe.onnx"
+        try:
+            onnx.save_model(onnx.load_from_string(model_bytes), str(f))
+            return probe(f)
+        finally:
+            f.unlink(missing_ok=True)
+
+    return from_file
+
+
+def _validate(path: Path, model, meta, policy, tolerance, quantized: bool) -> dict:
+    """Validate the model at ``path``; the default bound depends on whether any 4-bit projection uses int8
+    activations (accuracy_level 4)."""
+    import onnx
+
+    from .accuracy import levels_of
     from .validate import exact_quantized, validate_decoder, validate_encoder
 
+    any4 = quantized and any(v == 4 for v in levels_of(onnx.load(str(path), load_external_data=False)).values())
+    tol = tolerance if tolerance is not None else (INT4_RTOL if any4 else FLOAT_RTOL)
     with apply_substitutions(model, policy.substitutions), exact_quantized(model):
         if meta["kind"] == "decoder":
-            return validate_decoder(path, model, meta, tol_rel=tol, torch_logits=_torch_logits(model), twin=twin)
-        return validate_encoder(path, model, tol_rel=tol)
+            v = validate_decoder(path, model, meta, tol_rel=tol, torch_logits=_torch_logits(model))
+        else:
+            v = validate_encoder(path, model, tol_rel=tol)
+    return {**v.to_dict(), "relative_tolerance": tol}
 
 
 def _save(proto, path: Path, external: bool):

@@ -107,6 +107,25 @@ def exact_quantized(model):
             m.fast = f
 
 
+def decoder_ids(meta: dict, n: int, seed: int = 0) -> np.ndarray:
+    """The validation prompt: ``n`` random token ids (from the kept ones, for a contracted vocabulary)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, meta["vocab_size"], size=n, dtype=np.int64)
+    if meta.get("vocab_keep") is not None:
+        keep = np.asarray(meta["vocab_keep"], dtype=np.int64)
+        ids = keep[rng.integers(0, len(keep), size=ids.shape)]
+    return ids
+
+
+def encoder_inputs(model, seed: int = 0) -> dict:
+    """The validation batch for encoders: two rows of 9 random tokens, the second padded after 6."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
 @torch.no_grad()
 def validate_decoder(path: Path, model, meta: dict, *, tol_rel: float, prompt_tokens: int = 8, steps: int = 3,
                      seed: int = 0, torch_logits=None, twin: bool = True) -> Validation:
@@ -114,12 +133,7 @@ def validate_decoder(path: Path, model, meta: dict, *, tol_rel: float, prompt_to
     from ..runtime.session import DecoderSession
 
     v = Validation(prompt_tokens=prompt_tokens, kv_steps=steps)
-    rng = np.random.default_rng(seed)
-    vocab = meta["vocab_size"]
-    ids = rng.integers(0, vocab, size=prompt_tokens + steps, dtype=np.int64)
-    if meta.get("vocab_keep") is not None:  # a contracted vocabulary: prompt with tokens the model kept
-        keep = np.asarray(meta["vocab_keep"], dtype=np.int64)
-        ids = keep[rng.integers(0, len(keep), size=ids.shape)]
+    ids = decoder_ids(meta, prompt_tokens + steps, seed)
     refs = [torch_logits(ids[: prompt_tokens + k]) for k in range(steps + 1)]
 
     def run(sess, label, tol):
@@ -145,18 +159,12 @@ def validate_encoder(path: Path, model, *, tol_rel: float, seed: int = 0) -> Val
     from .encoder import reference_outputs
 
     v = Validation(prompt_tokens=9)
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (2, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    types = torch.zeros_like(ids)
-    ref = reference_outputs(model, ids, mask, types)
+    feeds = encoder_inputs(model, seed)
+    ref = reference_outputs(model, feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"])
     for provider in providers():
         sess = _session(path, provider)
         names = [o.name for o in sess.get_outputs()]
-        got = dict(zip(names, sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                              "token_type_ids": types.numpy()})))
+        got = dict(zip(names, sess.run(None, {k: t.numpy() for k, t in feeds.items()})))
         for k, r in ref.items():
             _compare(f"{k} ({provider})", got[k], r, v, tol_rel)
         v.providers.append(provider)

@@ -78,6 +78,22 @@ def quantized(model, group_size: int = 32, symmetric: bool = True, bits: int = 4
 
 
 @torch.no_grad()
+def outlier_llama(seed: int = 0, channel: int = 5, outlier: float = 1e4):
+    """Tiny Llama where int8 activations break exactly one projection: in layer 1 the MLP's input has one
+    channel 10^4 times the others (its norm weight) that the gate/up weights ignore (zero columns), so the
+    function is unchanged, but int8 per-block quantization of that input rounds the rest of the channel's
+    block to 0. The MLP output and the final norm are scaled up so that this shows in the logits."""
+    model = tiny_model("llama", seed)
+    layer = model.model.layers[1]
+    layer.post_attention_layernorm.weight[channel] = outlier
+    layer.mlp.gate_proj.weight[:, channel] = 0
+    layer.mlp.up_proj.weight[:, channel] = 0
+    layer.mlp.down_proj.weight.mul_(30)
+    model.model.norm.weight.mul_(10)
+    return model
+
+
+@torch.no_grad()
 def torch_greedy(model, ids, n: int) -> list[int]:
     """Greedy generation with full-sequence PyTorch forwards (no cache, no end-of-sequence stop)."""
     seq = torch.tensor([list(ids)])

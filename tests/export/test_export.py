@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnx_helpers import DECODERS, VOCAB, contracted_llama, quantized, random_prompt, tiny_model, vocab_contracted
+from onnx_helpers import (DECODERS, VOCAB, contracted_llama, outlier_llama, quantized, random_prompt, tiny_model,
+                          vocab_contracted)
 from pyshrink import export_onnx
 from pyshrink.arch import adapter_for
 from pyshrink.export import ExportValidationError
@@ -192,15 +193,65 @@ def test_int4_tied_embedding_with_padded_groups(symmetric, tmp_path):
     assert json.loads((tmp_path / "p" / "pyshrink_onnx.json").read_text())["validation"]["max_abs_diff"] < 1e-4
 
 
-def test_accuracy_level_auto_falls_back_to_what_validates(tmp_path):
-    """With a bound that int8 activations cannot meet, 'auto' settles on float activations; 4 is an error."""
-    model = tiny_model("llama")
-    with pytest.raises(ExportValidationError, match="accuracy_level=0 or 'auto'"):
-        export_onnx(model, tmp_path / "four", int4=True, tolerance=1e-3)
-    assert not (tmp_path / "four").exists()
-    export_onnx(model, tmp_path / "auto", int4=True, accuracy_level="auto", tolerance=1e-3)
+def _levels(folder) -> dict:
+    from pyshrink.export.accuracy import levels_of
+
+    return levels_of(onnx.load(str(folder / "model.onnx")))
+
+
+def test_accuracy_level_auto_keeps_level_4_where_it_validates(tmp_path):
+    """A model int8 activations do not hurt: every projection at 4, nothing measured, choice recorded."""
+    export_onnx(tiny_model("llama"), tmp_path / "auto", int4=True, accuracy_level="auto")
     meta = json.loads((tmp_path / "auto" / "pyshrink_onnx.json").read_text())
-    assert meta["weights"]["accuracy_level"] == "0" and len(meta["validation"]["rejected"]) == 2
-    levels = {a.i for n in onnx.load(str(tmp_path / "auto" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
-              for a in n.attribute if a.name == "accuracy_level"}
-    assert levels == {0}
+    levels = _levels(tmp_path / "auto")
+    assert meta["weights"]["accuracy_levels"] == levels and set(levels.values()) == {4}
+    assert len(levels) == 3 * 4 + 1  # qkv, o, gate|up, down per layer + the head
+    assert "level4_effect" not in meta["weights"] and "rejected" not in meta["validation"]
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_accuracy_level_auto_uses_level_0_only_where_int8_activations_break(external, tmp_path):
+    """An input channel 10^4x its block's others: level 4 on every projection fails validation (an error
+    for accuracy_level=4); 'auto' measures each projection, puts exactly that one at 0, and validates."""
+    model = outlier_llama()
+    with pytest.raises(ExportValidationError, match="accuracy_level='auto'"):
+        export_onnx(model, tmp_path / "four", int4=True, accuracy_level=4)
+    assert not (tmp_path / "four").exists()
+    out = tmp_path / "auto"
+    export_onnx(model, out, int4=True, accuracy_level="auto", external_data=external)
+    assert (out / "model.onnx.data").is_file() == external and not (out / "probe.onnx").exists()
+    meta = json.loads((out / "pyshrink_onnx.json").read_text())
+    w, v = meta["weights"], meta["validation"]
+    assert w["accuracy_level"] == "auto" and w["accuracy_levels"] == _levels(out)
+    assert {n for n, lvl in w["accuracy_levels"].items() if lvl == 0} == {"layers.1.mlp.gate_up"}
+    effect = w["level4_effect"]
+    assert effect["layers.1.mlp.gate_up"] > INT4_RTOL  # alone, it moves the logits past the bound
+    assert max(d for n, d in effect.items() if n != "layers.1.mlp.gate_up") < 0.2 * INT4_RTOL
+    assert v["relative_tolerance"] == INT4_RTOL and v["max_abs_diff"] <= v["tolerance"]
+    assert len(v["rejected"]) == 1 and "accuracy_level 4 on every projection" in v["rejected"][0]
+    if not external:  # the same graph with float activations everywhere is exact (checked in memory)
+        assert v["exact_twin_max_abs_diff"] <= 1e-3 * v["scale"]
+
+
+def test_accuracy_level_0_and_4_mean_every_projection(tmp_path):
+    model = outlier_llama()
+    export_onnx(model, tmp_path / "zero", int4=True, accuracy_level=0)
+    assert set(_levels(tmp_path / "zero").values()) == {0}
+    export_onnx(model, tmp_path / "four", int4=True, accuracy_level=4, validate=False)
+    assert set(_levels(tmp_path / "four").values()) == {4}
+
+
+def test_accuracy_level_auto_falls_back_to_0_when_nothing_else_validates(tmp_path):
+    """A bound only float activations can meet: 'auto' ends on 0 everywhere, validated at that bound."""
+    export_onnx(tiny_model("llama"), tmp_path / "auto", int4=True, accuracy_level="auto", tolerance=2e-5)
+    meta = json.loads((tmp_path / "auto" / "pyshrink_onnx.json").read_text())
+    assert set(_levels(tmp_path / "auto").values()) == {0} == set(meta["weights"]["accuracy_levels"].values())
+    assert meta["validation"]["max_abs_diff"] <= meta["validation"]["tolerance"]
+    assert meta["validation"]["rejected"][0].startswith("accuracy_level 4 on every projection")
+
+
+def test_auto_needs_validation(tmp_path):
+    from pyshrink.errors import InvalidSetting
+
+    with pytest.raises(InvalidSetting, match="validate=True"):
+        export_onnx(tiny_model("llama"), tmp_path / "o", int4=True, accuracy_level="auto", validate=False)

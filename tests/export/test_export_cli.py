@@ -24,6 +24,9 @@ def test_export_cli_writes_a_validated_folder(tmp_path):
     assert "max |ORT - PyTorch|" in r.stdout
     meta = json.loads((tmp_path / "onnx" / "pyshrink_onnx.json").read_text())
     assert meta["weights"]["int4"] and meta["validation"]["kv_steps"] >= 3
+    r = cli("export", src, "-o", tmp_path / "auto", "--int4", "--accuracy-level", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "accuracy_level 4 on 13 of 13 projections" in r.stdout
     r = cli("export", src, "-o", tmp_path / "onnx")  # exists
     assert r.returncode == 2 and "already exists" in r.stderr
 
