@@ -6,8 +6,10 @@
 Every method multiplies the same activations by the same 4096x4096, 4096->11008 and 11008->4096 weights,
 for M in {1, 8, 128}, with 2 threads. Weights are ROTATED: each method cycles over enough copies of its
 weights (--rotate-mb, default 512 MB per method) that no cache holds them, so M=1 numbers are memory
-bound as in real decoding. Methods are timed round-robin (one call of each per round) and the median of
-the rounds is reported, so that load from other processes hits all methods alike.
+bound as in real decoding. Methods are timed in interleaved rounds so that load from other processes hits
+all methods alike; by default each round runs a method for a block of consecutive calls (the first of each
+block not counted), because a peer's thread pool keeps spinning after its call and would steal a core from the
+next method's call; `--schedule round-robin` times one call per method per round instead.
 
 * pyshrink exact / fast: linear_q4, g=64 symmetric (MatMulNBits layout, float32 scales).
 * ORT acc0 / acc4: onnxruntime com.microsoft::MatMulNBits, accuracy_level 0 and 4, built from the SAME
@@ -58,6 +60,13 @@ def read_bandwidth(gb: float = 1.0, reps: int = 5) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def _ort_global_pool(threads: int = 2):
+    import onnxruntime.capi._pybind_state as ort_c
+    if not getattr(_ort_global_pool, "done", False):  # must precede the first session
+        ort_c.set_global_thread_pool_sizes(threads, 1)
+        _ort_global_pool.done = True
+
+
 def ort_session(packed: np.ndarray, scales: np.ndarray, K: int, N: int, acc: int):
     import onnx
     import onnxruntime as ort
@@ -73,9 +82,11 @@ def ort_session(packed: np.ndarray, scales: np.ndarray, K: int, N: int, acc: int
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14
+    _ort_global_pool()
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
+    # All weight copies share ONE 2-thread pool, as the layers of one real model do: with a pool per session,
+    # the previous copy's pool keeps spinning while the next copy's pool runs, and ORT loses half its cores.
+    so.use_per_session_threads = False
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -122,9 +133,15 @@ def make_methods(K: int, N: int, rotate_bytes: float, gen: torch.Generator, with
     return methods
 
 
-def time_round_robin(methods, x, rounds: int, warmup: int = 2, budget_s: float = 4.0):
-    """Median wall time per method, one call of each per round. A method whose calls add up to more than
-    budget_s (e.g. torch int4 at M=128, seconds per call here) stops early with at least 2 samples."""
+def time_round_robin(methods, x, rounds: int, warmup: int = 2, budget_s: float = 4.0, block: int = 1,
+                     settle_s: float = 0.0):
+    """Median wall time per method over interleaved rounds, so that load from other processes hits all methods alike.
+
+    Each round runs every method for ``block`` consecutive calls (each on the next rotated weight copy). With
+    ``block > 1`` the first call of a block is not counted and the round pauses ``settle_s`` between methods: thread
+    pools (ONNX Runtime's, OpenMP's, pyshrink's) keep spinning for a while after a call, and a peer's spinning
+    threads would otherwise steal a core from the next method's first calls. A method whose calls add up to more
+    than budget_s (e.g. torch int4 at M=128, seconds per call here) stops early with at least 2 samples."""
     names = list(methods)
     idx = {n: 0 for n in names}
     times = {n: [] for n in names}
@@ -134,14 +151,17 @@ def time_round_robin(methods, x, rounds: int, warmup: int = 2, budget_s: float =
             if spent[n] > budget_s and len(times[n]) >= 2:
                 continue
             fns = methods[n][0]
-            fn = fns[idx[n] % len(fns)]
-            idx[n] += 1
-            t = time.perf_counter()
-            fn(x)
-            dt = time.perf_counter() - t
-            spent[n] += dt
-            if r >= warmup or spent[n] > budget_s:
-                times[n].append(dt)
+            if settle_s:
+                time.sleep(settle_s)
+            for b in range(block):
+                fn = fns[idx[n] % len(fns)]
+                idx[n] += 1
+                t = time.perf_counter()
+                fn(x)
+                dt = time.perf_counter() - t
+                spent[n] += dt
+                if (r >= warmup or spent[n] > budget_s) and (b > 0 or block == 1):
+                    times[n].append(dt)
     return {n: statistics.median(v) for n, v in times.items()}
 
 
@@ -179,6 +199,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one shape, few repeats, small rotation")
     ap.add_argument("--rotate-mb", type=float, default=None, help="weight bytes cycled per method (default 512, quick 96)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--schedule", choices=("blocks", "round-robin"), default="blocks",
+                    help="blocks (default): each round runs a method for several consecutive calls and counts all but the "
+                         "first; round-robin: one call per method per round (peers' spinning threads then slow the next call)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rotate = (args.rotate_mb or (96 if args.quick else 512)) * 1e6
@@ -197,7 +220,7 @@ def main():
           f"threads {torch.get_num_threads()}, pyshrink cpu_isa={_C.cpu_isa()}, load average at start {load[0]:.1f}")
     print(f"measured read bandwidth (torch.sum over 1 GB, median of 5): {bw2:.1f} GB/s with 2 threads, "
           f"{bw1:.1f} GB/s with 1; '% of read BW' uses {bw:.1f} GB/s")
-    print(f"group size {G}, symmetric; weights rotated over >= {rotate / 1e6:.0f} MB per method\n")
+    print(f"group size {G}, symmetric; weights rotated over >= {rotate / 1e6:.0f} MB per method; schedule {args.schedule}\n")
     print("| K -> N | M | method | median ms | vs torch f32 | vs ORT acc4 | weight GB/s | % of read BW |")
     print("|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
@@ -205,7 +228,11 @@ def main():
         for M in Ms:
             x = torch.randn(M, K, generator=gen)
             rounds = (25 if M == 1 else 12 if M == 8 else 6) if args.quick else (60 if M == 1 else 25 if M == 8 else 10)
-            t = time_round_robin(methods, x, rounds)
+            if args.schedule == "blocks":  # steady state per method, as in decoding: fewer rounds of longer blocks
+                block = 10 if M == 1 else 4 if M == 8 else 2
+                t = time_round_robin(methods, x, max(3, rounds * 2 // block), block=block, settle_s=0.02)
+            else:
+                t = time_round_robin(methods, x, rounds)
             for name, med in t.items():
                 gbs = methods[name][1] / med / 1e9
                 ort4 = f"{t['ORT acc4'] / med:.2f}x" if "ORT acc4" in t else "-"
