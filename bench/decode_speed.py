@@ -9,6 +9,13 @@ prefill a random prompt, then greedy decoding with transformers' KV cache, the L
 only), ``--rounds`` times in interleaved order so that load from other processes on the machine hits all
 variants alike; the table reports the median over rounds of each run's median per-token time.
 llama.cpp (llama-cpp-python) runs the same model's Q4_1 GGUF file, the source of pyshrink's embedded model.
+
+    python bench/decode_speed.py --threads 2 --profile fp32 "q4-g64 + head q4"
+
+``--profile`` measures instead where a decode step's time goes, in this process, with ``torch.profiler``:
+each top-level operator's time (children included) by category (the 4-bit or 8-bit linears of the blocks,
+the LM head, attention, float matmuls, the other small operators), and the rest of the step's wall time as
+Python overhead (transformers' modules, the KV cache, the profiler's own bookkeeping).
 """
 from __future__ import annotations
 
@@ -55,6 +62,68 @@ def build(work: Path, names, calibration) -> dict:
     return paths
 
 
+HEAD_ROWS = 49152  # SmolLM2's vocabulary: the LM head is the only projection with that many outputs
+
+
+def _category(ev) -> str:
+    shapes = [tuple(x) for x in (ev.input_shapes or []) if x]
+    if ev.name in ("pyshrink::linear_q4", "pyshrink::linear_q8"):
+        head = len(shapes) > 1 and shapes[1][0] == HEAD_ROWS
+        return f"LM head ({ev.name[10:]})" if head else f"block linears ({ev.name[10:]})"
+    if ev.name in ("aten::linear", "aten::matmul", "aten::mm", "aten::addmm"):
+        head = any(HEAD_ROWS in sh for sh in shapes)
+        return "LM head (float)" if head else "block linears (float)"
+    if "scaled_dot_product" in ev.name:
+        return "attention (sdpa)"
+    return "other ops (norms, rotary, cache, elementwise)"
+
+
+def profile(path: str, name: str, threads: int, prompt_tokens: int, steps: int = 32) -> None:
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from pyshrink.models import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(path, with_tokenizer=False)
+    ids = torch.randint(3, 32000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def step(tok, past):
+        out = model(tok, past_key_values=past, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1:].argmax(-1), out.past_key_values
+
+    with torch.inference_mode():
+        tok, past = step(ids, None)
+        for _ in range(8):  # warm-up
+            tok, past = step(tok, past)
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok, past = step(tok, past)
+        plain_ms = (time.perf_counter() - t) * 1e3 / steps
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                tok, past = step(tok, past)
+            wall_ms = (time.perf_counter() - t) * 1e3 / steps
+    cats: dict = {}
+    n_ops = 0
+    for ev in prof.events():
+        if ev.cpu_parent is None:  # top-level: called from Python; its time includes its children
+            c = _category(ev)
+            cats[c] = cats.get(c, 0.0) + ev.cpu_time_total / 1e3 / steps
+            n_ops += 1
+    cats["Python overhead (rest of the step)"] = wall_ms - sum(cats.values())
+    print(f"\n{name}: {threads} threads, {plain_ms:.1f} ms/step without the profiler, {wall_ms:.1f} ms/step "
+          f"with it, {n_ops / steps:.0f} top-level operator calls per step\n")
+    print("| part of a decode step | ms/step (profiled) | share |")
+    print("|---|---|---|")
+    for c, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"| {c} | {ms:.2f} | {100 * ms / wall_ms:.0f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -67,7 +136,15 @@ def main() -> None:
     ap.add_argument("--calibration", default=None, help="calibrate (method auto) on this text instead of RTN")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--out", default=None, help="append raw rows (JSON lines) here")
+    ap.add_argument("--profile", nargs="+", default=None, choices=list(VARIANTS),
+                    help="profile these variants' decode steps instead of timing them (see above)")
     args = ap.parse_args()
+
+    if args.profile:
+        paths = build(Path(args.work), args.profile, args.calibration)
+        for name in args.profile:
+            profile(paths[name], name, args.threads, args.prompt_tokens)
+        return
 
     from pyshrink.benchmark import run_one
     from pyshrink.models import embedded_gguf
