@@ -17,6 +17,11 @@ class DataError(PyshrinkError, ValueError):
     pass
 
 
+def is_int(value) -> bool:
+    """A real integer: ``bool`` is an ``int`` subclass in Python, but ``True`` is no layer index or token count."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_range(name: str, value, lo, hi, *, integer: bool = False):
     """Validate ``lo <= value <= hi`` (and integrality); returns the value."""
     if integer and (isinstance(value, bool) or int(value) != value):

@@ -20,7 +20,7 @@ import torch
 
 from .. import data, models
 from ..arch import adapter_for
-from ..errors import DataError, InvalidSetting, check_range
+from ..errors import DataError, InvalidSetting, check_range, is_int
 from . import calibration as stats_pass
 from . import datafree, heads, layer_selection, neurons, scores, vocab
 from .quality import Quality
@@ -87,7 +87,7 @@ def _layer_list(layers) -> list[int]:
     if not layers:
         raise InvalidSetting("layers must name at least one block index (or be None to choose the blocks by measurement)")
     for i in layers:
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+        if not is_int(i) or i < 0:
             raise InvalidSetting(f"layers must hold block indices (integers >= 0), got {i!r} in {layers!r}")
     if len(set(layers)) != len(layers):
         raise InvalidSetting(f"layers must not repeat a block index, got {layers!r}")
@@ -121,7 +121,7 @@ def _number(name, v):
 
 
 def _integer(name, v):
-    if isinstance(v, bool) or not isinstance(v, int):
+    if not is_int(v):
         raise InvalidSetting(f"{name} must be an integer, got {v!r}")
 
 

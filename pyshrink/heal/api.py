@@ -12,7 +12,7 @@ import torch
 
 from .. import data, models
 from ..arch import adapter_for
-from ..errors import DataError, InvalidSetting, PyshrinkError, check_range
+from ..errors import DataError, InvalidSetting, PyshrinkError, check_range, is_int
 from . import checkpoint as ckpt
 from .report import plot_curve
 from .trainer import SCHEDULES, TRAINABLE, HealConfig, Trainer
@@ -140,7 +140,7 @@ def split_data(text_ids: torch.Tensor, eval_ids: torch.Tensor | None, seq_len: i
 
 
 def _validate(cfg: HealConfig, eval_tokens: int):
-    if isinstance(cfg.tokens, bool) or not isinstance(cfg.tokens, int) or cfg.tokens <= 0:
+    if not is_int(cfg.tokens) or cfg.tokens <= 0:
         raise InvalidSetting(f"tokens (the healing budget) must be a positive number of tokens, got {cfg.tokens!r}")
     check_range("lr", cfg.lr, 1e-12, 1.0)
     check_range("temperature", cfg.temperature, 1e-3, 100.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import models
-from ..errors import InvalidSetting, check_range
+from ..errors import InvalidSetting, check_range, is_int
 
 
 @dataclass
@@ -120,7 +120,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
 
     check_range("steps", steps, 1, 64, integer=True)
     check_range("contraction_ratio", contraction_ratio, 0.0, 0.99)
-    if isinstance(heal_tokens, bool) or not isinstance(heal_tokens, int) or heal_tokens < steps:
+    if not is_int(heal_tokens) or heal_tokens < steps:
         raise InvalidSetting(f"heal_tokens must be an integer >= steps ({steps}), got {heal_tokens!r}")
     split_budget(heal_tokens, steps, heal_split)  # refuse a bad split before any work
     text = heal_text if heal_text is not None else calibration

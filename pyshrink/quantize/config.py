@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..errors import InvalidSetting
+from ..errors import InvalidSetting, is_int
 from ..ops.q4 import GROUP_SIZES
 
 BITS = (4, 8)
@@ -88,7 +88,7 @@ class QuantConfig:
         for name, lo in (("calib_tokens", 1), ("min_calib_tokens", 1), ("seq_len", 2), ("batch_size", 1),
                          ("awq_grid", 1), ("clip_grid", 1), ("gptq_block", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v) or v < lo:
                 raise InvalidSetting(f"{name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 < self.clip_min <= 1.0:
             raise InvalidSetting(f"clip_min must be in (0, 1], got {self.clip_min!r}")
