@@ -116,14 +116,14 @@ def encoder_probe(model, *, seed: int = 0):
     """All outputs of the validation's encoder batch (CPU execution provider), flattened."""
     import onnxruntime as ort
 
+    from ..runtime.session import session_options
     from .validate import encoder_inputs
 
     feeds = {k: v.numpy() for k, v in encoder_inputs(model, seed).items()}
 
     def probe(model) -> np.ndarray:  # serialized bytes, or the Path of a file next to its external data
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), session_options(),
+                                    providers=["CPUExecutionProvider"])
         return np.concatenate([o.reshape(-1) for o in sess.run(None, feeds)])
 
     return probe

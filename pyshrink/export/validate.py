@@ -52,9 +52,9 @@ def providers() -> list[str]:
 def _session(path: Path, provider: str):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=[provider])
+    from ..runtime.session import session_options
+
+    return ort.InferenceSession(str(path), session_options(), providers=[provider])
 
 
 def _compare(what: str, got: np.ndarray, ref: np.ndarray, v: Validation, tol_rel: float):
