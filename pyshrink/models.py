@@ -208,7 +208,8 @@ def _load_folder(path: Path, dtype, with_tokenizer: bool):
     return model, tok
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
+    """All tensors of the .safetensors files in ``path`` (never a pickle); clear errors for none or a corrupt one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -243,7 +244,7 @@ def _load_transformed(path, config, cls, transforms, dtype):
                                  f"does not know (known: {', '.join(sorted(_STRUCTURE_HANDLERS))})")
         handler(model, rec)
         transforms_of(model).append(rec)
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     tied = getattr(config, "tie_word_embeddings", False)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if tied:  # tied heads are not stored; the skeleton's tie is restored below

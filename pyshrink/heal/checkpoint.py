@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..errors import PyshrinkError
+from ..errors import ModelLoadError, PyshrinkError
 
 BEST = "checkpoint-best"
 LAST = "checkpoint-last"
@@ -47,17 +47,10 @@ def save_checkpoint(folder: Path, model, tokenizer, *, metadata: dict, state: di
 
 def load_weights(model, folder: Path) -> None:
     """Copy the weights saved in ``folder`` into ``model`` (whose structure must match: strict)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder} holds no .safetensors weights")
-    sd = {}
-    for f in files:
-        try:
-            sd.update(load_file(f))
-        except Exception as exc:  # safetensors raises several types for truncated files
-            raise CheckpointError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
+    try:
+        sd = models.read_state_dict(Path(folder))
+    except ModelLoadError as exc:  # raised as the checkpoint's own error, which `heal --resume` reports
+        raise CheckpointError(str(exc)) from exc
     own = model.state_dict()
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in own if k not in sd and not (tied and k.endswith("lm_head.weight"))]
