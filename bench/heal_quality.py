@@ -11,7 +11,7 @@ Part A: the source contracted at pyshrink's defaults (with calibration) is heale
 ``--minutes`` (stopping once the tracked perplexity reaches the source's, unless ``--until-ppl 0``), then the
 same contracted model is fine-tuned with next-token loss alone on the same token budget. Part B (``--part b``):
 a model with ~25% fewer parameters made by one-shot contraction + one heal, against iterative schedules
-(``--b-variant``: slices, heal-budget split, block pinning) with the same final size and the same healing
+(``--b-variant``: slices, heal-budget split, block pinning, per-slice or continuous heal) with the same final size and the same healing
 tokens (the slices' heals together visit exactly the windows the one-shot heal visits). ``--ood-windows``
 windows of another domain (CPython's pydoc topics) are measured too: healing on WikiText partly adapts the
 model to WikiText's format, which the WikiText test windows reward and the other domain does not. Results go
@@ -58,6 +58,17 @@ def own_contract(source, *, contraction_ratio, num_layers_to_contract, calibrati
     return SimpleNamespace(model=model, tokenizer=tok)
 
 
+def pin_layers(spec: str, one_shot: list) -> list | None:
+    """--b-variant pin=: ``one-shot`` (one-shot's blocks), ``first`` (None: slice 1 chooses) or ``1-7+11-27``."""
+    if spec in ("one-shot", "first"):
+        return list(one_shot) if spec == "one-shot" else None
+    blocks = []
+    for part in spec.split("+"):
+        lo, _, hi = part.partition("-")
+        blocks += list(range(int(lo), int(hi or lo) + 1))
+    return blocks
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="smollm2-135m")
@@ -75,7 +86,9 @@ def main(argv=None):
                     help="an iterative arm of part B (repeatable): comma-separated key=value, keys steps (K), "
                     "split (K colon-separated heal-budget weights, 0 = no heal after that slice; default equal), "
                     "pin (one-shot: every slice narrows the blocks one-shot contraction chose; first: the blocks "
-                    "slice 1 chooses, the library's default). Example: steps=2,split=1:3,pin=one-shot")
+                    "slice 1 chooses, the library's default; or blocks such as 1-7+11-27), heal (per-slice: a heal after each slice, the library's "
+                    "default; continuous: one heal, one learning-rate schedule and optimizer across the slices, "
+                    "which are cut after the cumulative shares of split). Example: steps=3,split=1:1:2,heal=continuous")
     ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
                     "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "
@@ -199,16 +212,17 @@ def main(argv=None):
         del one
         for spec in args.b_variant or [f"steps={args.steps}"]:
             v = dict(kv.split("=", 1) for kv in spec.split(","))
-            unknown = set(v) - {"steps", "split", "pin"}
+            unknown = set(v) - {"steps", "split", "pin", "heal"}
             if unknown:
                 ap.error(f"--b-variant {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
             steps = int(v.get("steps", args.steps))
             split = [float(x) for x in v["split"].split(":")] if "split" in v else None
-            pinned = results["b_one_shot_contracted"]["layers"] if v.get("pin", "first") == "one-shot" else None
+            pinned = pin_layers(v.get("pin", "first"), results["b_one_shot_contracted"]["layers"])
             t = time.perf_counter()
             it = iterative_contract(args.source, steps=steps, heal_tokens=args.b_tokens, heal_text=heal_ids,
                                     teacher=(teacher, tok), contract_fn=contract_fn, contract_kwargs=b_kw,
-                                    alpha=args.alpha, until_ppl=0, heal_split=split, layers=pinned, **kw, **common)
+                                    alpha=args.alpha, until_ppl=0, heal_split=split, layers=pinned,
+                                    heal_schedule=v.get("heal", "per-slice"), **kw, **common)
             name = "b_iterative_" + spec.replace("=", "").replace(",", "_").replace(":", "-")
             entry = {"spec": spec, "params": it.num_params, "ppl": ppl(it.model), "ppl_ood": ppl_ood(it.model),
                      "steps": it.steps, "seconds": round(time.perf_counter() - t, 1)}

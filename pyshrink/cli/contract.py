@@ -20,12 +20,17 @@ HELP = (
     "--heal-tokens N then heals the contracted model by distillation from SOURCE on N tokens of the calibration "
     "text (never on the evaluation text), so 'perplexity final' is after healing. --steps K (K >= 2) contracts "
     "in K slices instead, healing after each (N/K tokens per slice), to the same final size; its perplexities "
-    "are measured on the heals' held-out tail of the calibration text."
+    "are measured on the heals' held-out tail of the calibration text. --heal-schedule continuous makes that one "
+    "heal of N tokens (one warm-up and learning-rate decay, optimizer state carried across the cuts) during which "
+    "the slices are cut at equal shares of N. --heal-split W1:...:WK shares N by weight instead (e.g. 1:1:1:9 with "
+    "--steps 4: three slices in the first quarter, the final model trained on the rest)."
     "\n\n\b\nExamples:\n"
     "  pyshrink contract smollm2-135m -o out/smollm2-contracted\n"
     "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --prune-vocab --json\n"
     "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --heal-tokens 100000\n"
     "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --heal-tokens 100000 --steps 2\n"
+    "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --heal-tokens 100000 --steps 3 "
+    "--heal-schedule continuous\n"
     "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --layers 10,11,12,13"
 )
 
@@ -38,6 +43,17 @@ def parse_layers(text: str | None) -> list[int] | None:
     if not all(p.lstrip("-").isdigit() for p in parts):
         raise InvalidSetting(f"--layers takes comma-separated block indices, e.g. 3,4,5; got {text!r}")
     return [int(p) for p in parts]
+
+
+def parse_split(text: str | None) -> list[float] | None:
+    """``"1:1:2"`` -> ``[1.0, 1.0, 2.0]`` (the count and signs are checked by the API against --steps)."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(":")]
+    except ValueError:
+        raise InvalidSetting(f"--heal-split takes colon-separated weights, one per slice, e.g. 1:1:2; got {text!r}") \
+            from None
 
 
 def check_schedule(steps: int, heal_tokens: int | None, calibration) -> None:
@@ -67,6 +83,8 @@ def register(app: typer.Typer) -> None:
         eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Measure quality on at most this many tokens."),
         heal_tokens: Optional[int] = typer.Option(None, "--heal-tokens", help="After contracting, heal by distillation from SOURCE on this many tokens of the calibration text (needs --calibration)."),
         steps: int = typer.Option(1, "--steps", help="Contract in K slices with a heal after each (prune, heal, measure, repeat); K >= 2 needs --heal-tokens and --calibration. 1: one shot."),
+        heal_schedule: str = typer.Option("per-slice", "--heal-schedule", help="With --steps K >= 2: 'per-slice' (a heal of N/K tokens after each slice, each with its own warm-up, decay and optimizer) or 'continuous' (one heal of N tokens, the slices cut during it after each N/K tokens, optimizer state carried across the cuts)."),
+        heal_split: Optional[str] = typer.Option(None, "--heal-split", help="With --steps K: K colon-separated weights sharing --heal-tokens among the slices (e.g. 1:1:1:9; 0 = no heal after that slice). Default: equal."),
         seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling and the healing data order."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
@@ -80,6 +98,10 @@ def register(app: typer.Typer) -> None:
         if pinned is not None and num_layers_to_contract is not None:
             raise InvalidSetting("--layers names the blocks to contract; leave out --num-layers-to-contract")
         check_schedule(steps, heal_tokens, calibration)
+        if (heal_schedule != "per-slice" or heal_split is not None) and steps < 2:
+            raise InvalidSetting("--heal-schedule and --heal-split set how the slices of --steps K (K >= 2) are "
+                                 "healed; with one step there are no slices")
+        split = parse_split(heal_split)
         cal = [str(p) for p in calibration] if calibration else None
         settings = dict(eval_text=[str(p) for p in eval_text] if eval_text else None, prune_heads=prune_heads,
                         prune_vocab=prune_vocab, threshold=threshold, calibration_tokens=calibration_tokens,
@@ -91,6 +113,7 @@ def register(app: typer.Typer) -> None:
             result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
                                         num_layers_to_contract=n_layers, calibration=cal, heal_tokens=heal_tokens,
                                         layers=pinned, contract_kwargs=settings, seed=seed, out=out,
+                                        heal_schedule=heal_schedule, heal_split=split,
                                         overwrite=overwrite, progress=True)
             if as_json:
                 typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))

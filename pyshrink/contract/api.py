@@ -96,7 +96,8 @@ def _layer_list(layers) -> list[int]:
 
 # pyshrink.heal arguments that contract(heal_tokens=...) decides itself, so heal_options may not set them
 _HEAL_FIXED = ("student", "teacher", "text", "tokens", "tokenizer", "eval_text", "out", "resume", "overwrite",
-               "progress", "plot", "callback", "teacher_cache", "data_offset", "teacher_ppl")
+               "progress", "plot", "callback", "teacher_cache", "data_offset", "teacher_ppl", "segment",
+               "optimizer_state")
 
 
 def _heal_options(options) -> dict:
@@ -131,6 +132,9 @@ class ContractionResult:
     model: torch.nn.Module
     tokenizer: object
     summary: dict = field(default_factory=dict)
+    # block index -> indices (in the width before contraction) of the MLP neurons kept; not saved. Lets a
+    # schedule that trains across contractions slice the optimizer state of the narrowed projections alike.
+    kept_neurons: dict = field(default_factory=dict)
 
     def save(self, out, *, overwrite: bool = False) -> Path:
         """Write safetensors + config + tokenizer + pyshrink.json atomically; ``load_model(out)`` reads it."""
@@ -331,7 +335,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         chosen = layer_selection.choose(candidates, num_layers_to_contract, per_removed=threshold is not None)
     else:
         chosen = [c for c in candidates if c is not None]  # block order, as choose() returns them
-    rows = []
+    rows, kept_neurons = [], {}
     for c in chosen:
         blk = adapter.blocks(model)[c.index]
         row = {"layer": c.index, "width_before": adapter.mlp_width(blk)}
@@ -339,6 +343,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             row["heads_before"], row["kv_heads_before"] = adapter.head_counts(blk, model.config)
         if c.removed_neurons:
             neurons.apply(model, adapter, c.index, c.neurons.keep, c.neurons.weight, c.neurons.bias)
+            kept_neurons[c.index] = c.neurons.keep.sort().values
         if c.heads is not None:
             heads.apply(model, adapter, c.index, c.heads)
         row["width_after"] = adapter.mlp_width(blk)
@@ -408,7 +413,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     else:
         summary.update(embedding_cosine=q_final)
     summary["wall_time_s"] = time.perf_counter() - t_start
-    result = ContractionResult(model, tok, summary)
+    result = ContractionResult(model, tok, summary, kept_neurons)
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result

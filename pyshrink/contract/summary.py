@@ -45,12 +45,17 @@ def schedule_rows(summary: dict) -> list[tuple[str, str]]:
     """Rows for :attr:`pyshrink.heal.ScheduleResult.summary` (``pyshrink contract --steps K``)."""
     s = summary
     out = [("source", str(s["source"])),
-           ("mode", f"iterative: {len(s['steps'])} slices, each contracted then healed"),
+           ("mode", f"iterative: {len(s['steps'])} slices cut during one heal (optimizer state carried)"
+                    if s.get("heal_schedule") == "continuous" else
+                    f"iterative: {len(s['steps'])} slices, each contracted then healed"),
            ("params before", _fmt_params(s["source_params"])),
            ("params after", _fmt_params(s["num_params"])),
            ("reduction", f"{100 * s['fewer_params']:.1f} %")]
     for st in s["steps"]:
         layers = ",".join(map(str, st["layers"])) if st.get("layers") is not None else "?"
+        if st["ppl_contracted"] is None:  # a slice with no heal (weight 0 in --heal-split) was not measured
+            out.append((f"slice {st['slice']}", f"ratio {st['ratio']:.3f} of blocks {layers}: not healed"))
+            continue
         out.append((f"slice {st['slice']}", f"ratio {st['ratio']:.3f} of blocks {layers}: perplexity "
                                             f"{st['ppl_contracted']:.3f} -> {st['ppl_healed']:.3f} after "
                                             f"{st['tokens']:,} healing tokens ({st['seconds']:.1f} s)"))

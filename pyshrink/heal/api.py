@@ -41,6 +41,7 @@ class HealResult:
     train_tokens_per_s: float | None
     curve: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    optimizer_state: dict | None = None  # by parameter name; only for a segment (the run goes on from it)
 
     @property
     def path(self) -> Path | None:
@@ -193,7 +194,8 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
          max_seconds: float | None = None, out=None, resume: bool = False, overwrite: bool = False, seed: int = 0,
          gradient_checkpointing: bool = False, teacher_topk: int | None = None, teacher_cache=None,
          data_offset: int = 0, teacher_ppl: float | None = None, threads: int | None = None,
-         progress: bool = True, plot: bool = True, callback=None) -> HealResult:
+         progress: bool = True, plot: bool = True, callback=None, segment: tuple | None = None,
+         optimizer_state: dict | None = None) -> HealResult:
     """Distill ``teacher`` into the (smaller) ``student`` on ``text`` until it is as good, or the budget is spent.
 
     The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` (+ ``hidden_weight`` times the MSE
@@ -217,6 +219,12 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     Windows are visited in an order fixed by ``seed``; ``data_offset`` skips that many windows of it.
     ``teacher_ppl``: the teacher's perplexity on these held-out windows, if already known (skips measuring it).
     ``callback(info)`` is called after every optimizer step with the step, tokens seen and loss parts.
+
+    ``segment=(start, stop)`` trains only the part of a ``tokens``-token run between ``start`` and ``stop`` tokens
+    (its warm-up, learning-rate schedule and data order are the whole run's), starting from ``optimizer_state``
+    (``{parameter name: AdamW state}``, e.g. the previous segment's ``result.optimizer_state``); the result
+    carries the optimizer state on, and a segment that ends before the run does leaves the current weights, not
+    the best. This is how ``iterative_contract(heal_schedule="continuous")`` heals across its cuts.
     """
     cfg = HealConfig(tokens=tokens, lr=lr, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
                      seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, schedule=schedule, warmup=warmup,
@@ -227,6 +235,10 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     if teacher_cache is not None and cfg.teacher_topk != teacher_cache.k:
         raise InvalidSetting(f"teacher_topk={cfg.teacher_topk} but the teacher_cache keeps top-{teacher_cache.k}")
     _validate(cfg, eval_tokens)
+    if segment is not None:
+        _check_segment(segment, cfg.tokens, resume)
+    elif optimizer_state is not None:
+        raise InvalidSetting("optimizer_state continues a run: it needs segment=(start, stop)")
     if text is None:
         raise DataError("healing needs text to train on (text=...)")
     s_model, s_tok, s_src = _resolve(student, "student")
@@ -255,7 +267,13 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
             trainer.resume_from(out / ckpt.LAST)
         elif teacher_ppl is not None:
             trainer.state.teacher_ppl = float(teacher_ppl)
-        state = trainer.run()
+        stop = None
+        if segment is not None:
+            start, stop = (cfg.step_at(t) for t in segment)
+            trainer.state.step, trainer.state.tokens_seen = start, start * cfg.tokens_per_step
+            if optimizer_state:
+                trainer.load_named_optimizer_state(optimizer_state)
+        state = trainer.run(stop_step=stop)
     finally:
         torch.set_num_threads(old_threads)
         t_model.train(t_training)
@@ -271,7 +289,18 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
                       ppl_best=state.best_ppl, ppl_teacher=state.teacher_ppl, until_ppl=state.until_ppl,
                       tokens_seen=state.tokens_seen, best_tokens=state.best_tokens, steps=state.step,
                       seconds=round(state.seconds, 2), train_tokens_per_s=report["train_tokens_per_s"],
-                      curve=list(state.curve), config=dict(state.config))
+                      curve=list(state.curve), config=dict(state.config),
+                      optimizer_state=trainer.named_optimizer_state() if segment is not None else None)
+
+
+def _check_segment(segment, tokens: int, resume: bool) -> None:
+    ok = isinstance(segment, (tuple, list)) and len(segment) == 2 and all(is_int(t) for t in segment)
+    if not ok or not 0 <= segment[0] <= segment[1] <= tokens:
+        raise InvalidSetting(f"segment must be (start, stop) tokens with 0 <= start <= stop <= tokens ({tokens}), "
+                             f"got {segment!r}")
+    if resume:
+        raise InvalidSetting("resume=True continues a run from its folder; a segment continues one in memory: "
+                             "pass one or the other")
 
 
 def heal_in_place(model, tokenizer, *, teacher, text, tokens: int | None, **kwargs) -> dict | None:

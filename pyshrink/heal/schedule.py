@@ -6,6 +6,12 @@ once, then heals. The schedule removes the same neurons in ``steps`` slices: aft
 is relative to the current, already narrower width), and after each slice the model is healed from the
 *source* (the best teacher there is) with ``heal_tokens / steps`` tokens, so every later slice measures
 neuron importance on a model that has already adapted to the earlier removals.
+
+``heal_schedule="continuous"`` is gradual pruning as the literature practises it instead: one heal of
+``heal_tokens`` (one warm-up, one learning-rate decay over the whole budget, one AdamW optimizer) during
+which the slices are cut at the points ``heal_split`` sets (``[1, 1, 2]``: after 1/4 and 1/2 of the tokens);
+at each cut the optimizer state is sliced with the neurons contraction kept (:mod:`.carry`). The default,
+``"per-slice"``, gives every slice a heal of its own (warm-up and decay restart, optimizer state dropped).
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from typing import Any, Callable
 
 from .. import models
 from ..errors import InvalidSetting, check_range, is_int
+from .carry import carry_optimizer_state
+
+HEAL_SCHEDULES = ("per-slice", "continuous")
 
 
 @dataclass
@@ -28,6 +37,7 @@ class ScheduleResult:
     num_params: int = 0
     source_params: int = 0
     heal_tokens: int = 0
+    heal_schedule: str = "per-slice"
     source: str | None = None
     seconds: float = 0.0
 
@@ -39,7 +49,8 @@ class ScheduleResult:
         ppl_source, ppl_final = last.get("ppl_teacher"), last.get("ppl_healed")
         return {"source": self.source, "num_params": self.num_params, "source_params": self.source_params,
                 "fewer_params": 1 - self.num_params / self.source_params if self.source_params else None,
-                "heal_tokens": self.heal_tokens, "tokens_seen": sum(s["tokens"] for s in self.steps),
+                "heal_tokens": self.heal_tokens, "heal_schedule": self.heal_schedule,
+                "tokens_seen": sum(s["tokens"] for s in self.steps),
                 "ppl_source": ppl_source, "ppl_final": ppl_final,
                 "ppl_ratio": ppl_final / ppl_source if ppl_source and ppl_final is not None else None,
                 "evaluation": "held-out tail of the heal text (the heals' own windows)",
@@ -100,7 +111,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                        calibration=None, heal_tokens: int = 100_000, heal_text=None, eval_text=None,
                        teacher=None, layers=None, out=None, overwrite: bool = False,
                        contract_fn: Callable | None = None, contract_kwargs: dict | None = None, progress: bool = True,
-                       heal_split=None, **heal_kwargs) -> ScheduleResult:
+                       heal_split=None, heal_schedule: str = "per-slice", **heal_kwargs) -> ScheduleResult:
     """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
 
     ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
@@ -113,8 +124,14 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     proportion to ``heal_split``, K weights, e.g. ``[1, 3]``; 0 skips a slice's heal), and ``heal_kwargs``
     (lr, alpha, temperature, teacher_topk, ...; ``max_seconds`` applies to each slice). Slice ``k`` continues the
     window order where slice ``k - 1`` stopped, so all slices together see the windows one heal of
-    ``heal_tokens`` would; with ``teacher_topk`` one teacher cache serves every slice. With ``out``, the final model is saved there (atomically, with the per-slice
-    measurements in its ``pyshrink.json``); the result's ``steps`` holds them too.
+    ``heal_tokens`` would; with ``teacher_topk`` one teacher cache serves every slice.
+    ``heal_schedule``: ``"per-slice"`` (the default: every slice's heal restarts warm-up and learning-rate decay
+    with a new optimizer) or ``"continuous"`` (one heal over all of ``heal_tokens``, the slices cut during it at
+    the cumulative shares of ``heal_split``, AdamW state carried across each cut, sliced with the kept neurons;
+    each step's ``optimizer`` entry counts the state tensors carried, sliced and reset, and ``ppl_healed`` of a
+    slice before the last is its perplexity at the next cut; ``max_seconds`` is not taken, the budget is tokens).
+    With ``out``, the final model is saved there (atomically, with the per-slice measurements in its
+    ``pyshrink.json``); the result's ``steps`` holds them too.
     """
     from .api import heal
 
@@ -123,6 +140,12 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if not is_int(heal_tokens) or heal_tokens < steps:
         raise InvalidSetting(f"heal_tokens must be an integer >= steps ({steps}), got {heal_tokens!r}")
     split_budget(heal_tokens, steps, heal_split)  # refuse a bad split before any work
+    if heal_schedule not in HEAL_SCHEDULES:
+        raise InvalidSetting(f"heal_schedule must be one of {', '.join(HEAL_SCHEDULES)}, got {heal_schedule!r}")
+    continuous = heal_schedule == "continuous"
+    if continuous and heal_kwargs.get("max_seconds") is not None:
+        raise InvalidSetting("heal_schedule='continuous' runs one heal whose cuts are placed in tokens: pass a "
+                             "token budget (heal_tokens), not max_seconds")
     text = heal_text if heal_text is not None else calibration
     if text is None:
         raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
@@ -139,7 +162,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
     t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)
     result = ScheduleResult(model=None, tokenizer=None, source_params=models.num_params(t_model),
-                            heal_tokens=heal_tokens)
+                            heal_tokens=heal_tokens, heal_schedule=heal_schedule)
     if heal_kwargs.get("teacher_topk") and heal_kwargs.get("teacher_cache") is None:
         from .teacher import TeacherCache
         heal_kwargs["teacher_cache"] = TeacherCache(heal_kwargs["teacher_topk"])  # one teacher: share its targets
@@ -151,6 +174,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     current = source
     budgets = split_budget(heal_tokens, steps, heal_split)
     pinned = None if layers is None else list(layers)
+    position, opt_state = 0, None  # continuous: tokens of the one heal done so far, and its AdamW state
     t_start = time.perf_counter()
     for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
         kw = dict(contract_kwargs)
@@ -167,21 +191,38 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
             warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {pinned} of slice 1 (the contraction "
                           "function takes no layers= argument), so the final size differs from one-shot contraction",
                           RuntimeWarning, stacklevel=2)
+        carried = None
+        if continuous and opt_state is not None:
+            opt_state, carried = carry_optimizer_state(opt_state, contracted.model,
+                                                       getattr(contracted, "kept_neurons", None))
         if budgets[k - 1] == 0:  # no heal after this slice: the next one contracts the unhealed model
             result.steps.append({"slice": k, "ratio": ratio, "layers": done,
                                  "num_params": models.num_params(contracted.model), "ppl_contracted": None,
                                  "ppl_healed": None, "ppl_teacher": heal_kwargs.get("teacher_ppl"), "tokens": 0,
-                                 "stopped": "no heal", "seconds": 0.0})
+                                 "stopped": "no heal", "seconds": 0.0,
+                                 **({"optimizer": carried} if carried is not None else {})})
             current = (contracted.model, contracted.tokenizer)
             continue
-        healed = heal((contracted.model, contracted.tokenizer), teacher, text, tokens=budgets[k - 1],
-                      eval_text=eval_text, progress=progress, data_offset=offset, **heal_kwargs)
-        offset += healed.tokens_seen // seq_len  # the next slice continues the same data order
+        if continuous:
+            # one run: this slice trains from where the last one stopped up to its cumulative share of the budget
+            stop = heal_tokens if k == steps else max(position, sum(budgets[:k]))
+            healed = heal((contracted.model, contracted.tokenizer), teacher, text, tokens=heal_tokens,
+                          eval_text=eval_text, progress=progress, data_offset=offset, segment=(position, stop),
+                          optimizer_state=opt_state, **heal_kwargs)
+            tokens = healed.tokens_seen - position
+            position, opt_state = healed.tokens_seen, healed.optimizer_state
+            ppl_healed = healed.ppl_best if k == steps else healed.curve[-1]["ppl"]  # the weights cut next
+        else:
+            healed = heal((contracted.model, contracted.tokenizer), teacher, text, tokens=budgets[k - 1],
+                          eval_text=eval_text, progress=progress, data_offset=offset, **heal_kwargs)
+            offset += healed.tokens_seen // seq_len  # the next slice continues the same data order
+            tokens, ppl_healed = healed.tokens_seen, healed.ppl_best
         heal_kwargs["teacher_ppl"] = healed.ppl_teacher  # same teacher, same held-out windows
         result.steps.append({"slice": k, "ratio": ratio, "layers": done, "num_params": models.num_params(healed.model),
-                             "ppl_contracted": healed.ppl_initial, "ppl_healed": healed.ppl_best,
-                             "ppl_teacher": healed.ppl_teacher, "tokens": healed.tokens_seen,
-                             "stopped": healed.stopped, "seconds": healed.seconds})
+                             "ppl_contracted": healed.ppl_initial, "ppl_healed": ppl_healed,
+                             "ppl_teacher": healed.ppl_teacher, "tokens": tokens,
+                             "stopped": healed.stopped, "seconds": healed.seconds,
+                             **({"optimizer": carried} if carried is not None else {})})
         current = (healed.model, healed.tokenizer)
     result.model, result.tokenizer = current
     result.num_params = models.num_params(result.model)

@@ -50,6 +50,10 @@ class HealConfig:
     def total_steps(self) -> int:
         return max(1, math.ceil(self.tokens / self.tokens_per_step))
 
+    def step_at(self, tokens: int) -> int:
+        """The optimizer step at which ``tokens`` training tokens have been seen (the budget's end: the last)."""
+        return self.total_steps if tokens >= self.tokens else round(tokens / self.tokens_per_step)
+
     @property
     def eval_every_steps(self) -> int:
         every = self.eval_every or max(self.tokens // 8, 1)
@@ -168,6 +172,27 @@ class Trainer:
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
+    # ---- optimizer state by parameter name (what the continuous schedule carries across a contraction) -----
+    def named_optimizer_state(self) -> dict:
+        """``{parameter name: AdamW state}`` of the trainable parameters that have taken a step."""
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        return {names[id(p)]: dict(self.optimizer.state[p]) for p in self.params if p in self.optimizer.state}
+
+    def load_named_optimizer_state(self, named: dict) -> None:
+        """Start the optimizer from ``named`` (as :meth:`named_optimizer_state` returns it, shapes already matching
+        this student); trainable parameters it does not name start fresh, names of frozen parameters are ignored."""
+        params = dict(self.student.named_parameters())
+        trainable = {id(p) for p in self.params}
+        for name, st in named.items():
+            p = params.get(name)
+            if p is None or id(p) not in trainable:
+                continue
+            bad = [k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape]
+            if bad:
+                raise ValueError(f"optimizer state {bad} of {name} has shape {tuple(st[bad[0]].shape)}, the parameter "
+                                 f"{tuple(p.shape)}: slice the state with the kept indices first")
+            self.optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in st.items()}
+
     # ---- evaluation and checkpoints -----------------------------------------------------------------------
     def evaluate(self, model) -> float:
         was_training = model.training
@@ -282,8 +307,12 @@ class Trainer:
         totals["lr"] = lr
         return totals
 
-    def run(self) -> RunState:
+    def run(self, stop_step: int | None = None) -> RunState:
+        """Train until the budget's end (or ``stop_step``, a segment's end: then the run is meant to go on, so the
+        current weights are left in the student, not the best ones, and ``stopped`` is ``"segment"``)."""
         cfg, s = self.cfg, self.state
+        end = cfg.total_steps if stop_step is None else min(stop_step, cfg.total_steps)
+        at_end = "budget" if end == cfg.total_steps else "segment"
         started = time.perf_counter()
         base_seconds = s.seconds
 
@@ -310,7 +339,7 @@ class Trainer:
                    desc="heal", disable=not self.progress, dynamic_ncols=True)
         last_saved = s.step
         try:
-            while s.stopped is None and s.step < cfg.total_steps:
+            while s.stopped is None and s.step < end:
                 t0 = time.perf_counter()
                 parts = self._train_step()
                 s.train_seconds += time.perf_counter() - t0
@@ -322,17 +351,17 @@ class Trainer:
                 if self.callback is not None:
                     self.callback({"step": s.step, "tokens_seen": s.tokens_seen, **parts})
                 over_time = cfg.max_seconds is not None and s.seconds >= cfg.max_seconds
-                if s.step % cfg.eval_every_steps == 0 or s.step == cfg.total_steps or over_time:
+                if s.step % cfg.eval_every_steps == 0 or s.step == end or over_time:
                     reached = self._record_eval(self.evaluate(self.student))
                     tick()
                     s.stopped = "until_ppl" if reached else ("time" if over_time else None)
-                    if s.stopped is None and s.step == cfg.total_steps:
-                        s.stopped = "budget"
+                    if s.stopped is None and s.step == end:
+                        s.stopped = at_end
                     self._save_last()
                     last_saved = s.step
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", ppl=f"{s.curve[-1]['ppl']:.2f}")
             if s.stopped is None:
-                s.stopped = "budget"
+                s.stopped = at_end
             if s.step != last_saved:
                 self._save_last()
         except KeyboardInterrupt:
@@ -352,7 +381,8 @@ class Trainer:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
             self.optimizer.zero_grad(set_to_none=True)
-        self._restore_best()
+        if end == cfg.total_steps:  # a segment's end keeps the weights the optimizer state belongs to
+            self._restore_best()
         tick()
         self._write_report()
         return s

@@ -102,6 +102,36 @@ def test_contract_steps_runs_the_iterative_schedule(source_folder, capsys):
     assert models.num_params(saved) == s["num_params"] < s["source_params"]
 
 
+def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, capsys):
+    assert main(["contract", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--heal-schedule" in text and "--heal-split" in text
+    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
+                     "continuous", "--heal-split", "1:3", "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    # one heal of 4 steps of 1,024 tokens (seq_len 256 x grad_accum 4): slice 2 is cut after the first
+    assert s["steps"][0]["tokens"] == 1024 and s["tokens_seen"] <= 4096
+    assert s["steps"][0]["stopped"] == "segment" and "optimizer" not in s["steps"][0]
+    # slice 2 narrowed gate, up and down of blocks 0 and 2: their AdamW state was sliced, nothing started afresh
+    assert s["steps"][1]["optimizer"]["sliced"] == 6 and s["steps"][1]["optimizer"]["reset"] == 0
+    saved = models.load_model(source_folder / "out", with_tokenizer=False)
+    from pyshrink.arch import adapter_for
+    ad = adapter_for(saved)
+    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
+    assert _contract(source_folder, "--heal-tokens", "2048", "--heal-schedule", "continuous", "--overwrite") == 2
+    assert "--steps K" in capsys.readouterr().err
+    assert _contract(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:x", "--overwrite") == 2
+    assert "--heal-split takes colon-separated weights" in capsys.readouterr().err
+    assert _contract(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:1:1",
+                     "--overwrite") == 2
+    assert "heal_split must hold 2" in capsys.readouterr().err
+    # the table: a slice with weight 0 is cut without healing (nothing measured), and the mode says one heal
+    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--heal-split", "0:1",
+                     "--heal-schedule", "continuous", "--overwrite") == 0
+    text = capsys.readouterr().out
+    assert "slices cut during one heal" in text and "slice 1" in text and "not healed" in text
+
+
 def test_contract_steps_table(source_folder, capsys):
     assert _contract(source_folder, "--num-layers-to-contract", "1", "--heal-tokens", "1024", "--steps", "2") == 0
     text = capsys.readouterr().out
