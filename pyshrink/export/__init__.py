@@ -252,6 +252,8 @@ def _decoder(model, policy, *, opset, accuracy_level, logits, max_length):
         "hidden_size": spec.hidden, "head_dim": spec.head_dim,
         "vocab_size": spec.extra.get("full_vocab_size", spec.vocab_size), "max_length": spec.max_positions,
         "vocab_keep": spec.extra.get("vocab_keep"),
+        "embedding": ("float" if spec.extra.get("embedding_q4") is None else
+                      "4-bit, the head's bytes" if spec.extra["embedding_q4"] is spec.head else "4-bit"),
         "bos_token_id": _first(getattr(gen, "bos_token_id", None), getattr(cfg, "bos_token_id", None)),
         "eos_token_ids": eos,
         "pad_token_id": _first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None), *(eos or [None])),

@@ -161,20 +161,21 @@ class _Builder:
         if s.extra.get("vocab_remap") is not None:  # contracted vocabulary: tokenizer id -> kept row
             remap = to_numpy(s.extra["vocab_remap"]).astype(np.int64)
             ids = g.node("Gather", [g.initializer("vocab_remap", remap), ids], "embed/Remap", axis=0)
-        if s.extra.get("quantized_embedding"):
-            # tied 4-bit head: the embedding reads the same bytes (GatherBlockQuantized), as ORT GenAI does;
-            # rows are padded to whole groups, so gather the padded row and cut it back to K
-            nb = -(-head.K // head.group_size)
-            flat = g.node("Reshape", [self.head_weight_names[0], g.const([head.N, nb * head.group_size // 2])],
-                          "embed/Reshape")
-            scales = g.node("Reshape", [self.head_weight_names[1], g.const([head.N, nb])], "embed/ScalesReshape")
+        q = s.extra.get("embedding_q4")
+        if q is not None:
+            # 4-bit rows read by GatherBlockQuantized: the head's own bytes when tied (as ORT GenAI does), else
+            # the embedding's; rows are padded to whole groups, so gather the padded row and cut it back to K
+            names = self.head_weight_names if q is head else initializers(g, q, "embed_tokens")
+            nb = -(-q.K // q.group_size)
+            flat = g.node("Reshape", [names[0], g.const([q.N, nb * q.group_size // 2])], "embed/Reshape")
+            scales = g.node("Reshape", [names[1], g.const([q.N, nb])], "embed/ScalesReshape")
             ins = [flat, ids, scales]
-            if len(self.head_weight_names) > 2:
-                ins.append(g.node("Reshape", [self.head_weight_names[2], g.const([head.N, -1])], "embed/ZpReshape"))
+            if len(names) > 2:
+                ins.append(g.node("Reshape", [names[2], g.const([q.N, -1])], "embed/ZpReshape"))
             h = g.node("GatherBlockQuantized", ins, "embed/GatherBlockQuantized", domain=MS, bits=4,
-                       block_size=head.group_size, gather_axis=0, quantize_axis=1)
-            if nb * head.group_size != head.K:
-                h = g.node("Slice", [h, g.const([0]), g.const([head.K]), g.const([-1])], "embed/Unpad")
+                       block_size=q.group_size, gather_axis=0, quantize_axis=1)
+            if nb * q.group_size != q.K:
+                h = g.node("Slice", [h, g.const([0]), g.const([q.K]), g.const([-1])], "embed/Unpad")
             return h
         return g.node("Gather", [g.initializer("embed_tokens.weight", to_numpy(s.embed)), ids], "embed/Gather")
 

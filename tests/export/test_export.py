@@ -190,7 +190,35 @@ def test_int4_tied_embedding_with_padded_groups(symmetric, tmp_path):
     export_onnx(model, tmp_path / "p", int4=True, group_size=32, symmetric=symmetric, accuracy_level=0)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "p" / "model.onnx")).graph.node}
     assert "GatherBlockQuantized" in ops
-    assert json.loads((tmp_path / "p" / "pyshrink_onnx.json").read_text())["validation"]["max_abs_diff"] < 1e-4
+    meta = json.loads((tmp_path / "p" / "pyshrink_onnx.json").read_text())
+    assert meta["embedding"] == "4-bit, the head's bytes" and meta["validation"]["max_abs_diff"] < 1e-4
+
+
+def test_int4_untied_quantized_head_gets_its_own_4bit_embedding(tmp_path):
+    """pyshrink.quantize(skip=()) unties the head into a QuantLinear: the export copies the head's bytes and
+    rounds the float embedding into bytes of its own, read by GatherBlockQuantized (not a float table)."""
+    import transformers as tf
+
+    import pyshrink
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=80, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=5, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    pyshrink.quantize(model, bits=4, group_size=32, method="rtn", skip=())
+    assert type(model.lm_head).__name__ == "QuantLinear"  # untied: the embedding stays a float table
+    export_onnx(model, tmp_path / "u", int4=True, group_size=32, accuracy_level=0)
+    m = onnx.load(str(tmp_path / "u" / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert "embed_tokens.weight" not in inits and "embed_tokens.qweight" in inits
+    gbq = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gbq) == 1
+    assert np.array_equal(inits["lm_head.qweight"], model.lm_head.packed.numpy())  # copied, not re-rounded
+    meta = json.loads((tmp_path / "u" / "pyshrink_onnx.json").read_text())
+    assert meta["embedding"] == "4-bit" and meta["weights"]["projections"]["rtn"] == 0
+    # the reference runs with the same rounded embedding, so ORT and PyTorch agree to float32 noise
+    assert meta["validation"]["max_abs_diff"] < 1e-4
 
 
 def _levels(folder) -> dict:
