@@ -13,11 +13,12 @@ std::string cpu_isa() { return pyshrink::cpu::isa_name(pyshrink::cpu::active_isa
 pybind11::dict build_info() {
   pybind11::dict info;
 #if PYSHRINK_X86
-  info["isa_compiled"] = "x86-64 baseline + avx2,fma,f16c (function targets)";
+  info["isa_compiled"] = "x86-64 baseline + avx2,fma,f16c and avx512f,bw,vl,vnni (function targets)";
 #else
   info["isa_compiled"] = "portable scalar";
 #endif
   info["cpu_supports_avx2"] = pyshrink::cpu::cpu_supports_avx2();
+  info["cpu_supports_avx512"] = pyshrink::cpu::cpu_supports_avx512();
   info["cpu_isa"] = cpu_isa();
   info["openmp_threads"] = at::get_num_threads();
 #ifdef _OPENMP
@@ -37,6 +38,6 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyshrink native kernels (registered with torch.library on import)";
-  m.def("cpu_isa", &cpu_isa, "The CPU code path the kernels take now: 'avx2' or 'scalar' (PYSHRINK_CPU_ISA overrides).");
+  m.def("cpu_isa", &cpu_isa, "The CPU code path the kernels take now: 'avx512', 'avx2' or 'scalar' (PYSHRINK_CPU_ISA overrides).");
   m.def("build_info", &build_info, "What this build contains: compiled ISA, OpenMP threads, CUDA.");
 }

@@ -106,7 +106,7 @@ template <typename T>
 void accumulate(Isa isa, const T* x, const Rows& rows, int64_t cs, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                 Sums s) {
 #if PYSHRINK_X86
-  if (isa == Isa::kAvx2) return accumulate_avx2(x, rows, cs, r0, r1, c0, c1, s);
+  if (has_avx2(isa)) return accumulate_avx2(x, rows, cs, r0, r1, c0, c1, s);
 #endif
   accumulate_scalar(x, rows, cs, r0, r1, c0, c1, s);
 }

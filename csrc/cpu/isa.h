@@ -2,8 +2,11 @@
 //
 // The extension is compiled for the baseline x86-64 ISA so that it loads on any CPU. Each kernel carries an
 // AVX2+FMA+F16C code path, compiled with a function-level target attribute (PYSHRINK_AVX2), and a portable
-// scalar path; active_isa() picks one on every call. PYSHRINK_CPU_ISA=scalar forces the portable path, which
-// is how the tests check that both paths agree with the references.
+// scalar path; kernels that gain from 512-bit registers and VNNI (linear_q4) also carry an AVX-512 path
+// (PYSHRINK_AVX512: avx512f/bw/vl/vnni). active_isa() picks the best level on every call; the levels are
+// ordered and each includes the one below it, so a kernel without an AVX-512 path runs its AVX2 one at
+// Isa::kAvx512 (has_avx2()). PYSHRINK_CPU_ISA=avx2|scalar forces a lower level, which is how the tests check
+// that every path agrees with the references.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -20,6 +23,9 @@
 #include <immintrin.h>
 #define PYSHRINK_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define PYSHRINK_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+#define PYSHRINK_AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+#define PYSHRINK_AVX512 __attribute__((target(PYSHRINK_AVX512_TARGET)))
+#define PYSHRINK_AVX512_INLINE __attribute__((target(PYSHRINK_AVX512_TARGET), always_inline)) inline
 #else
 #define PYSHRINK_X86 0
 #endif
@@ -27,11 +33,17 @@
 namespace pyshrink {
 namespace cpu {
 
-enum class Isa { kScalar, kAvx2 };
+// Ordered: a level includes every level below it.
+enum class Isa { kScalar, kAvx2, kAvx512 };
 
 constexpr const char* kIsaEnv = "PYSHRINK_CPU_ISA";
 
-inline const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
+
+// May a kernel take its AVX2 code path at this level (true at kAvx2 and kAvx512)?
+inline bool has_avx2(Isa isa) { return isa >= Isa::kAvx2; }
 
 // Does this CPU run the AVX2 code paths (AVX2, FMA and F16C all present)? Asked once.
 inline bool cpu_supports_avx2() {
@@ -46,20 +58,40 @@ inline bool cpu_supports_avx2() {
 #endif
 }
 
+// Does this CPU (and its OS, which must save the zmm state; libgcc's check asks XGETBV) run the AVX-512
+// code paths: AVX-512 F, BW, VL and VNNI, on top of the AVX2 level? Asked once.
+inline bool cpu_supports_avx512() {
+#if PYSHRINK_X86
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_supports_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // The code path a kernel takes now: the best one this CPU has, unless PYSHRINK_CPU_ISA says otherwise.
 // Read on every call (a getenv, tens of nanoseconds) so that a test can flip it without a new process.
 // `op` prefixes the error message, as every pyshrink kernel error does.
 inline Isa active_isa(const char* op = "pyshrink") {
   const char* env = std::getenv(kIsaEnv);
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
-    return cpu_supports_avx2() ? Isa::kAvx2 : Isa::kScalar;
+    return cpu_supports_avx512() ? Isa::kAvx512 : cpu_supports_avx2() ? Isa::kAvx2 : Isa::kScalar;
   }
   if (std::strcmp(env, "scalar") == 0) return Isa::kScalar;
+  if (std::strcmp(env, "avx512") == 0) {
+    TORCH_CHECK(cpu_supports_avx512(), op, ": ", kIsaEnv,
+                "=avx512 but this CPU (or its OS) lacks AVX-512 F, BW, VL or VNNI");
+    return Isa::kAvx512;
+  }
   if (std::strcmp(env, "avx2") == 0) {
     TORCH_CHECK(cpu_supports_avx2(), op, ": ", kIsaEnv, "=avx2 but this CPU lacks AVX2, FMA or F16C");
     return Isa::kAvx2;
   }
-  TORCH_CHECK(false, op, ": ", kIsaEnv, " must be 'auto', 'avx2' or 'scalar', got '", env, "'");
+  TORCH_CHECK(false, op, ": ", kIsaEnv, " must be 'auto', 'avx512', 'avx2' or 'scalar', got '", env, "'");
 }
 
 // Calls f(T{}) with T the C++ type of a float32, float16 or bfloat16 tensor (the dtypes pyshrink's ops take).
@@ -129,7 +161,7 @@ PYSHRINK_AVX2 void row_to_float_avx2(const T* src, int64_t stride, int64_t n, fl
 template <typename T>
 void row_to_float(const T* src, int64_t stride, int64_t n, float* dst, Isa isa) {
 #if PYSHRINK_X86
-  if (isa == Isa::kAvx2) return row_to_float_avx2(src, stride, n, dst);
+  if (has_avx2(isa)) return row_to_float_avx2(src, stride, n, dst);
 #endif
   row_to_float_scalar(src, stride, n, dst);
 }

@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_q4_cpu(const at::Tensor&
         for (int64_t b = 0; b < nb; ++b) {
           GroupParams p;
 #if PYSHRINK_X86
-          if (isa == Isa::kAvx2) p = quantize_group_avx2(row.data() + b * g, g, symmetric, codes.data());
+          if (has_avx2(isa)) p = quantize_group_avx2(row.data() + b * g, g, symmetric, codes.data());
           else
 #endif
             p = quantize_group_scalar(row.data() + b * g, g, symmetric, codes.data());
@@ -222,7 +222,7 @@ at::Tensor dequantize_q4_cpu(const at::Tensor& packed_in, const at::Tensor& scal
         const bool full = (b + 1) * g <= K;
         float* dst = full ? op + n * K + b * g : tail.data();
 #if PYSHRINK_X86
-        if (isa == Isa::kAvx2)
+        if (has_avx2(isa))
           dequantize_block_avx2(pp + (n * nb + b) * (g / 2), g, sp[n * nb + b], zero_point_at(zrow, b), dst);
         else
 #endif

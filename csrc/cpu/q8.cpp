@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_q8_cpu(const at::Tensor& w) {
         const float scale = amax / 127.0f;
         const float safe = scale == 0.0f ? 1.0f : scale;
 #if PYSHRINK_X86
-        if (isa == Isa::kAvx2) quantize_row_avx2(row.data(), K, safe, qp + n * K);
+        if (has_avx2(isa)) quantize_row_avx2(row.data(), K, safe, qp + n * K);
         else
 #endif
           quantize_row_scalar(row.data(), K, safe, qp + n * K);
@@ -123,7 +123,7 @@ PYSHRINK_AVX2 void tile_avx2(const float* const* x, const int8_t* const* w, int6
 template <int RM, int RN>
 void tile(Isa isa, const float* const* x, const int8_t* const* w, int64_t K, float* raw) {
 #if PYSHRINK_X86
-  if (isa == Isa::kAvx2) return tile_avx2<RM, RN>(x, w, K, raw);
+  if (has_avx2(isa)) return tile_avx2<RM, RN>(x, w, K, raw);
 #endif
   tile_scalar<RM, RN>(x, w, K, raw);
 }

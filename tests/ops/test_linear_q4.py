@@ -1,4 +1,4 @@
-"""linear_q4: native kernels (exact and fast modes, AVX2 and scalar paths) against the float64 references.
+"""linear_q4: native kernels (exact and fast modes, every CPU code path) against the float64 references.
 
 Bounds (see _opsutil.py for the derivation): exact mode against the float64 product with the dequantized
 weights, |y - y_ref| <= (min(Kp, 1024) + nb + 12) * 2^-24 * sum_k |x_k w_k| + one output ulp; fast mode
@@ -47,7 +47,7 @@ CASES = [
 @pytest.mark.parametrize("g,sym,fast,M,KN,dtype,with_bias", CASES,
                          ids=[f"g{c[0]}-{'sym' if c[1] else 'asym'}-{'fast' if c[2] else 'exact'}-M{c[3]}-K{c[4][0]}"
                               f"-N{c[4][1]}-{str(c[5])[6:]}{'-bias' if c[6] else ''}" for c in CASES])
-def test_matches_reference(gen, g, sym, fast, M, KN, dtype, with_bias):
+def test_matches_reference(isa, gen, g, sym, fast, M, KN, dtype, with_bias):
     K, N = KN
     packed, scales, zp = _weights(gen, N, K, g, sym)
     x = torch.randn(M, K, generator=gen).to(dtype)
@@ -56,18 +56,19 @@ def test_matches_reference(gen, g, sym, fast, M, KN, dtype, with_bias):
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 17])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 12, 17])
 @pytest.mark.parametrize("g,sym", [(32, False), (64, True), (128, False)])
-def test_scalar_and_avx2_paths(isa, gen, fast, M, g, sym):
-    """Both code paths, every M-specific kernel (M = 1, 2, 3 direct; >= 4 tiled), against the reference."""
-    K, N = 576, 33
+def test_every_path_and_row_tail(isa, gen, fast, M, g, sym):
+    """Every code path and M-specific kernel (M = 1, 2, 3 direct; >= 4 tiled, with every row-tile tail),
+    N = 33 and 100 (not a multiple of any weight-row tile), against the reference."""
+    K, N = 576, 33 if M % 2 else 100
     packed, scales, zp = _weights(gen, N, K, g, sym)
     x = torch.randn(M, K, generator=gen)
     _check(x, packed, scales, zp, torch.randn(N, generator=gen), fast)
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
-def test_noncontiguous_and_batched_inputs(gen, fast):
+def test_noncontiguous_and_batched_inputs(isa, gen, fast):
     K, N = 200, 33
     packed, scales, zp = _weights(gen, N, K, 64, False)
     xt = torch.randn(K, 5, generator=gen).T  # [5, K], column stride 5
@@ -80,7 +81,7 @@ def test_noncontiguous_and_batched_inputs(gen, fast):
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
-def test_float16_activations_and_bias_dtypes(gen, fast):
+def test_float16_activations_and_bias_dtypes(isa, gen, fast):
     K, N = 576, 130
     packed, scales, zp = _weights(gen, N, K, 32, True)
     x = torch.randn(17, K, generator=gen).half()

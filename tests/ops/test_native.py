@@ -51,19 +51,26 @@ def test_cpu_isa_and_build_info():
     flags = _cpu_flags()
     info = _C.build_info()
     assert info["cuda"] in (True, False) and info["openmp_threads"] >= 1
-    if {"avx2", "fma", "f16c"} <= flags:
-        assert info["cpu_supports_avx2"]
-        assert _C.cpu_isa() == "avx2"
-    else:
-        assert _C.cpu_isa() == "scalar"
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+    assert info["cpu_supports_avx2"] == avx2 and info["cpu_supports_avx512"] == avx512
+    assert _C.cpu_isa() == ("avx512" if avx512 else "avx2" if avx2 else "scalar")
+    assert info["cpu_isa"] == _C.cpu_isa()
 
 
 def test_isa_env_var(monkeypatch):
     monkeypatch.setenv("PYSHRINK_CPU_ISA", "scalar")
     assert _C.cpu_isa() == "scalar"
     monkeypatch.setenv("PYSHRINK_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match=r"pyshrink.linear_q8: PYSHRINK_CPU_ISA must be 'auto', 'avx2' or 'scalar', got 'sse9'"):
+    with pytest.raises(RuntimeError, match=r"pyshrink.linear_q8: PYSHRINK_CPU_ISA must be 'auto', 'avx512', 'avx2' or 'scalar', got 'sse9'"):
         torch.ops.pyshrink.linear_q8(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8), torch.ones(2), None)
+    for level in ("avx512", "avx2"):
+        monkeypatch.setenv("PYSHRINK_CPU_ISA", level)
+        if _C.build_info()[f"cpu_supports_{level}"]:
+            assert _C.cpu_isa() == level
+        else:  # forcing a level the CPU lacks is an error, not a silent fallback
+            with pytest.raises(RuntimeError, match=rf"pyshrink._C.cpu_isa: PYSHRINK_CPU_ISA={level} but this CPU"):
+                _C.cpu_isa()
 
 
 def test_scalar_path_in_a_fresh_process():
