@@ -28,15 +28,19 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import pyshrink  # noqa: F401
-from pyshrink import _C
-from pyshrink.ops import q4
+# this checkout's build, not whichever pyshrink is installed (a worktree would time main's kernels otherwise)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pyshrink  # noqa: E402,F401
+from pyshrink import _C  # noqa: E402
+from pyshrink.ops import q4  # noqa: E402
 
 G = 64
 
