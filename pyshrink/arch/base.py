@@ -7,6 +7,7 @@ family is one small file that calls :func:`pyshrink.arch.register`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
@@ -41,6 +42,10 @@ class Adapter:
     # value names one of: "q_heads", "kv_heads", "groups" (query heads per kv head), "q_width" (q_heads*head_dim).
     head_attrs: dict = field(default_factory=dict)
     head_module: str | None = None
+    # ``fuse(block)`` (optional): make the block run its q|k|v and its gate|up projections as one call each
+    # (fewer operator calls per decode step; see pyshrink.runtime.torch_decoder). Returns how many groups it
+    # fused. Families without one cannot be fused.
+    fuse: Callable | None = None
 
     # ---- modules ---------------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:

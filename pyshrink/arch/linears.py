@@ -66,3 +66,24 @@ def resize(m: nn.Module, in_f: int, out_f: int) -> None:
         m.in_features, m.out_features = in_f, out_f
     if m.bias is not None:
         m.bias = nn.Parameter(torch.empty(out_f, device=dev, dtype=dt))
+
+
+def concat_outputs(mods) -> nn.Module:
+    """One projection computing ``mods``' outputs side by side (``nn.Linear``s or pyshrink's quantized
+    layers, all of one kind), so that q|k|v or gate|up of a block run as one call. The weights are copied;
+    raises ``ValueError`` for projections that cannot share a call.
+    """
+    first = mods[0]
+    if hasattr(first, "concat_outputs"):  # QuantLinear / QuantLinear8 (quantize imports arch: no import here)
+        return type(first).concat_outputs(mods)
+    if not all(type(m) is nn.Linear and m.in_features == first.in_features and (m.bias is None) == (first.bias is None)
+               and m.weight.dtype == first.weight.dtype for m in mods):
+        raise ValueError(f"cannot concatenate {[type(m).__name__ for m in mods]}: need nn.Linear of one input "
+                         "width, dtype and bias setting")
+    out = nn.Linear(first.in_features, sum(m.out_features for m in mods), bias=first.bias is not None,
+                    device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in mods]))
+        if first.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in mods]))
+    return out

@@ -43,10 +43,14 @@ def is_onnx_folder(path) -> bool:
 
 
 def run_one(runtime: str, model, *, prompt_tokens=128, new_tokens=64, threads=None, repeats=3, warmup=1,
-            timeout: float = 3600, label: str | None = None) -> dict:
-    """Measure ``model`` on ``runtime`` in a fresh subprocess; returns the result row (or one with ``error``)."""
+            timeout: float = 3600, label: str | None = None, options: dict | None = None) -> dict:
+    """Measure ``model`` on ``runtime`` in a fresh subprocess; returns the result row (or one with ``error``).
+
+    ``options`` go to the runtime's runner (torch: ``compile``, ``fuse``, ``cpp_wrapper``; see
+    :class:`pyshrink.benchmark.runners.TorchRunner`).
+    """
     spec = {"runtime": runtime, "model": str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "threads": threads, "repeats": repeats, "warmup": warmup}
+            "threads": threads, "repeats": repeats, "warmup": warmup, "options": options}
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -66,8 +70,13 @@ def run_one(runtime: str, model, *, prompt_tokens=128, new_tokens=64, threads=No
 
 
 def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens: int = 64, threads: int | None = None,
-          repeats: int = 3, warmup: int = 1, int4: bool = False, export_dir=None, progress=None) -> list[dict]:
-    """Benchmark each model on the chosen runtime(s); ``both`` exports non-ONNX models on the fly."""
+          repeats: int = 3, warmup: int = 1, int4: bool = False, export_dir=None, progress=None,
+          compile: bool = False) -> list[dict]:
+    """Benchmark each model on the chosen runtime(s); ``both`` exports non-ONNX models on the fly.
+
+    ``compile``: PyTorch rows decode through :class:`pyshrink.runtime.torch_decoder.TorchDecoder` (static
+    KV cache, fused projections, ``torch.compile``); the compilation is timed apart (``compile_s``).
+    """
     if runtime not in RUNTIMES:
         raise InvalidSetting(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     check_range("prompt_tokens", prompt_tokens, 1, 1 << 16, integer=True)
@@ -105,7 +114,10 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
         for rt, path, label in jobs:
             if progress:
                 progress(f"measuring {path} on {rt}")
-            rows.append(run_one(rt, path, label=label, **kw))
+            opts = {"compile": True, "fuse": True} if compile and rt == "torch" else None
+            if opts:
+                label = (label or Path(str(path)).name) + " (compiled)"
+            rows.append(run_one(rt, path, label=label, options=opts, **kw))
     if tmp is not None:
         tmp.cleanup()
     return rows

@@ -33,10 +33,23 @@ def disk_size(path) -> int:
 
 @runner("torch")
 class TorchRunner:
-    """A pyshrink/transformers model in PyTorch with transformers' KV cache (LM head on the last position only)."""
+    """A pyshrink/transformers model in PyTorch with transformers' KV cache (LM head on the last position only).
 
-    def __init__(self, model: str, threads: int | None, capacity: int):
-        self.source, self.threads = model, threads
+    With ``compile`` given (True or False) or ``fuse`` the model runs through
+    :class:`pyshrink.runtime.torch_decoder.TorchDecoder` instead (static KV cache; ``fuse``: q|k|v and gate|up
+    as one projection each; ``compile``: the step through ``torch.compile``, whose compilation happens in the
+    warm-up and is reported as ``compile_s``; ``cpp_wrapper``: inductor's C++ wrapper).
+    """
+
+    def __init__(self, model: str, threads: int | None, capacity: int, *, compile: bool | None = None,
+                 fuse: bool = False, cpp_wrapper: bool = False):
+        self.source, self.threads, self.capacity = model, threads, capacity
+        options = {"cpp_wrapper": True} if cpp_wrapper else None
+        # compile=False without fuse: the static cache alone (for measuring each part on its own)
+        self.decoder_kw = (dict(compile=bool(compile), fuse=fuse, compile_options=options)
+                           if compile is not None or fuse else None)
+        if cpp_wrapper and not compile:
+            raise ValueError("cpp_wrapper applies to compile=True only")
 
     def load(self):
         import torch
@@ -53,6 +66,12 @@ class TorchRunner:
             self.disk_path = CACHE_DIR / str(self.source)
         self.vocab = self.model.get_output_embeddings().out_features if hasattr(
             self.model.get_output_embeddings(), "out_features") else self.model.config.vocab_size
+        self.decoder = None
+        if self.decoder_kw is not None:
+            from ..runtime.torch_decoder import TorchDecoder
+
+            self.decoder = TorchDecoder(self.model, self.capacity + 1, **self.decoder_kw)
+            self.compile_s = 0.0
 
     def _run(self, ids, past):
         kw = {"use_cache": True, "past_key_values": past}
@@ -63,11 +82,20 @@ class TorchRunner:
         return int(out.logits[0, -1].argmax()), out.past_key_values
 
     def prefill(self, ids):
+        if self.decoder is not None:
+            return int(self.decoder.prefill(ids).argmax())
         with self.torch.inference_mode():
             tok, self.past = self._run(self.torch.tensor([ids]), None)
         return tok
 
     def decode(self, tok):
+        if self.decoder is not None:
+            if self.decoder_kw["compile"] and not self.compile_s:  # the first step compiles
+                t = time.perf_counter()
+                out = int(self.decoder.step(tok).argmax())
+                self.compile_s = time.perf_counter() - t
+                return out
+            return int(self.decoder.step(tok).argmax())
         with self.torch.inference_mode():
             tok, self.past = self._run(self.torch.tensor([[tok]]), self.past)
         return tok
@@ -182,12 +210,13 @@ def peak_rss_bytes() -> int:
 
 
 def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: int = 64, threads: int | None = None,
-            repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
+            repeats: int = 3, warmup: int = 1, seed: int = 0, options: dict | None = None) -> dict:
+    """``options``: keyword arguments of the runtime's runner (the torch runner's ``compile``, ``fuse``...)."""
     import psutil
 
     if runtime not in RUNNERS:
         raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNNERS)})")
-    r = RUNNERS[runtime](model, threads, prompt_tokens + new_tokens)
+    r = RUNNERS[runtime](model, threads, prompt_tokens + new_tokens, **(options or {}))
     t0 = time.perf_counter()
     r.load()
     load_s = time.perf_counter() - t0
@@ -216,4 +245,6 @@ def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: i
         "peak_rss_mb": peak_rss_bytes() / 2**20, "rss_after_load_mb": rss_loaded / 2**20,
         "disk_mb": disk_size(getattr(r, "disk_path", model)) / 1e6,
         "loadavg_1min": round(os.getloadavg()[0], 2),  # other work on the machine while this ran
+        **({"options": options} if options else {}),
+        **({"compile_s": round(r.compile_s, 2)} if getattr(r, "compile_s", None) else {}),
     }

@@ -19,6 +19,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", help="Threads for every runtime (default: theirs)."),
         repeats: int = typer.Option(3, "--repeats", help="Timed repeats after one warm-up."),
         int4: bool = typer.Option(False, "--int4", help="On-the-fly exports (--runtime both) with 4-bit weights."),
+        compile: bool = typer.Option(False, "--compile", help="PyTorch rows: static KV cache, q|k|v and gate|up fused, "
+                                     "decode step through torch.compile (compile time reported apart)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
         chart_out: Optional[Path] = typer.Option(None, "--chart", help="Write a PNG bar chart here (needs matplotlib)."),
     ):
@@ -26,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from ..benchmark import bench, chart, markdown_table
 
         rows = bench(models, runtime=runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
-                     repeats=repeats, int4=int4, progress=lambda m: typer.echo(m, err=True))
+                     repeats=repeats, int4=int4, compile=compile, progress=lambda m: typer.echo(m, err=True))
         typer.echo(markdown_table(rows))
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,3 +61,12 @@ def test_ort_genai_peer_runner(tiny_folder, tmp_path):
     row = run_one("ort-genai", tmp_path / "onnx", prompt_tokens=8, new_tokens=4, repeats=1, threads=1)
     assert "error" not in row, row
     assert row["decode_tokens_per_s"] > 0 and row["disk_mb"] > 0
+
+
+def test_compiled_torch_rows(tiny_folder):
+    rows = bench([str(tiny_folder)], runtime="torch", compile=True, prompt_tokens=8, new_tokens=4, repeats=1,
+                 threads=1)
+    (r,) = rows
+    assert "error" not in r, r
+    assert r["label"] == "tiny-llama (compiled)" and r["options"] == {"compile": True, "fuse": True}
+    assert r["compile_s"] > 0 and all(r[k] > 0 for k in KEYS)

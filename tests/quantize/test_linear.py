@@ -92,3 +92,26 @@ def test_dtype_casts_leave_the_packed_format_alone():
     q.float()
     q8 = QuantLinear8.from_float(torch.nn.Linear(64, 16)).half()
     assert q8.scales.dtype == torch.float32 and q8.q.dtype == torch.int8
+
+
+@pytest.mark.parametrize("bits,kw", [(4, dict(group_size=32, symmetric=True)),
+                                     (4, dict(group_size=64, symmetric=False)), (8, {})])
+def test_concat_outputs_computes_what_the_separate_layers_compute(bits, kw):
+    torch.manual_seed(0)
+    cls = QuantLinear if bits == 4 else QuantLinear8
+    layers = [cls.from_float(torch.nn.Linear(100, n, bias=True), **kw) for n in (24, 8, 8)]
+    fused = cls.concat_outputs(layers)
+    assert type(fused) is cls and fused.out_features == 40 and fused.in_features == 100
+    x = torch.randn(3, 100)
+    torch.testing.assert_close(fused(x), torch.cat([m(x) for m in layers], dim=-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused.dequantized_weight(), torch.cat([m.dequantized_weight() for m in layers]))
+
+
+def test_concat_outputs_refuses_layers_that_cannot_share_a_call():
+    a = QuantLinear.from_float(torch.nn.Linear(64, 8), group_size=32)
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        QuantLinear.concat_outputs([a, QuantLinear.from_float(torch.nn.Linear(64, 8), group_size=64)])
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        QuantLinear.concat_outputs([a, QuantLinear8.from_float(torch.nn.Linear(64, 8))])
+    with pytest.raises(ValueError, match="bias"):
+        QuantLinear.concat_outputs([a, QuantLinear.from_float(torch.nn.Linear(64, 8, bias=False), group_size=32)])

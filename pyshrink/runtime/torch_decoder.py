@@ -1,0 +1,86 @@
+"""Batch-1 greedy/sampled decoding of a PyTorch causal LM (float or pyshrink-quantized) with less overhead
+per token than transformers' eager loop: a static KV cache, q|k|v and gate|up as one projection each, and
+the one-token step compiled by ``torch.compile`` (inductor; pyshrink's ops are extern calls in the graph).
+
+Recipe::
+
+    import pyshrink
+    from pyshrink.runtime.torch_decoder import TorchDecoder
+
+    model, tok = pyshrink.load_model("out/smollm2-q4")
+    dec = TorchDecoder(model, max_length=256)     # compiles on the first step (tens of seconds; cached on disk)
+    logits = dec.prefill(tok("The capital of France is").input_ids)   # float32 [vocab], last position
+    for _ in range(20):
+        logits = dec.step(int(logits.argmax()))
+
+Why each part (SmolLM2-135M, 2 threads, bench/RESULTS.md "Decode speed"): transformers' eager step spends
+about as long in ~1,700 small operators and Python as in the 4-bit linears; inductor fuses the small ones
+into a few C++ loops, which needs fixed shapes (the static cache); fusing projections saves 3 op calls per
+block. The prompt runs eagerly (its length varies; compiling it would recompile per length).
+
+The model is changed in place by ``fuse=True`` (see :attr:`pyshrink.arch.Adapter.fuse`): it computes the same
+numbers, its state dict, ``pyshrink.save`` and the ONNX export are unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..arch import adapter_for
+from ..errors import InvalidSetting, check_range
+
+
+class TorchDecoder:
+    """One sequence at a time on ``model``: :meth:`prefill` a prompt, then :meth:`step` token by token.
+
+    ``max_length`` is the KV cache's capacity (prompt + generated tokens). ``compile`` (default True) runs
+    the step through ``torch.compile(fullgraph=True, dynamic=False)``; ``compile_options`` go to inductor
+    (e.g. ``{"cpp_wrapper": True}``: the graph's calls made from C++, faster per step, slower to compile).
+    ``fuse`` (default True) fuses the projections; ``fused_groups`` says how many groups were fused.
+    """
+
+    def __init__(self, model, max_length: int, *, compile: bool = True, fuse: bool = True,
+                 compile_options: dict | None = None):
+        from transformers import StaticCache
+
+        check_range("max_length", max_length, 2, 1 << 20, integer=True)
+        adapter = adapter_for(model)
+        if adapter.kind != "decoder":
+            raise InvalidSetting(f"TorchDecoder needs a causal LM; {adapter.name} models are encoders")
+        self.model, self.max_length, self.length = model.eval(), int(max_length), 0
+        self.fused_groups = 0
+        if fuse:
+            if adapter.fuse is None:
+                raise InvalidSetting(f"fuse=True: pyshrink cannot fuse the projections of {adapter.name} models "
+                                     "(use fuse=False)")
+            self.fused_groups = sum(adapter.fuse(b) for b in adapter.blocks(model))
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
+        self._compiled = (torch.compile(self._forward, fullgraph=True, dynamic=False, options=compile_options)
+                          if compile else self._forward)
+
+    def _forward(self, ids, positions):
+        out = self.model(ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def prefill(self, ids) -> torch.Tensor:
+        """Start a new sequence with the prompt ``ids``; returns the logits after its last token."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        n = ids.shape[1]
+        if not 1 <= n < self.max_length:
+            raise InvalidSetting(f"the prompt has {n} tokens; it must have 1..{self.max_length - 1} "
+                                 f"(max_length={self.max_length})")
+        with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in that mode too
+            self.cache.reset()
+            logits = self._forward(ids, torch.arange(n))
+        self.length = n
+        return logits
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append ``token``; returns the logits after it."""
+        if self.length == 0:
+            raise InvalidSetting("call prefill() before step()")
+        if self.length >= self.max_length:
+            raise InvalidSetting(f"the KV cache is full (max_length={self.max_length})")
+        with torch.inference_mode():
+            logits = self._compiled(torch.tensor([[int(token)]]), torch.tensor([self.length]))
+        self.length += 1
+        return logits
