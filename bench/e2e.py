@@ -69,8 +69,8 @@ def contracted_model(out: Path, calibration: Path | None, notes: list) -> Path:
 
 
 # pyshrink.quantize's defaults, and the output head too (skip=(): calibrated 4-bit; it unties from the embedding,
-# which the exporter then rounds to 4 bits of its own). Measured on WikiText-2 (contracted model): float head ppl
-# 41.7, calibrated 4-bit head 43.0, the exporter's round-to-nearest 4-bit head 48.4.
+# which the exporter then rounds to 4 bits of its own). Development measurement on WikiText-2 (contracted model,
+# bench/RESULTS.md End-to-end): float head ppl 41.7, calibrated 4-bit head 43.0, exporter's 4-bit rounding 48.4.
 QUANT = {"bits": 4, "group_size": 64, "method": "auto", "head_bits": 4, "skip": []}
 SELF_CALIB = {"tokens": 8192, "seq_len": 128, "seed": 0}  # as the data-free contraction samples its text
 
@@ -127,8 +127,10 @@ def quality(out: Path, models: dict, notes: list) -> dict:
     cache = out / "quality.json"
     have = json.loads(cache.read_text()) if cache.is_file() else {}
     if have.get("text") != text[0] or set(have.get("ppl", {})) != set(models):
-        tok = pyshrink.load_model(models["source (fp32)"], with_tokenizer=True)[1]
-        ids = data.tokenize(tok, text[1])[-EVAL_TOKENS:]
+        from transformers import AutoTokenizer
+
+        # every model here shares the source's tokenizer; read it alone (not with the source's weights)
+        ids = data.tokenize(AutoTokenizer.from_pretrained(models["source (fp32)"]), text[1])[-EVAL_TOKENS:]
         ppl = {}
         for label, folder in models.items():
             log(f"perplexity of {label} on {text[0]}")
@@ -152,11 +154,12 @@ def onnx_perplexity(folder, ids, seq_len: int) -> float:
 
     import numpy as np
 
+    from pyshrink import data
     from pyshrink.runtime import DecoderSession
 
     sess = DecoderSession(folder, threads=2)
     nll, count = 0.0, 0
-    for w in ids[: len(ids) // seq_len * seq_len].reshape(-1, seq_len).tolist():
+    for w in data.windows(ids, seq_len, what="evaluation text").tolist():
         state = sess.new_state(seq_len)
         for cur, nxt in zip(w[:-1], w[1:]):
             z = sess.step(state, [cur]).astype(np.float64)
