@@ -148,8 +148,9 @@ def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) 
     head = policy.proj(head_mod)
     # int4 exports read the embedding in 4 bits too (GatherBlockQuantized): a tied head quantized here shares
     # its bytes; a float embedding next to an untied head (e.g. a head pyshrink.quantize calibrated) gets
-    # bytes of its own. Rounding costs the embedding far less than the head (SmolLM2 contracted, WikiText-2:
-    # head and embedding RTN 4-bit ppl 48.5, head alone 48.4, neither 41.7), so a calibrated head is kept.
+    # bytes of its own. Rounding costs the embedding far less than the head (SmolLM2 contracted, WikiText-2,
+    # development measurement in bench/RESULTS.md: head and embedding RTN 4-bit ppl 48.5, head alone 48.4,
+    # neither 41.7), so a calibrated head is kept.
     embed_q = None
     if tied and head.source == "rtn":
         embed_q = head
