@@ -11,7 +11,7 @@ Part A: the source contracted at pyshrink's defaults (with calibration) is heale
 ``--minutes`` (stopping once the tracked perplexity reaches the source's, unless ``--until-ppl 0``), then the
 same contracted model is fine-tuned with next-token loss alone on the same token budget. Part B (``--part b``):
 a model with ~25% fewer parameters made by one-shot contraction + one heal, against iterative schedules
-(``--b-variant``: slices, heal-budget split, block pinning, per-slice or continuous heal) with the same final size and the same healing
+(``--b-variant``: slices, heal-budget split, block pinning, per-slice, continuous or fade-out heal) with the same final size and the same healing
 tokens (the slices' heals together visit exactly the windows the one-shot heal visits). ``--ood-windows``
 windows of another domain (CPython's pydoc topics) are measured too: healing on WikiText partly adapts the
 model to WikiText's format, which the WikiText test windows reward and the other domain does not. Results go
@@ -88,7 +88,10 @@ def main(argv=None):
                     "pin (one-shot: every slice narrows the blocks one-shot contraction chose; first: the blocks "
                     "slice 1 chooses, the library's default; or blocks such as 1-7+11-27), heal (per-slice: a heal after each slice, the library's "
                     "default; continuous: one heal, one learning-rate schedule and optimizer across the slices, "
-                    "which are cut after the cumulative shares of split). Example: steps=3,split=1:1:2,heal=continuous")
+                    "which are cut after the cumulative shares of split; fade: as continuous, but each slice's "
+                    "neurons fade out over its share and are cut at factor 0), fade (with heal=fade: the part of "
+                    "the last slice's share spent fading, default 0.5), refit (contraction's compensation for this "
+                    "arm: lstsq, the default, mean or none). Example: steps=3,split=1:1:2,heal=continuous")
     ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
                     "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "
@@ -212,7 +215,7 @@ def main(argv=None):
         del one
         for spec in args.b_variant or [f"steps={args.steps}"]:
             v = dict(kv.split("=", 1) for kv in spec.split(","))
-            unknown = set(v) - {"steps", "split", "pin", "heal"}
+            unknown = set(v) - {"steps", "split", "pin", "heal", "fade", "refit"}
             if unknown:
                 ap.error(f"--b-variant {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
             steps = int(v.get("steps", args.steps))
@@ -220,9 +223,11 @@ def main(argv=None):
             pinned = pin_layers(v.get("pin", "first"), results["b_one_shot_contracted"]["layers"])
             t = time.perf_counter()
             it = iterative_contract(args.source, steps=steps, heal_tokens=args.b_tokens, heal_text=heal_ids,
-                                    teacher=(teacher, tok), contract_fn=contract_fn, contract_kwargs=b_kw,
+                                    teacher=(teacher, tok), contract_fn=contract_fn,
+                                    contract_kwargs={**b_kw, **({"refit": v["refit"]} if "refit" in v else {})},
                                     alpha=args.alpha, until_ppl=0, heal_split=split, layers=pinned,
-                                    heal_schedule=v.get("heal", "per-slice"), **kw, **common)
+                                    heal_schedule=v.get("heal", "per-slice"),
+                                    fade_share=float(v["fade"]) if "fade" in v else None, **kw, **common)
             name = "b_iterative_" + spec.replace("=", "").replace(",", "_").replace(":", "-")
             entry = {"spec": spec, "params": it.num_params, "ppl": ppl(it.model), "ppl_ood": ppl_ood(it.model),
                      "steps": it.steps, "seconds": round(time.perf_counter() - t, 1)}

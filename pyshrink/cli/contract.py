@@ -23,7 +23,10 @@ HELP = (
     "are measured on the heals' held-out tail of the calibration text. --heal-schedule continuous makes that one "
     "heal of N tokens (one warm-up and learning-rate decay, optimizer state carried across the cuts) during which "
     "the slices are cut at equal shares of N. --heal-split W1:...:WK shares N by weight instead (e.g. 1:1:1:9 with "
-    "--steps 4: three slices in the first quarter, the final model trained on the rest)."
+    "--steps 4: three slices in the first quarter, the final model trained on the rest). --heal-schedule fade is "
+    "that one heal without abrupt cuts: each slice's neurons fade out (their activations scaled from 1 to 0) "
+    "during its share of N and are cut when they contribute nothing; the last slice fades over the first "
+    "--fade-share of its share (default 0.5), the final model trains on the rest (also with --steps 1)."
     "\n\n\b\nExamples:\n"
     "  pyshrink contract smollm2-135m -o out/smollm2-contracted\n"
     "  pyshrink contract smollm2-135m -o out/c --calibration domain.txt --prune-vocab --json\n"
@@ -83,7 +86,8 @@ def register(app: typer.Typer) -> None:
         eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Measure quality on at most this many tokens."),
         heal_tokens: Optional[int] = typer.Option(None, "--heal-tokens", help="After contracting, heal by distillation from SOURCE on this many tokens of the calibration text (needs --calibration)."),
         steps: int = typer.Option(1, "--steps", help="Contract in K slices with a heal after each (prune, heal, measure, repeat); K >= 2 needs --heal-tokens and --calibration. 1: one shot."),
-        heal_schedule: str = typer.Option("per-slice", "--heal-schedule", help="With --steps K >= 2: 'per-slice' (a heal of N/K tokens after each slice, each with its own warm-up, decay and optimizer) or 'continuous' (one heal of N tokens, the slices cut during it after each N/K tokens, optimizer state carried across the cuts)."),
+        heal_schedule: str = typer.Option("per-slice", "--heal-schedule", help="With --steps K >= 2: 'per-slice' (a heal of N/K tokens after each slice, each with its own warm-up, decay and optimizer) or 'continuous' (one heal of N tokens, the slices cut during it after each N/K tokens, optimizer state carried across the cuts); with any --steps: 'fade' (as continuous, but each slice's neurons fade out during its share before they are cut)."),
+        fade_share: Optional[float] = typer.Option(None, "--fade-share", help="With --heal-schedule fade: the part of the last slice's share of --heal-tokens spent fading its neurons (0-1, default 0.5); the final model trains on the rest."),
         heal_split: Optional[str] = typer.Option(None, "--heal-split", help="With --steps K: K colon-separated weights sharing --heal-tokens among the slices (e.g. 1:1:1:9; 0 = no heal after that slice). Default: equal."),
         seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling and the healing data order."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
@@ -97,23 +101,29 @@ def register(app: typer.Typer) -> None:
         pinned = parse_layers(layers)
         if pinned is not None and num_layers_to_contract is not None:
             raise InvalidSetting("--layers names the blocks to contract; leave out --num-layers-to-contract")
+        fading = heal_schedule == "fade"
         check_schedule(steps, heal_tokens, calibration)
-        if (heal_schedule != "per-slice" or heal_split is not None) and steps < 2:
+        if fading and not (heal_tokens and calibration):
+            raise InvalidSetting("--heal-schedule fade fades the neurons out during a heal on the calibration text: "
+                                 "it needs --heal-tokens N and --calibration FILE")
+        if not fading and fade_share is not None:
+            raise InvalidSetting("--fade-share sets the fade of --heal-schedule fade")
+        if (heal_schedule not in ("per-slice", "fade") or heal_split is not None) and steps < 2:
             raise InvalidSetting("--heal-schedule and --heal-split set how the slices of --steps K (K >= 2) are "
-                                 "healed; with one step there are no slices")
+                                 "healed; with one step there are no slices (only --heal-schedule fade takes one)")
         split = parse_split(heal_split)
         cal = [str(p) for p in calibration] if calibration else None
         settings = dict(eval_text=[str(p) for p in eval_text] if eval_text else None, prune_heads=prune_heads,
                         prune_vocab=prune_vocab, threshold=threshold, calibration_tokens=calibration_tokens,
                         eval_tokens=eval_tokens, seed=seed)
         n_layers = 8 if num_layers_to_contract is None else num_layers_to_contract
-        if steps >= 2:
+        if steps >= 2 or fading:
             from ..heal import iterative_contract
 
             result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
                                         num_layers_to_contract=n_layers, calibration=cal, heal_tokens=heal_tokens,
                                         layers=pinned, contract_kwargs=settings, seed=seed, out=out,
-                                        heal_schedule=heal_schedule, heal_split=split,
+                                        heal_schedule=heal_schedule, heal_split=split, fade_share=fade_share,
                                         overwrite=overwrite, progress=True)
             if as_json:
                 typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))

@@ -97,7 +97,7 @@ def _layer_list(layers) -> list[int]:
 # pyshrink.heal arguments that contract(heal_tokens=...) decides itself, so heal_options may not set them
 _HEAL_FIXED = ("student", "teacher", "text", "tokens", "tokenizer", "eval_text", "out", "resume", "overwrite",
                "progress", "plot", "callback", "teacher_cache", "data_offset", "teacher_ppl", "segment",
-               "optimizer_state")
+               "optimizer_state", "fade")
 
 
 def _heal_options(options) -> dict:

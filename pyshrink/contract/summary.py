@@ -47,6 +47,8 @@ def schedule_rows(summary: dict) -> list[tuple[str, str]]:
     out = [("source", str(s["source"])),
            ("mode", f"iterative: {len(s['steps'])} slices cut during one heal (optimizer state carried)"
                     if s.get("heal_schedule") == "continuous" else
+                    f"iterative: {len(s['steps'])} slice(s) faded out during one heal, each cut at factor 0"
+                    if s.get("heal_schedule") == "fade" else
                     f"iterative: {len(s['steps'])} slices, each contracted then healed"),
            ("params before", _fmt_params(s["source_params"])),
            ("params after", _fmt_params(s["num_params"])),

@@ -3,7 +3,8 @@
 ``heal(student, teacher, text, ...)`` is the stage; ``iterative_contract(source, steps=K, ...)`` alternates
 contraction slices and heals; ``heal_in_place`` is the hook ``pyshrink.contract(..., heal_tokens=N)`` uses.
 Modules: ``losses`` (what is matched), ``trainer`` (the loop), ``checkpoint`` (atomic, resumable folders),
-``report`` (the recovery-curve plot), ``api`` (inputs, checks, results), ``schedule`` (iterative contraction).
+``report`` (the recovery-curve plot), ``api`` (inputs, checks, results), ``schedule`` (iterative contraction),
+``carry`` (optimizer state across a cut), ``fade`` (neurons faded out during a heal, then cut).
 """
 from __future__ import annotations
 

@@ -85,8 +85,9 @@ def _vocab_size(model) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
-def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0):
-    """Raise a clear error unless ``student`` can be healed from ``teacher``."""
+def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pending: int = 0):
+    """Raise a clear error unless ``student`` can be healed from ``teacher``; ``pending``: parameters a fade
+    will cut from the student during the heal (it counts as that much smaller)."""
     adapter = adapter_for(student)
     if adapter.kind != "decoder":
         raise InvalidSetting(f"healing trains next-token prediction, so it needs a decoder; {adapter.name} is an encoder")
@@ -100,7 +101,7 @@ def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0):
     if s_tok is not None and t_tok is not None and vocab_fingerprint(s_tok) != vocab_fingerprint(t_tok):
         raise IncompatibleModels("student and teacher use different tokenizers (their vocabularies differ although "
                                  f"both have {sv} tokens)")
-    ns, nt = models.num_params(student), models.num_params(teacher)
+    ns, nt = models.num_params(student) - pending, models.num_params(teacher)
     if ns >= nt:
         raise IncompatibleModels(f"the student ({ns:,} parameters) is not smaller than its teacher ({nt:,}): healing "
                                  "recovers a contracted model by distilling from the model it was contracted from")
@@ -195,7 +196,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
          gradient_checkpointing: bool = False, teacher_topk: int | None = None, teacher_cache=None,
          data_offset: int = 0, teacher_ppl: float | None = None, threads: int | None = None,
          progress: bool = True, plot: bool = True, callback=None, segment: tuple | None = None,
-         optimizer_state: dict | None = None) -> HealResult:
+         optimizer_state: dict | None = None, fade=None) -> HealResult:
     """Distill ``teacher`` into the (smaller) ``student`` on ``text`` until it is as good, or the budget is spent.
 
     The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`` (+ ``hidden_weight`` times the MSE
@@ -225,6 +226,11 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     (``{parameter name: AdamW state}``, e.g. the previous segment's ``result.optimizer_state``); the result
     carries the optimizer state on, and a segment that ends before the run does leaves the current weights, not
     the best. This is how ``iterative_contract(heal_schedule="continuous")`` heals across its cuts.
+
+    ``fade``: a :class:`~pyshrink.heal.fade.Fade` on the student, whose factor falls from 1 to 0 over the
+    segment's steps (:func:`~pyshrink.heal.fade.fade_factor`); it needs a segment that ends before the run (the
+    caller cuts the faded neurons there and goes on) and ``until_ppl=0`` (no early stop inside a fade). The student counts as its size after that cut, and
+    ``trainable="contracted"`` trains the fading blocks too (``iterative_contract(heal_schedule="fade")``).
     """
     cfg = HealConfig(tokens=tokens, lr=lr, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
                      seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, schedule=schedule, warmup=warmup,
@@ -239,11 +245,16 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         _check_segment(segment, cfg.tokens, resume)
     elif optimizer_state is not None:
         raise InvalidSetting("optimizer_state continues a run: it needs segment=(start, stop)")
+    if fade is not None:
+        _check_fade(fade, segment, cfg)
     if text is None:
         raise DataError("healing needs text to train on (text=...)")
     s_model, s_tok, s_src = _resolve(student, "student")
     t_model, t_tok, t_src = _resolve(teacher, "teacher")
-    adapter = check_pair(s_model, t_model, s_tok, t_tok, hidden_weight=hidden_weight)
+    if fade is not None and fade.model is not s_model:
+        raise InvalidSetting("the fade's hooks are on another model than the student")
+    adapter = check_pair(s_model, t_model, s_tok, t_tok, hidden_weight=hidden_weight,
+                         pending=fade.removed_params() if fade is not None else 0)
     tok = tokenizer or s_tok or t_tok
     train, held = split_data(_ids(text, tok, "healing text"),
                              None if eval_text is None else _ids(eval_text, tok, "held-out evaluation text"),
@@ -262,7 +273,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         t_model.eval()
         t_model.requires_grad_(False)
         trainer = Trainer(s_model, t_model, tok, train, held, cfg, adapter, out=out, metadata=metadata,
-                          progress=progress, callback=callback, teacher_cache=teacher_cache)
+                          progress=progress, callback=callback, teacher_cache=teacher_cache, fade=fade)
         if resume and ckpt.has_resumable(out):
             trainer.resume_from(out / ckpt.LAST)
         elif teacher_ppl is not None:
@@ -301,6 +312,26 @@ def _check_segment(segment, tokens: int, resume: bool) -> None:
     if resume:
         raise InvalidSetting("resume=True continues a run from its folder; a segment continues one in memory: "
                              "pass one or the other")
+
+
+def _check_fade(fade, segment, cfg: HealConfig) -> None:
+    if segment is None:
+        raise InvalidSetting("fade= fades neurons over a segment of a run and is cut at its end: it needs "
+                             "segment=(start, stop)")
+    start, stop = (cfg.step_at(t) for t in segment)
+    if stop <= start:
+        raise InvalidSetting(f"the fade's segment {tuple(segment)} spans no optimizer step ({cfg.tokens_per_step} "
+                             "tokens each): give it more tokens")
+    if stop >= cfg.total_steps:
+        raise InvalidSetting(f"the fade's segment {tuple(segment)} ends with the run ({cfg.tokens} tokens): the faded "
+                             "neurons are cut at its end, so the run must go on after it (the best checkpoint is "
+                             "kept among the cut model's)")
+    if not fade.active:
+        raise InvalidSetting("the fade was already cut or removed")
+    if cfg.until_ppl != 0 or cfg.max_seconds is not None:
+        # a fade stopped early would leave neurons half faded, which cannot be cut without a jump
+        raise InvalidSetting("a fade runs to its segment's end: pass until_ppl=0 and no max_seconds (the early stop "
+                             "belongs to the training of the cut model after it)")
 
 
 def heal_in_place(model, tokenizer, *, teacher, text, tokens: int | None, **kwargs) -> dict | None:

@@ -12,9 +12,15 @@ neuron importance on a model that has already adapted to the earlier removals.
 which the slices are cut at the points ``heal_split`` sets (``[1, 1, 2]``: after 1/4 and 1/2 of the tokens);
 at each cut the optimizer state is sliced with the neurons contraction kept (:mod:`.carry`). The default,
 ``"per-slice"``, gives every slice a heal of its own (warm-up and decay restart, optimizer state dropped).
+
+``heal_schedule="fade"`` is the continuous schedule without abrupt cuts (:mod:`.fade`): each slice's neurons are
+chosen by contraction's ranking on the current model, then faded out (factor 1 -> 0) over that slice's share of
+the one heal and cut when the factor is 0, which changes nothing in the function; the last slice fades over the
+first ``fade_share`` of its share, and the final architecture trains on the rest.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 import warnings
@@ -26,7 +32,7 @@ from .. import models
 from ..errors import InvalidSetting, check_range, is_int
 from .carry import carry_optimizer_state
 
-HEAL_SCHEDULES = ("per-slice", "continuous")
+HEAL_SCHEDULES = ("per-slice", "continuous", "fade")
 
 
 @dataclass
@@ -111,7 +117,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                        calibration=None, heal_tokens: int = 100_000, heal_text=None, eval_text=None,
                        teacher=None, layers=None, out=None, overwrite: bool = False,
                        contract_fn: Callable | None = None, contract_kwargs: dict | None = None, progress: bool = True,
-                       heal_split=None, heal_schedule: str = "per-slice", **heal_kwargs) -> ScheduleResult:
+                       heal_split=None, heal_schedule: str = "per-slice", fade_share: float | None = None,
+                       **heal_kwargs) -> ScheduleResult:
     """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
 
     ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
@@ -129,7 +136,13 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     with a new optimizer) or ``"continuous"`` (one heal over all of ``heal_tokens``, the slices cut during it at
     the cumulative shares of ``heal_split``, AdamW state carried across each cut, sliced with the kept neurons;
     each step's ``optimizer`` entry counts the state tensors carried, sliced and reset, and ``ppl_healed`` of a
-    slice before the last is its perplexity at the next cut; ``max_seconds`` is not taken, the budget is tokens).
+    slice before the last is its perplexity at the next cut; ``max_seconds`` is not taken, the budget is tokens),
+    or ``"fade"`` (one heal like ``"continuous"``, but each slice's neurons, chosen by contraction on the current
+    model, fade out over the slice's share of the budget and are cut when they contribute nothing, without
+    contraction's refit; the last slice fades over the first ``fade_share`` (default 0.5) of its share and the
+    final model trains on the rest (``until_ppl`` stops that part only); every slice needs a positive weight in
+    ``heal_split``; ``steps=1`` fades one-shot's neurons; a step's ``ppl_contracted`` is then at the fade's start
+    and ``ppl_faded`` at its end, just before the cut, and the last step's ``ppl_cut`` just after it).
     With ``out``, the final model is saved there (atomically, with the per-slice measurements in its
     ``pyshrink.json``); the result's ``steps`` holds them too.
     """
@@ -143,9 +156,19 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if heal_schedule not in HEAL_SCHEDULES:
         raise InvalidSetting(f"heal_schedule must be one of {', '.join(HEAL_SCHEDULES)}, got {heal_schedule!r}")
     continuous = heal_schedule == "continuous"
-    if continuous and heal_kwargs.get("max_seconds") is not None:
-        raise InvalidSetting("heal_schedule='continuous' runs one heal whose cuts are placed in tokens: pass a "
+    if heal_schedule in ("continuous", "fade") and heal_kwargs.get("max_seconds") is not None:
+        raise InvalidSetting(f"heal_schedule={heal_schedule!r} runs one heal whose cuts are placed in tokens: pass a "
                              "token budget (heal_tokens), not max_seconds")
+    if heal_schedule == "fade":
+        fade_share = 0.5 if fade_share is None else fade_share
+        if isinstance(fade_share, bool) or not isinstance(fade_share, (int, float)) or not 0 < fade_share < 1:
+            raise InvalidSetting(f"fade_share (the part of the last slice's tokens spent fading; the rest trains the "
+                                 f"final model) must be a number in (0, 1), got {fade_share!r}")
+        if heal_split is not None and min(heal_split) <= 0:
+            raise InvalidSetting(f"heal_schedule='fade' fades every slice during its share of the heal, so every "
+                                 f"weight of heal_split must be positive, got {heal_split!r}")
+    elif fade_share is not None:
+        raise InvalidSetting("fade_share sets the fade of heal_schedule='fade'")
     text = heal_text if heal_text is not None else calibration
     if text is None:
         raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
@@ -174,6 +197,12 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     current = source
     budgets = split_budget(heal_tokens, steps, heal_split)
     pinned = None if layers is None else list(layers)
+    if heal_schedule == "fade":
+        t_start = time.perf_counter()
+        _fade_slices(result, source, t_model, teacher, text, calibration, eval_text, contract_fn, contract_kwargs,
+                     contraction_ratio, num_layers_to_contract, steps, heal_tokens, budgets, fade_share, pinned,
+                     offset, progress, heal_kwargs)
+        return _finish(result, source, t_model, t_start, out, overwrite)
     position, opt_state = 0, None  # continuous: tokens of the one heal done so far, and its AdamW state
     t_start = time.perf_counter()
     for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
@@ -225,6 +254,10 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                              **({"optimizer": carried} if carried is not None else {})})
         current = (healed.model, healed.tokenizer)
     result.model, result.tokenizer = current
+    return _finish(result, source, t_model, t_start, out, overwrite)
+
+
+def _finish(result: ScheduleResult, source, t_model, t_start: float, out, overwrite: bool) -> ScheduleResult:
     result.num_params = models.num_params(result.model)
     result.source = str(source) if isinstance(source, (str, Path)) else type(t_model).__name__
     result.seconds = time.perf_counter() - t_start
@@ -232,6 +265,83 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         models.save(result.model, result.tokenizer, out, overwrite=overwrite,
                     metadata={"schedule": result.summary, "source": str(source)})
     return result
+
+
+def _mean_windows(tok, calibration, text, seq_len: int, contract_kwargs: dict):
+    """Windows for the fade's channel means: the calibration windows contraction ranks on (the first
+    ``calibration_tokens`` of the calibration text without its held-out last 10 %), else the heal text's first."""
+    from .. import data
+
+    if calibration is not None:
+        ids = data.split_ids(data.tokenize(tok, data.read_texts(calibration)), 0.1)[0]
+    else:
+        ids = text.flatten().long() if hasattr(text, "flatten") else data.tokenize(tok, data.read_texts(text))
+    return data.windows(ids, seq_len, contract_kwargs.get("calibration_tokens", 32768), what="calibration text")
+
+
+def _fade_slices(result, source, t_model, teacher, text, calibration, eval_text, contract_fn, contract_kwargs,
+                 contraction_ratio, num_layers_to_contract, steps, heal_tokens, budgets, fade_share, pinned, offset,
+                 progress, heal_kwargs) -> None:
+    """The fade schedule (see :func:`iterative_contract`): one heal of ``heal_tokens`` in segments; segment ``k``
+    fades slice ``k``'s neurons, which are cut at its end; a last segment trains the final architecture."""
+    from .api import heal
+    from .fade import Fade, channel_means
+
+    if isinstance(source, (str, Path)):
+        model, tok = models.load_model(source)
+    else:  # the student trains in place: never the caller's (or the teacher's) model
+        model = copy.deepcopy(source[0] if isinstance(source, tuple) else getattr(source, "model", source))
+        tok = source[1] if isinstance(source, tuple) else getattr(source, "tokenizer", None)
+    windows = _mean_windows(tok, calibration, text, heal_kwargs["seq_len"], contract_kwargs)
+    cum = [sum(budgets[:k]) for k in range(steps + 1)]
+    fade_end = cum[-2] + max(1, round(fade_share * budgets[-1]))
+    position, opt_state = 0, None
+    for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
+        kw = dict(contract_kwargs)
+        if pinned is not None and _accepts(contract_fn, "layers"):
+            kw["layers"] = pinned
+        if "progress" not in kw and _accepts(contract_fn, "progress"):
+            kw["progress"] = progress
+        ranked = contract_fn((model, tok), contraction_ratio=ratio, num_layers_to_contract=num_layers_to_contract,
+                             calibration=calibration, **kw)
+        kept, done = getattr(ranked, "kept_neurons", None), _contracted_layers(ranked)
+        del ranked  # only its choice of neurons is used: the fade removes them from the trained model itself
+        if not kept:
+            raise InvalidSetting("heal_schedule='fade' needs a contraction function that reports the neurons it "
+                                 "keeps (kept_neurons, as pyshrink.contract does)")
+        if pinned is None:
+            pinned = done
+        elif done is not None and sorted(done) != sorted(pinned):
+            warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {pinned} of slice 1",
+                          RuntimeWarning, stacklevel=3)
+        fade = Fade(model, kept, channel_means(model, kept, windows))
+        stop = cum[k] if k < steps else fade_end
+        try:
+            # no early stop inside a fade (half-faded neurons cannot be cut without a jump): until_ppl applies to
+            # the final model's training only
+            faded = heal((model, tok), teacher, text, tokens=heal_tokens, eval_text=eval_text, progress=progress,
+                         data_offset=offset, segment=(position, stop), optimizer_state=opt_state, fade=fade,
+                         **{**heal_kwargs, "until_ppl": 0})
+            opt_state, carried = carry_optimizer_state(faded.optimizer_state, model, fade.cut())
+        finally:
+            fade.remove()  # the returned model never carries the hooks (cut() took them off already)
+        heal_kwargs["teacher_ppl"] = faded.ppl_teacher
+        row = {"slice": k, "ratio": ratio, "layers": done, "num_params": models.num_params(model),
+               "ppl_contracted": faded.ppl_initial, "ppl_faded": faded.curve[-1]["ppl"],
+               "ppl_healed": faded.curve[-1]["ppl"], "ppl_teacher": faded.ppl_teacher,
+               "tokens": faded.tokens_seen - position, "fade_tokens": faded.tokens_seen - position,
+               "stopped": faded.stopped, "seconds": faded.seconds, "optimizer": carried}
+        position = faded.tokens_seen
+        if k == steps:  # the final architecture trains on the rest of the budget; its best checkpoint is kept
+            final = heal((model, tok), teacher, text, tokens=heal_tokens, eval_text=eval_text, progress=progress,
+                         data_offset=offset, segment=(position, heal_tokens), optimizer_state=opt_state,
+                         **heal_kwargs)
+            row.update(ppl_cut=final.ppl_initial, ppl_healed=final.ppl_best,
+                       tokens=row["tokens"] + final.tokens_seen - position, stopped=final.stopped,
+                       seconds=faded.seconds + final.seconds)
+            position = final.tokens_seen
+        result.steps.append(row)
+    result.model, result.tokenizer = model, tok
 
 
 def _check_slices(contraction_ratio: float, steps: int, contract_kwargs: dict) -> None:

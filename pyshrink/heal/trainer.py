@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..evaluate import perplexity
 from . import checkpoint as ckpt
+from .fade import fade_factor
 from .losses import distillation_loss
 
 
@@ -85,15 +86,16 @@ def _is_norm(module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def _all_params(student, teacher, adapter):
+def _all_params(student, teacher, adapter, fading=()):
     return list(student.parameters())
 
 
-def _contracted_params(student, teacher, adapter):
-    """MLP projections of the blocks narrower than the teacher's, plus every norm's weights."""
+def _contracted_params(student, teacher, adapter, fading=()):
+    """MLP projections of the blocks narrower than the teacher's or being faded (``fading``: their indices; a
+    fade's blocks are still as wide as the teacher's until it cuts them), plus every norm's weights."""
     chosen = []
-    for sb, tb in zip(adapter.blocks(student), adapter.blocks(teacher)):
-        if adapter.mlp_width(sb) < adapter.mlp_width(tb):
+    for i, (sb, tb) in enumerate(zip(adapter.blocks(student), adapter.blocks(teacher))):
+        if adapter.mlp_width(sb) < adapter.mlp_width(tb) or i in fading:
             for m in adapter.mlp_in_modules(sb) + [adapter.mlp_out_module(sb)]:
                 chosen += list(m.parameters())
     if not chosen:
@@ -145,7 +147,7 @@ class RunState:
 class Trainer:
     def __init__(self, student, teacher, tokenizer, train_windows: torch.Tensor, eval_ids: torch.Tensor,
                  cfg: HealConfig, adapter, *, out: Path | None = None, metadata: dict | None = None,
-                 progress: bool = True, callback=None, eval_batch_size: int = 4, teacher_cache=None):
+                 progress: bool = True, callback=None, eval_batch_size: int = 4, teacher_cache=None, fade=None):
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.train_windows, self.eval_ids, self.cfg, self.adapter = train_windows, eval_ids, cfg, adapter
         self.out, self.metadata, self.progress, self.callback = out, dict(metadata or {}), progress, callback
@@ -160,7 +162,9 @@ class Trainer:
         self.state = RunState(config=asdict(cfg))
         self.best_weights = None  # in-memory copy when there is no output folder
         self.last_loss = math.nan
-        self.params = TRAINABLE[cfg.trainable](student, teacher, adapter)
+        # a fade (:class:`~pyshrink.heal.fade.Fade`) ramps its factor from 1 to 0 over the steps of run()
+        self.fade, self.fade_steps = fade, None
+        self.params = TRAINABLE[cfg.trainable](student, teacher, adapter, fading=fade.blocks if fade else ())
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self):
@@ -289,6 +293,8 @@ class Trainer:
     def _train_step(self) -> dict:
         cfg, s = self.cfg, self.state
         lr = lr_at(cfg, s.step)
+        if self.fade is not None:
+            self.fade.set_factor(fade_factor(s.step, *self.fade_steps))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -313,6 +319,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         end = cfg.total_steps if stop_step is None else min(stop_step, cfg.total_steps)
         at_end = "budget" if end == cfg.total_steps else "segment"
+        if self.fade is not None:  # the fade spans this run's steps: its factor reaches 0 in the last one
+            self.fade_steps = (s.step, end)
         started = time.perf_counter()
         base_seconds = s.seconds
 
