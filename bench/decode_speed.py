@@ -19,7 +19,8 @@ wrapper. Compilation happens in each run's warm-up (reported as compile s; induc
 repeats faster).
 
 ``--ablation NAME ...`` adds rows with one part of that at a time (static cache alone, static cache + fused
-projections, compiled without fusing).
+projections, compiled without fusing), and one with everything but the thread split (torch on all threads
+in the step, beside the kernels' pool, instead of on one).
 
 ``--profile`` (with ``--profile-compiled``: through TorchDecoder, the op calls only) measures instead
 where a decode step's time goes, in this process, with ``torch.profiler``:
@@ -215,7 +216,9 @@ def main() -> None:
     for name in args.ablation:
         for suffix, options in ((" static cache", {"compile": False, "fuse": False}),
                                 (" static cache + fused", {"compile": False, "fuse": True}),
-                                (" compiled, not fused", {"compile": True, "fuse": False})):
+                                (" compiled, not fused", {"compile": True, "fuse": False}),
+                                (" compiled + fused, torch on all threads in the step",
+                                 {"compile": True, "fuse": True, "torch_threads": args.threads})):
             runs.append((name + suffix, "torch", paths[name], options))
     for name in args.compiled:
         runs.append((f"{name} compiled", "torch", paths[name], {"compile": True, "fuse": True}))

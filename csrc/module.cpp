@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 namespace {
 
@@ -21,6 +22,7 @@ pybind11::dict build_info() {
   info["cpu_supports_avx512"] = pyshrink::cpu::cpu_supports_avx512();
   info["cpu_isa"] = cpu_isa();
   info["openmp_threads"] = at::get_num_threads();
+  info["kernel_threads"] = pyshrink::cpu::num_threads();
 #ifdef _OPENMP
   info["openmp"] = true;
 #else
@@ -40,4 +42,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyshrink native kernels (registered with torch.library on import)";
   m.def("cpu_isa", &cpu_isa, "The CPU code path the kernels take now: 'avx512', 'avx2' or 'scalar' (PYSHRINK_CPU_ISA overrides).");
   m.def("build_info", &build_info, "What this build contains: compiled ISA, OpenMP threads, CUDA.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        TORCH_CHECK(n >= 0, "pyshrink.ops.set_num_threads: n must be >= 0 (0 follows torch.get_num_threads()), got ", n);
+        pyshrink::cpu::kernel_threads_setting().store(n);
+      },
+      "Threads for pyshrink's CPU kernels; 0 follows torch.get_num_threads().");
+  m.def("num_threads_setting", [] { return pyshrink::cpu::kernel_threads_setting().load(); },
+        "The value set_num_threads last set (0: following torch).");
+  m.def("get_num_threads", &pyshrink::cpu::num_threads, "Threads pyshrink's CPU kernels use now.");
 }

@@ -21,9 +21,9 @@
 //
 // AVX-512 level (isa.h; avx512f/bw/vl/vnni): fast mode with M >= 4 repacks 48 weight rows at a time into
 //   signed (q - zp) bytes, 16 rows across a zmm, and runs a vpdpbusd GEMM over them (repack_vnni): each
-//   4-byte activation broadcast feeds 16 output columns, about 3x the AVX2 tile's rate at M = 128. exact mode
-//   with M <= 3 maps codes to floats with a vpermps table (exact_tile_avx512); exact with M >= 4 runs the
-//   GEMM on zmm. fast mode with M <= 3 keeps the AVX2 tiles (memory bound at M = 1: zmm measured the same).
+//   4-byte activation broadcast feeds 16 output columns, about 3x the AVX2 tile's rate at M = 128. fast mode
+//   with M <= 3 is a vpdpbusd GEMV over the bytes as stored (fast_gemv_tile_avx512). exact mode with M <= 3
+//   maps codes to floats with a vpermps table (exact_tile_avx512); exact with M >= 4 runs the GEMM on zmm.
 //
 // Tiling: RM rows of x by RN rows of W keep RM*RN accumulators in registers, so each weight block is loaded
 // and unpacked once per RM rows of x (M=1: RN=4 rows share the activation loads, and the next tile's weights
@@ -596,6 +596,104 @@ PYSHRINK_AVX512 void fast_gemm_tile_avx512(const int8_t* codes, const int32_t* c
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
+// fast, M <= 3, AVX-512 VNNI: a GEMV straight over the packed bytes as stored (no repack: at M = 1 every
+// weight byte is used once, so a repack would cost as much as the product).
+//
+// A zmm holds 64 packed bytes of one weight row: 128 weights, i.e. one block of 128, two of 64 or four of 32.
+// The low nibbles pair with 64 activations and the high nibbles with 64 others, so the activations are laid
+// out once per call to match (GemvActs): per 128-weight chunk, the 64 low-nibble partners, then the 64
+// high-nibble ones. vpdpbusd(acc, nibbles as u8, activations as s8) adds 4 products per int32 lane, and a lane
+// never straddles a block (a block is at least 16 bytes), so per chunk and row the block scales expand to the
+// 16 lanes with one permute, and one cvt, one mul and one FMA add the lanes into float accumulators. That is
+// about half the AVX2 tile's instructions per weight (maddubs + madd per 32 bytes). Symmetric weights: the zero
+// point 8 goes into the integer accumulator's start value, -8 * (sum of the lane's 8 activations), computed
+// once per call, so every lane's dot is exact with the zero point included and no per-output correction is
+// left; asymmetric zero points are corrected per output as in run_fast.
+struct GemvActs {
+  int64_t nc = 0;           // 128-weight chunks per row (the last may be a partial one)
+  const int8_t* xv[3];      // per row of x: nc * 128 activation codes
+  const float* sxl[3];      // per row: nc * 16 lanes of the activations' block scale sx
+  const int32_t* init[3];   // per row: nc * 16 lanes of -zp * (lane's activation sum); zeros if asym
+};
+
+// Grow-only 64-byte aligned scratch, one per calling thread: a decode step makes ~120 small calls, and fresh
+// allocations for their few kilobytes of laid-out activations were a measurable part of each.
+struct Scratch64 {
+  void* p = nullptr;
+  size_t n = 0;
+  void* get(size_t bytes) {
+    if (bytes > n) {
+      ::operator delete(p, std::align_val_t{64});
+      p = ::operator new(bytes, std::align_val_t{64});
+      n = bytes;
+    }
+    return p;
+  }
+  ~Scratch64() { ::operator delete(p, std::align_val_t{64}); }
+};
+
+// GEMV prefetch distance: a weight matrix is one contiguous run of bytes and a task walks its tiles in order,
+// so the GEMV asks for the line kGemvPrefetch bytes ahead of the one it reads, crossing row, tile and 4 KiB
+// page boundaries (the hardware prefetcher stops at pages). On 0.3-1 MB weights read from memory this
+// measured 10-25 % faster on one thread than asking for the next tile's rows (1 KiB and 2 KiB: in between;
+// 8 KiB: the same); on two threads and on 16-90 MB weights the two were level within the noise.
+constexpr int64_t kGemvPrefetch = 4096;
+#if PYSHRINK_X86
+template <int G, int RM, int RN>
+PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* nidx, const GemvActs& a, float* raw) {
+  constexpr int BPC = 128 / G;  // blocks per chunk
+  const int64_t nb = W.nb, nc = a.nc, row_bytes = nb * (G / 2);
+  const int64_t tail_bytes = row_bytes - (nc - 1) * 64;  // 1..64: the last chunk is read with a mask
+  const __mmask64 tail = tail_bytes >= 64 ? ~__mmask64{0} : ((__mmask64{1} << tail_bytes) - 1);
+  const __mmask8 tail_blocks = static_cast<__mmask8>((1u << (nb - (nc - 1) * BPC)) - 1);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i sidx = _mm512_setr_epi32(0 * 8 / G, 1 * 8 / G, 2 * 8 / G, 3 * 8 / G, 4 * 8 / G, 5 * 8 / G,
+                                         6 * 8 / G, 7 * 8 / G, 8 * 8 / G, 9 * 8 / G, 10 * 8 / G, 11 * 8 / G,
+                                         12 * 8 / G, 13 * 8 / G, 14 * 8 / G, 15 * 8 / G);  // lane -> block
+  const uint8_t* wp[RN];
+  const float* ws[RN];
+  for (int r = 0; r < RN; ++r) wp[r] = W.row(nidx[r]), ws[r] = W.srow(nidx[r]);
+  __m512 acc[RM][RN];
+  for (int m = 0; m < RM; ++m)
+    for (int r = 0; r < RN; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c) {
+    const bool last = c == nc - 1;
+    // the tile's RN rows are contiguous from wp[0]: RN lines per chunk keep the prefetch kGemvPrefetch ahead;
+    // the scales run 8 / G bytes per weight byte, and a tile's are at most 3 lines
+    for (int r = 0; r < RN; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[0] + kGemvPrefetch + (c * RN + r) * 64), _MM_HINT_T0);
+    if (c < 3) _mm_prefetch(reinterpret_cast<const char*>(ws[0]) + kGemvPrefetch * 8 / G + c * 64, _MM_HINT_T0);
+    __m512i lo[RN], hi[RN];
+    __m512 wsv[RN];
+    for (int r = 0; r < RN; ++r) {
+      const uint8_t* p = wp[r] + c * 64;
+      const __m512i w = last ? _mm512_maskz_loadu_epi8(tail, p) : _mm512_loadu_si512(p);
+      lo[r] = _mm512_and_si512(w, m4);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+      const float* s = ws[r] + c * BPC;
+      if (G == 128) {
+        wsv[r] = _mm512_set1_ps(*s);
+      } else {
+        const __m128 s4 = last ? _mm_maskz_loadu_ps(tail_blocks, s)
+                               : (G == 64 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_loadu_ps(s));
+        wsv[r] = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(s4));
+      }
+    }
+    for (int m = 0; m < RM; ++m) {
+      const __m512i xlo = _mm512_load_si512(a.xv[m] + c * 128), xhi = _mm512_load_si512(a.xv[m] + c * 128 + 64);
+      const __m512i i0 = _mm512_load_si512(a.init[m] + c * 16);
+      const __m512 sxv = _mm512_load_ps(a.sxl[m] + c * 16);
+      for (int r = 0; r < RN; ++r) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i0, lo[r], xlo), hi[r], xhi);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(wsv[r], sxv), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int r = 0; r < RN; ++r) raw[m * RN + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
 // drivers
 
 template <typename Out>
@@ -713,6 +811,62 @@ void run_fast_vnni(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
     }
   });
 }
+
+// fast mode, M <= 3, AVX-512 VNNI (see fast_gemv_tile_avx512): lays the activations out for it, then walks
+// tiles of RN weight rows.
+template <int G, int RM, typename Out>
+void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
+  constexpr int RN = 4, BPC = 128 / G;
+  const int64_t N = W.N, nb = W.nb, nc = (nb + BPC - 1) / BPC;
+  const int8_t* qx = a.qx.const_data_ptr<int8_t>();
+  const float* sx = a.sx.const_data_ptr<float>();
+  const float* xsum = a.xsum.const_data_ptr<float>();
+  static thread_local Scratch64 scratch;
+  // per row: nc * 128 codes, then nc * 16 sx lanes, then nc * 16 init lanes (each a multiple of 64 bytes)
+  const int64_t row_scratch = nc * (128 + 16 * 4 + 16 * 4);
+  char* buf = static_cast<char*>(scratch.get(RM * row_scratch));
+  GemvActs g;
+  g.nc = nc;
+  for (int m = 0; m < RM; ++m) {
+    int8_t* v = reinterpret_cast<int8_t*>(buf + m * row_scratch);
+    float* sxl = reinterpret_cast<float*>(v + nc * 128);
+    int32_t* init = reinterpret_cast<int32_t*>(sxl + nc * 16);
+    std::memset(v + (nc - 1) * 128, 0, 128);  // a partial last chunk's padding
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* src = qx + a.slot(m, b) * G;  // [G/2 evens | G/2 odds]
+      int8_t* dst = v + (b / BPC) * 128 + (b % BPC) * (G / 2);
+      std::memcpy(dst, src, G / 2);
+      std::memcpy(dst + 64, src + G / 2, G / 2);
+    }
+    for (int64_t c = 0; c < nc; ++c)
+      for (int l = 0; l < 16; ++l) {
+        const int64_t b = c * BPC + l * 8 / G;
+        sxl[c * 16 + l] = b < nb ? sx[a.slot(m, b)] : 0.0f;
+        int32_t s = 0;
+        for (int t = 0; t < 4; ++t) s += v[c * 128 + 4 * l + t] + v[c * 128 + 64 + 4 * l + t];
+        init[c * 16 + l] = W.zp ? 0 : -8 * s;
+      }
+    g.xv[m] = v;
+    g.sxl[m] = sxl;
+    g.init[m] = init;
+  }
+  for_tiles((N + RN - 1) / RN, RN * RM * a.Kp, [&](int64_t t0, int64_t t1) {
+    std::vector<float> zs(W.zp ? RN * nb : 0);  // asymmetric: zero point * scale per block
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t nidx[RN];
+      for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
+      float raw[RM * RN];
+      fast_gemv_tile_avx512<G, RM, RN>(W, nidx, g, raw);
+      if (W.zp)
+        for (int n = 0; n < RN; ++n)
+          for (int64_t b = 0; b < nb; ++b) zs[n * nb + b] = static_cast<float>(W.zero_point(nidx[n], b)) * W.srow(nidx[n])[b];
+      for (int m = 0; m < RM; ++m)
+        for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
+          out.store(m, t * RN + n,
+                    raw[m * RN + n] - (W.zp ? dot_f32(Isa::kAvx512, zs.data() + n * nb, xsum + m * nb, nb) : 0.0f));
+    }
+  });
+}
 #endif
 
 template <int G, int RM, int RN>
@@ -804,7 +958,12 @@ template <int G, typename Out>
 void run(Isa isa, const Q4Weights& W, const Acts& a, bool fast, const Output<Out>& out) {
   if (fast) {
 #if PYSHRINK_X86
-    if (isa == Isa::kAvx512 && a.M >= 4) return run_fast_vnni<G>(W, a, out);
+    if (isa == Isa::kAvx512) {
+      if (a.M >= 4) return run_fast_vnni<G>(W, a, out);
+      if (a.M == 1) return run_fast_gemv<G, 1>(W, a, out);
+      if (a.M == 2) return run_fast_gemv<G, 2>(W, a, out);
+      return run_fast_gemv<G, 3>(W, a, out);
+    }
 #endif
     if (a.M == 1) run_fast<G, 1, 4>(isa, W, a, out);
     else run_fast<G, 4, 2>(isa, W, a, out);

@@ -6,15 +6,25 @@
 // On a shared 2-core machine (load average ~10) a 4096x4096 GEMV measured 63 ms that way against 1.3 ms for
 // ONNX Runtime, whose pool lets the caller take back work that no worker has claimed. This pool does the
 // same: chunks are claimed from an atomic counter by the caller and by whichever workers wake up in time;
-// the caller only waits for chunks already claimed. Workers sleep on a condition variable between calls
-// (no spinning on a busy machine). A nested or concurrent call runs serially on its own thread.
+// the caller only waits for chunks already claimed. A nested or concurrent call runs serially on its own thread.
+//
+// Between calls a worker first spins for a short while (PYSHRINK_SPIN_US, default 200 us; 0 = never), then
+// sleeps on a condition variable. Decoding calls the op ~120 times per token with ~30 us of other work in
+// between, and a sleeping worker takes a futex wake-up and a reschedule (tens of microseconds on a VM) to
+// join, which on a 0.3-1 MB weight is longer than the op itself: with a sleeping worker, two threads measured
+// no faster than one there. The spin loop yields the core (sched_yield) between checks, so on a busy machine
+// a spinning worker gives way to any thread that has work, as ONNX Runtime's and llama.cpp's spinning pools do;
+// a caller only pays a wake-up syscall when a worker is really asleep.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -45,13 +55,15 @@ class Pool {
     }
     ensure_workers(nthreads - 1);
     auto job = std::make_shared<Job>(fn, n);
+    bool wake;
     {
       std::lock_guard<std::mutex> g(mu_);
       job_ = job;
       wanted_ = static_cast<size_t>(nthreads - 1);
-      ++epoch_;
+      epoch_.fetch_add(1, std::memory_order_release);
+      wake = sleepers_ > 0;
     }
-    cv_.notify_all();
+    if (wake) cv_.notify_all();
     work(*job);
     // every chunk is claimed; wait only for the ones workers are still running
     while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
@@ -86,14 +98,30 @@ class Pool {
     }
   }
 
+  // Spins (yielding) until the epoch moves past `seen` or spin_ns_ has passed; true if it moved.
+  bool spin(uint64_t seen) const {
+    if (spin_ns_ <= 0) return false;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
+    for (int i = 0;; ++i) {
+      if (epoch_.load(std::memory_order_acquire) != seen) return true;
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) return false;
+      sched_yield();
+    }
+  }
+
   void loop(size_t idx) {
     uint64_t seen = 0;
     for (;;) {
+      spin(seen);
       std::shared_ptr<Job> job;  // keeps the job alive even if the caller has returned
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return epoch_ != seen; });
-        seen = epoch_;
+        if (epoch_.load(std::memory_order_relaxed) == seen) {
+          ++sleepers_;
+          cv_.wait(lk, [&] { return epoch_.load(std::memory_order_relaxed) != seen; });
+          --sleepers_;
+        }
+        seen = epoch_.load(std::memory_order_relaxed);
         if (idx >= wanted_) continue;
         job = job_;
       }
@@ -101,17 +129,35 @@ class Pool {
     }
   }
 
+  static int64_t spin_ns_from_env() {
+    const char* env = std::getenv("PYSHRINK_SPIN_US");
+    return env && *env ? std::max<int64_t>(0, std::atoll(env)) * 1000 : 200 * 1000;
+  }
+
   const pid_t pid_ = ::getpid();
   std::mutex mu_;
   std::condition_variable cv_;
   std::shared_ptr<Job> job_;
-  uint64_t epoch_ = 0;
+  std::atomic<uint64_t> epoch_{0};
   size_t wanted_ = 0;
+  int sleepers_ = 0;  // workers waiting on cv_ (guarded by mu_)
+  const int64_t spin_ns_ = spin_ns_from_env();
   std::vector<std::thread> workers_;
   std::atomic<bool> busy_{false};
 };
 
-inline int num_threads() { return std::max(1, at::get_num_threads()); }
+// Threads for pyshrink's kernels: 0 (the default) follows torch.get_num_threads(). Set apart from torch's
+// by pyshrink.ops.set_num_threads; TorchDecoder runs its one-token steps with torch on one thread and the
+// kernels on the requested count (pyshrink/runtime/torch_decoder.py says why).
+inline std::atomic<int>& kernel_threads_setting() {
+  static std::atomic<int> n{0};
+  return n;
+}
+
+inline int num_threads() {
+  const int n = kernel_threads_setting().load(std::memory_order_relaxed);
+  return n > 0 ? n : std::max(1, at::get_num_threads());
+}
 
 // fn(c) for c in [0, chunks), spread over torch.get_num_threads() threads.
 inline void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {

@@ -38,15 +38,17 @@ class TorchRunner:
     With ``compile`` given (True or False) or ``fuse`` the model runs through
     :class:`pyshrink.runtime.torch_decoder.TorchDecoder` instead (static KV cache; ``fuse``: q|k|v and gate|up
     as one projection each; ``compile``: the step through ``torch.compile``, whose compilation happens in the
-    warm-up and is reported as ``compile_s``; ``cpp_wrapper``: inductor's C++ wrapper).
+    warm-up and is reported as ``compile_s``; ``cpp_wrapper``: inductor's C++ wrapper; ``torch_threads``:
+    torch's threads during a step, TorchDecoder's ``torch_threads``).
     """
 
     def __init__(self, model: str, threads: int | None, capacity: int, *, compile: bool | None = None,
-                 fuse: bool = False, cpp_wrapper: bool = False):
+                 fuse: bool = False, cpp_wrapper: bool = False, torch_threads: int | None = None):
         self.source, self.threads, self.capacity = model, threads, capacity
         options = {"cpp_wrapper": True} if cpp_wrapper else None
         # compile=False without fuse: the static cache alone (for measuring each part on its own)
-        self.decoder_kw = (dict(compile=bool(compile), fuse=fuse, compile_options=options)
+        self.decoder_kw = (dict(compile=bool(compile), fuse=fuse, compile_options=options, threads=threads,
+                                torch_threads=torch_threads)
                            if compile is not None or fuse else None)
         if cpp_wrapper and not compile:
             raise ValueError("cpp_wrapper applies to compile=True only")

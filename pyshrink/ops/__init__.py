@@ -8,6 +8,7 @@ from ._lib import NAMESPACE, REFERENCES
 from .act_stats import act_stats_, new_accumulators
 from .q4 import GROUP_SIZES, dequantize_q4, linear_q4, quantize_q4
 from .q8 import linear_q8, quantize_q8
+from .threads import get_num_threads, kernel_threads, set_num_threads
 
 _C = _native.load()
 
@@ -21,5 +22,5 @@ NATIVE = _C is not None
 
 __all__ = [
     "act_stats_", "new_accumulators", "quantize_q4", "dequantize_q4", "linear_q4", "GROUP_SIZES",
-    "quantize_q8", "linear_q8", "NATIVE",
+    "quantize_q8", "linear_q8", "NATIVE", "set_num_threads", "get_num_threads", "kernel_threads",
 ]

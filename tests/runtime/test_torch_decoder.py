@@ -70,3 +70,24 @@ def test_errors():
         TorchDecoder(tiny_model("bert"), 8, compile=False)
     with pytest.raises(InvalidSetting, match="max_length"):
         TorchDecoder(model, 1)
+
+
+def test_step_threads_split_and_restored(monkeypatch):
+    """A quantized model's step runs torch on one thread and the kernels on ``threads``; both are restored after,
+    and a float model keeps torch's own count."""
+    from pyshrink.ops import get_num_threads
+
+    model = tiny_model("llama")
+    assert TorchDecoder(model, 16, compile=False).torch_threads == torch.get_num_threads()
+    pyshrink.quantize(model, bits=4, group_size=32, progress=False)
+    dec = TorchDecoder(model, 16, compile=False, threads=2)
+    assert (dec.threads, dec.torch_threads) == (2, 1)
+    seen = []
+    forward = dec._compiled
+    monkeypatch.setattr(dec, "_compiled", lambda *a: (seen.append((get_num_threads(), torch.get_num_threads())), forward(*a))[1])
+    before = (get_num_threads(), torch.get_num_threads())
+    dec.prefill(random_ids(1, 5)[0].tolist())
+    dec.step(3)
+    assert seen == [(2, 1)] and (get_num_threads(), torch.get_num_threads()) == before
+    with pytest.raises(InvalidSetting, match="torch_threads must be"):
+        TorchDecoder(model, 16, compile=False, torch_threads=0)

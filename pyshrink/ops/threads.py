@@ -1,0 +1,49 @@
+"""How many threads pyshrink's CPU kernels use, set apart from torch's intra-op pool.
+
+By default the kernels follow ``torch.get_num_threads()``. Their pool is pyshrink's own (csrc/cpu/parallel.h):
+its workers spin for a short while between calls (``PYSHRINK_SPIN_US``, default 200) before they sleep, so
+that a decode step's ~120 small calls each get both cores without a wake-up. Where torch's own operators are
+too small to gain from a second thread (one-token decode steps), running torch on one thread and the kernels
+on two keeps torch's OpenMP workers, which also spin after each region, off the cores the kernels use:
+:class:`pyshrink.runtime.torch_decoder.TorchDecoder` does that with :func:`kernel_threads`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import _native
+from ..errors import check_range
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for pyshrink's CPU kernels from now on; 0 follows ``torch.get_num_threads()`` again."""
+    check_range("threads", n, 0, 1024, integer=True)
+    C = _native.load()
+    if C is not None:  # the reference kernels (PYSHRINK_REFERENCE=1) are torch ops and use torch's threads
+        C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads pyshrink's CPU kernels use now."""
+    C = _native.load()
+    return C.get_num_threads() if C is not None else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int, *, torch_threads: int | None = None):
+    """Within the block the kernels use ``n`` threads and, if given, torch ``torch_threads``; both restored after."""
+    check_range("threads", n, 1, 1024, integer=True)
+    C = _native.load()
+    before_k = C.num_threads_setting() if C is not None else 0
+    before_t = torch.get_num_threads()
+    set_num_threads(n)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        yield
+    finally:
+        set_num_threads(before_k)
+        if torch_threads is not None:
+            torch.set_num_threads(before_t)
