@@ -54,6 +54,12 @@ namespace {
 constexpr const char* OP = "pyshrink.linear_q4";
 constexpr int kVnniRM = 4;  // AVX-512 fast GEMM register tile: kVnniRM rows of x by kVnniRN * 16 weight rows
 constexpr int kVnniRN = 3;
+// GEMV prefetch distance: a task walks its tiles of RN rows in order, so while it reads line c of each row it
+// asks for line c of the rows of the tile that starts at least kGemvPrefetch bytes further on (the next tile
+// for long rows; 4 tiles ahead for SmolLM2's 576-wide ones, whose tiles are 1.1 KB). Asking only for the next
+// tile was too close for short rows (on 0.3-1 MB weights read from memory, 4 KiB ahead measured 10-25 % faster
+// on one thread; 1-2 KiB in between, 8 KiB the same).
+constexpr int64_t kGemvPrefetch = 4096;
 
 
 // 64-byte aligned scratch for tile buffers: a zmm load that straddles two cache lines costs two
@@ -632,12 +638,6 @@ struct Scratch64 {
   ~Scratch64() { ::operator delete(p, std::align_val_t{64}); }
 };
 
-// GEMV prefetch distance: a weight matrix is one contiguous run of bytes and a task walks its tiles in order,
-// so the GEMV asks for the line kGemvPrefetch bytes ahead of the one it reads, crossing row, tile and 4 KiB
-// page boundaries (the hardware prefetcher stops at pages). On 0.3-1 MB weights read from memory this
-// measured 10-25 % faster on one thread than asking for the next tile's rows (1 KiB and 2 KiB: in between;
-// 8 KiB: the same); on two threads and on 16-90 MB weights the two were level within the noise.
-constexpr int64_t kGemvPrefetch = 4096;
 #if PYSHRINK_X86
 template <int G, int RM, int RN>
 PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* nidx, const GemvActs& a, float* raw) {
@@ -653,15 +653,16 @@ PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* ni
   const uint8_t* wp[RN];
   const float* ws[RN];
   for (int r = 0; r < RN; ++r) wp[r] = W.row(nidx[r]), ws[r] = W.srow(nidx[r]);
+  const int64_t tile_bytes = RN * row_bytes, ahead = (kGemvPrefetch + tile_bytes - 1) / tile_bytes;
+  const int64_t pf_bytes = ahead * tile_bytes;
   __m512 acc[RM][RN];
   for (int m = 0; m < RM; ++m)
     for (int r = 0; r < RN; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < nc; ++c) {
     const bool last = c == nc - 1;
-    // the tile's RN rows are contiguous from wp[0]: RN lines per chunk keep the prefetch kGemvPrefetch ahead;
-    // the scales run 8 / G bytes per weight byte, and a tile's are at most 3 lines
-    for (int r = 0; r < RN; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[0] + kGemvPrefetch + (c * RN + r) * 64), _MM_HINT_T0);
-    if (c < 3) _mm_prefetch(reinterpret_cast<const char*>(ws[0]) + kGemvPrefetch * 8 / G + c * 64, _MM_HINT_T0);
+    // the same lines of the rows `ahead` tiles further (at least kGemvPrefetch bytes on), and their scales
+    for (int r = 0; r < RN; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[r] + pf_bytes + c * 64), _MM_HINT_T0);
+    if (c * 64 < RN * nb * 4) _mm_prefetch(reinterpret_cast<const char*>(ws[0] + RN * nb * ahead) + c * 64, _MM_HINT_T0);
     __m512i lo[RN], hi[RN];
     __m512 wsv[RN];
     for (int r = 0; r < RN; ++r) {
