@@ -63,6 +63,17 @@ class ScheduleResult:
                 "seconds": round(self.seconds, 2), "steps": self.steps}
 
 
+def _slice_kwargs(contract_fn, contract_kwargs: dict, pinned, progress) -> dict:
+    """The keyword arguments of one slice's contraction: the caller's, plus the pinned blocks and the progress
+    setting where ``contract_fn`` takes them."""
+    kw = dict(contract_kwargs)
+    if pinned is not None and _accepts(contract_fn, "layers"):
+        kw["layers"] = pinned
+    if "progress" not in kw and _accepts(contract_fn, "progress"):
+        kw["progress"] = progress
+    return kw
+
+
 def slice_ratios(contraction_ratio: float, steps: int) -> list[float]:
     """Per-slice ratios, each relative to the width left by the previous slices, that compose to the total.
 
@@ -206,11 +217,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     position, opt_state = 0, None  # continuous: tokens of the one heal done so far, and its AdamW state
     t_start = time.perf_counter()
     for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
-        kw = dict(contract_kwargs)
-        if pinned is not None and _accepts(contract_fn, "layers"):
-            kw["layers"] = pinned
-        if "progress" not in kw and _accepts(contract_fn, "progress"):
-            kw["progress"] = progress
+        kw = _slice_kwargs(contract_fn, contract_kwargs, pinned, progress)
         contracted = contract_fn(current, contraction_ratio=ratio, num_layers_to_contract=num_layers_to_contract,
                                  calibration=calibration, **kw)
         done = _contracted_layers(contracted)
@@ -297,11 +304,7 @@ def _fade_slices(result, source, t_model, teacher, text, calibration, eval_text,
     fade_end = cum[-2] + max(1, round(fade_share * budgets[-1]))
     position, opt_state = 0, None
     for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
-        kw = dict(contract_kwargs)
-        if pinned is not None and _accepts(contract_fn, "layers"):
-            kw["layers"] = pinned
-        if "progress" not in kw and _accepts(contract_fn, "progress"):
-            kw["progress"] = progress
+        kw = _slice_kwargs(contract_fn, contract_kwargs, pinned, progress)
         ranked = contract_fn((model, tok), contraction_ratio=ratio, num_layers_to_contract=num_layers_to_contract,
                              calibration=calibration, **kw)
         kept, done = getattr(ranked, "kept_neurons", None), _contracted_layers(ranked)

@@ -69,3 +69,14 @@ def teacher(trained_teacher):
 @pytest.fixture()
 def student(trained_teacher):
     return contract_mlp(copy.deepcopy(trained_teacher), keep=24)
+
+
+@pytest.fixture()
+def source_folder(trained_teacher, tokenizer, texts, tmp_path):
+    """The trained teacher saved as a model folder, with its training and evaluation texts beside it."""
+    from pyshrink import models
+
+    models.save(trained_teacher, tokenizer, tmp_path / "source")
+    (tmp_path / "train.txt").write_text(texts["train"])
+    (tmp_path / "eval.txt").write_text(texts["eval"])
+    return tmp_path

@@ -56,3 +56,12 @@ def contract_mlp(model, keep: int, layers=None):
     if layers is None:
         model.config.intermediate_size = keep
     return model
+
+
+def contract_cli(folder, *extra) -> int:
+    """``pyshrink contract`` on the ``source_folder`` fixture's model and texts, writing ``folder/out``."""
+    from pyshrink.cli import main
+
+    return main(["contract", str(folder / "source"), "-o", str(folder / "out"), "--calibration",
+                 str(folder / "train.txt"), "--eval", str(folder / "eval.txt"), "--calibration-tokens", "1024",
+                 "--eval-tokens", "512", *extra])

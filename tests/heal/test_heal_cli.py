@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from heal_helpers import SEQ
+from heal_helpers import SEQ, contract_cli
 from pyshrink import models
 from pyshrink.cli import main
 
@@ -62,22 +62,10 @@ def test_a_contracted_folder_heals_and_its_checkpoints_load_back(trained_teacher
 
 
 # ---- pyshrink contract --heal-tokens / --steps ----------------------------------------------------------------
-@pytest.fixture()
-def source_folder(trained_teacher, tokenizer, texts, tmp_path):
-    models.save(trained_teacher, tokenizer, tmp_path / "source")
-    (tmp_path / "train.txt").write_text(texts["train"])
-    (tmp_path / "eval.txt").write_text(texts["eval"])
-    return tmp_path
-
-
-def _contract(folder, *extra):
-    return main(["contract", str(folder / "source"), "-o", str(folder / "out"), "--calibration",
-                 str(folder / "train.txt"), "--eval", str(folder / "eval.txt"), "--calibration-tokens", "1024",
-                 "--eval-tokens", "512", *extra])
 
 
 def test_contract_heal_tokens_reports_the_heal(source_folder, capsys):
-    assert _contract(source_folder, "--contraction-ratio", "0.75", "--num-layers-to-contract", "3",
+    assert contract_cli(source_folder, "--contraction-ratio", "0.75", "--num-layers-to-contract", "3",
                      "--heal-tokens", "2048", "--json") == 0
     s = json.loads(capsys.readouterr().out)
     h = s["heal"]
@@ -89,7 +77,7 @@ def test_contract_heal_tokens_reports_the_heal(source_folder, capsys):
 
 
 def test_contract_steps_runs_the_iterative_schedule(source_folder, capsys):
-    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--json") == 0
+    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--json") == 0
     s = json.loads(capsys.readouterr().out)
     assert [st["slice"] for st in s["steps"]] == [1, 2]
     assert [st["layers"] for st in s["steps"]] == [[0, 2], [0, 2]]
@@ -106,7 +94,7 @@ def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, cap
     assert main(["contract", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--heal-schedule" in text and "--heal-split" in text
-    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
+    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
                      "continuous", "--heal-split", "1:3", "--json") == 0
     s = json.loads(capsys.readouterr().out)
     # one heal of 4 steps of 1,024 tokens (seq_len 256 x grad_accum 4): slice 2 is cut after the first
@@ -118,21 +106,21 @@ def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, cap
     from pyshrink.arch import adapter_for
     ad = adapter_for(saved)
     assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
-    assert _contract(source_folder, "--heal-tokens", "2048", "--heal-schedule", "continuous", "--overwrite") == 2
+    assert contract_cli(source_folder, "--heal-tokens", "2048", "--heal-schedule", "continuous", "--overwrite") == 2
     assert "--steps K" in capsys.readouterr().err
-    assert _contract(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:x", "--overwrite") == 2
+    assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:x", "--overwrite") == 2
     assert "--heal-split takes colon-separated weights" in capsys.readouterr().err
-    assert _contract(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:1:1",
+    assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:1:1",
                      "--overwrite") == 2
     assert "heal_split must hold 2" in capsys.readouterr().err
     # the table: a slice with weight 0 is cut without healing (nothing measured), and the mode says one heal
-    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--heal-split", "0:1",
+    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--heal-split", "0:1",
                      "--heal-schedule", "continuous", "--overwrite") == 0
     text = capsys.readouterr().out
     assert "slices cut during one heal" in text and "slice 1" in text and "not healed" in text
 
 
 def test_contract_steps_table(source_folder, capsys):
-    assert _contract(source_folder, "--num-layers-to-contract", "1", "--heal-tokens", "1024", "--steps", "2") == 0
+    assert contract_cli(source_folder, "--num-layers-to-contract", "1", "--heal-tokens", "1024", "--steps", "2") == 0
     text = capsys.readouterr().out
     assert "slice 1" in text and "slice 2" in text and "perplexity final" in text and "reduction" in text

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from heal_helpers import SEQ
+from heal_helpers import SEQ, contract_cli
 from pyshrink import data, models
 from pyshrink.arch import adapter_for
 from pyshrink.cli import main
@@ -159,24 +159,12 @@ def test_fade_settings_are_checked(trained_teacher, tokenizer, texts):
         heal((model, tokenizer), source, texts["train"], segment=(2 * TPS, 3 * TPS), **kw)
 
 
-@pytest.fixture()
-def source_folder(trained_teacher, tokenizer, texts, tmp_path):
-    models.save(trained_teacher, tokenizer, tmp_path / "source")
-    (tmp_path / "train.txt").write_text(texts["train"])
-    (tmp_path / "eval.txt").write_text(texts["eval"])
-    return tmp_path
-
-
-def _contract(folder, *extra):
-    return main(["contract", str(folder / "source"), "-o", str(folder / "out"), "--calibration",
-                 str(folder / "train.txt"), "--eval", str(folder / "eval.txt"), "--calibration-tokens", "1024",
-                 "--eval-tokens", "512", *extra])
 
 
 def test_cli_heal_schedule_fade(source_folder, capsys):
     assert main(["contract", "--help"]) == 0
     assert "--fade-share" in capsys.readouterr().out
-    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
+    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
                      "fade", "--fade-share", "0.5", "--json") == 0
     s = json.loads(capsys.readouterr().out)
     assert s["heal_schedule"] == "fade" and [st["layers"] for st in s["steps"]] == [[0, 2], [0, 2]]
@@ -187,10 +175,10 @@ def test_cli_heal_schedule_fade(source_folder, capsys):
     assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
     assert models.num_params(saved) == s["num_params"] < s["source_params"]
     # one step fades one-shot's neurons; the table names the mode
-    assert _contract(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--heal-schedule", "fade",
+    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--heal-schedule", "fade",
                      "--overwrite") == 0
     assert "faded out during one heal" in capsys.readouterr().out
-    assert _contract(source_folder, "--heal-tokens", "2048", "--steps", "2", "--fade-share", "0.5",
+    assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--fade-share", "0.5",
                      "--overwrite") == 2
     assert "--fade-share sets the fade" in capsys.readouterr().err
     assert main(["contract", str(source_folder / "source"), "-o", str(source_folder / "o2"), "--heal-schedule",
