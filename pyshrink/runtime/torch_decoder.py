@@ -23,8 +23,9 @@ operators on one (``torch_threads``). At one token, torch's operators (norms, ro
 cache) are too small to gain from a second thread, while its OpenMP workers keep spinning after each of them
 on the cores that the kernels' own pool (whose workers also spin briefly between calls, so that each of a
 step's ~120 small calls gets both cores without a wake-up) needs; with both pools on two threads the step
-measured 13.5-14.8 ms against 10.4-10.9 ms split this way (SmolLM2-135M q4-g64, 4-bit head). Inductor
-compiles the step for the thread count it runs with. The prompt keeps torch's threads.
+measured 13.0 ms against 9.8 ms split this way (SmolLM2-135M q4-g64, 4-bit head; bench/RESULTS.md, Decode
+speed, the ablation run). Inductor compiles the step for the thread count it runs with. The prompt keeps
+torch's threads.
 
 The model is changed in place by ``fuse=True`` (see :attr:`pyshrink.arch.Adapter.fuse`): it computes the same
 numbers, its state dict, ``pyshrink.save`` and the ONNX export are unchanged.
