@@ -57,8 +57,8 @@ constexpr int kVnniRN = 3;
 // GEMV prefetch distance: a task walks its tiles of RN rows in order, so while it reads line c of each row it
 // asks for line c of the rows of the tile that starts at least kGemvPrefetch bytes further on (the next tile
 // for long rows; 4 tiles ahead for SmolLM2's 576-wide ones, whose tiles are 1.1 KB). Asking only for the next
-// tile was too close for short rows (on 0.3-1 MB weights read from memory, 4 KiB ahead measured 10-25 % faster
-// on one thread; 1-2 KiB in between, 8 KiB the same).
+// tile was too close for short rows (development measurements, not a committed benchmark: on 0.3-1 MB weights
+// read from memory, 4 KiB ahead was 10-25 % faster on one thread; 1-2 KiB in between, 8 KiB the same).
 constexpr int64_t kGemvPrefetch = 4096;
 
 
@@ -731,6 +731,14 @@ float dot_f32(Isa isa, const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Zero point times scale of every block of the RN rows nidx, into zs[n * nb + b]: fast mode's per-output
+// correction sum_b zp * scale * (sx * sum qx) for the integer dots that leave the zero point out.
+template <int RN>
+void zero_point_scales(const Q4Weights& W, const int64_t* nidx, float* zs) {
+  for (int n = 0; n < RN; ++n)
+    for (int64_t b = 0; b < W.nb; ++b) zs[n * W.nb + b] = static_cast<float>(W.zero_point(nidx[n], b)) * W.srow(nidx[n])[b];
+}
+
 template <int G, int MT, int RM, int RN>
 void fast_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, float* raw) {
 #if PYSHRINK_X86
@@ -752,8 +760,7 @@ void run_fast(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out
     for (int64_t t = t0; t < t1; ++t) {
       int64_t nidx[RN];
       for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
-      for (int n = 0; n < RN; ++n)
-        for (int64_t b = 0; b < nb; ++b) zs[n * nb + b] = static_cast<float>(W.zero_point(nidx[n], b)) * W.srow(nidx[n])[b];
+      zero_point_scales<RN>(W, nidx, zs.data());
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mr = std::min<int64_t>(MT, M - m0);
         const int8_t* xt = qx + a.slot(m0, 0) * W.g;
@@ -858,9 +865,7 @@ void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
       for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
       float raw[RM * RN];
       fast_gemv_tile_avx512<G, RM, RN>(W, nidx, g, raw);
-      if (W.zp)
-        for (int n = 0; n < RN; ++n)
-          for (int64_t b = 0; b < nb; ++b) zs[n * nb + b] = static_cast<float>(W.zero_point(nidx[n], b)) * W.srow(nidx[n])[b];
+      if (W.zp) zero_point_scales<RN>(W, nidx, zs.data());
       for (int m = 0; m < RM; ++m)
         for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
           out.store(m, t * RN + n,

@@ -11,8 +11,9 @@
 // Between calls a worker first spins for a short while (PYSHRINK_SPIN_US, default 200 us; 0 = never), then
 // sleeps on a condition variable. Decoding calls the op ~120 times per token with ~30 us of other work in
 // between, and a sleeping worker takes a futex wake-up and a reschedule (tens of microseconds on a VM) to
-// join, which on a 0.3-1 MB weight is longer than the op itself: with a sleeping worker, two threads measured
-// no faster than one there. The spin loop yields the core (sched_yield) between checks, so on a busy machine
+// join, which on a 0.3-1 MB weight is longer than the op itself (development measurements: with a sleeping
+// worker, two threads were no faster than one there; bench/RESULTS.md, Decode speed, has the committed effect
+// on whole decode steps). The spin loop yields the core (sched_yield) between checks, so on a busy machine
 // a spinning worker gives way to any thread that has work, as ONNX Runtime's and llama.cpp's spinning pools do;
 // a caller only pays a wake-up syscall when a worker is really asleep.
 #pragma once
@@ -98,13 +99,12 @@ class Pool {
     }
   }
 
-  // Spins (yielding) until the epoch moves past `seen` or spin_ns_ has passed; true if it moved.
-  bool spin(uint64_t seen) const {
-    if (spin_ns_ <= 0) return false;
+  // Spins (yielding) until the epoch moves past `seen` or spin_ns_ has passed; loop() then looks under the lock.
+  void spin(uint64_t seen) const {
+    if (spin_ns_ <= 0) return;
     const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
-    for (int i = 0;; ++i) {
-      if (epoch_.load(std::memory_order_acquire) != seen) return true;
-      if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) return false;
+    for (int i = 0; epoch_.load(std::memory_order_acquire) == seen; ++i) {
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) return;
       sched_yield();
     }
   }
@@ -159,7 +159,7 @@ inline int num_threads() {
   return n > 0 ? n : std::max(1, at::get_num_threads());
 }
 
-// fn(c) for c in [0, chunks), spread over torch.get_num_threads() threads.
+// fn(c) for c in [0, chunks), spread over num_threads() threads.
 inline void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
   if (chunks <= 0) return;
   Pool::instance().run(chunks, at::in_parallel_region() ? 1 : num_threads(), fn);

@@ -16,27 +16,26 @@ import torch
 from .. import _native
 from ..errors import check_range
 
+_C = _native.load()  # None only with PYSHRINK_REFERENCE=1 (after its loud warning)
+
 
 def set_num_threads(n: int) -> None:
     """Threads for pyshrink's CPU kernels from now on; 0 follows ``torch.get_num_threads()`` again."""
     check_range("threads", n, 0, 1024, integer=True)
-    C = _native.load()
-    if C is not None:  # the reference kernels (PYSHRINK_REFERENCE=1) are torch ops and use torch's threads
-        C.set_num_threads(int(n))
+    if _C is not None:  # the reference kernels (PYSHRINK_REFERENCE=1) are torch ops and use torch's threads
+        _C.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
     """Threads pyshrink's CPU kernels use now."""
-    C = _native.load()
-    return C.get_num_threads() if C is not None else torch.get_num_threads()
+    return _C.get_num_threads() if _C is not None else torch.get_num_threads()
 
 
 @contextlib.contextmanager
 def kernel_threads(n: int, *, torch_threads: int | None = None):
     """Within the block the kernels use ``n`` threads and, if given, torch ``torch_threads``; both restored after."""
     check_range("threads", n, 1, 1024, integer=True)
-    C = _native.load()
-    before_k = C.num_threads_setting() if C is not None else 0
+    before_k = _C.num_threads_setting() if _C is not None else 0
     before_t = torch.get_num_threads()
     set_num_threads(n)
     if torch_threads is not None:
