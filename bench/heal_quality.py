@@ -91,7 +91,8 @@ def main(argv=None):
                     "which are cut after the cumulative shares of split; fade: as continuous, but each slice's "
                     "neurons fade out over its share and are cut at factor 0), fade (with heal=fade: the part of "
                     "the last slice's share spent fading, default 0.5), refit (contraction's compensation for this "
-                    "arm: lstsq, the default, mean or none). Example: steps=3,split=1:1:2,heal=continuous")
+                    "arm: lstsq, the default, mean or none), slices (ratio: every slice narrows every block a "
+                    "little, the default; blocks: each slice narrows its own group of blocks by the whole ratio). Example: steps=3,split=1:1:2,heal=continuous")
     ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
                     "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "
@@ -215,7 +216,7 @@ def main(argv=None):
         del one
         for spec in args.b_variant or [f"steps={args.steps}"]:
             v = dict(kv.split("=", 1) for kv in spec.split(","))
-            unknown = set(v) - {"steps", "split", "pin", "heal", "fade", "refit"}
+            unknown = set(v) - {"steps", "split", "pin", "heal", "fade", "refit", "slices"}
             if unknown:
                 ap.error(f"--b-variant {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
             steps = int(v.get("steps", args.steps))
@@ -227,7 +228,8 @@ def main(argv=None):
                                     contract_kwargs={**b_kw, **({"refit": v["refit"]} if "refit" in v else {})},
                                     alpha=args.alpha, until_ppl=0, heal_split=split, layers=pinned,
                                     heal_schedule=v.get("heal", "per-slice"),
-                                    fade_share=float(v["fade"]) if "fade" in v else None, **kw, **common)
+                                    fade_share=float(v["fade"]) if "fade" in v else None,
+                                    slices=v.get("slices", "ratio"), **kw, **common)
             name = "b_iterative_" + spec.replace("=", "").replace(",", "_").replace(":", "-")
             entry = {"spec": spec, "params": it.num_params, "ppl": ppl(it.model), "ppl_ood": ppl_ood(it.model),
                      "steps": it.steps, "seconds": round(time.perf_counter() - t, 1)}

@@ -23,7 +23,8 @@
 //   signed (q - zp) bytes, 16 rows across a zmm, and runs a vpdpbusd GEMM over them (repack_vnni): each
 //   4-byte activation broadcast feeds 16 output columns, about 3x the AVX2 tile's rate at M = 128. fast mode
 //   with M <= 3 is a vpdpbusd GEMV over the bytes as stored (fast_gemv_tile_avx512). exact mode with M <= 3
-//   maps codes to floats with a vpermps table (exact_tile_avx512); exact with M >= 4 runs the GEMM on zmm.
+//   is a float GEMV over the same bytes whose vpermps maps shifted dwords to (q - 8) (exact_gemv_tile_avx512);
+//   exact with M >= 4 runs the GEMM on zmm.
 //
 // Tiling: RM rows of x by RN rows of W keep RM*RN accumulators in registers, so each weight block is loaded
 // and unpacked once per RM rows of x (M=1: RN=4 rows share the activation loads, and the next tile's weights
@@ -41,6 +42,7 @@
 #include <cmath>
 #include <cstring>
 #include <new>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -60,6 +62,11 @@ constexpr int kVnniRN = 3;
 // tile was too close for short rows (development measurements, not a committed benchmark: on 0.3-1 MB weights
 // read from memory, 4 KiB ahead was 10-25 % faster on one thread; 1-2 KiB in between, 8 KiB the same).
 constexpr int64_t kGemvPrefetch = 4096;
+// Rows longer than this prefetch within the row instead, this far ahead. Asking for the next tile's rows kept a
+// whole tile (22 KB for 11008-wide rows) in flight and pushed the GEMV's activations out of L1 (development
+// measurement, interleaved, 2 threads, rotated weights: fast mode 11008 -> 4096 at 19.7 -> 22.6 GB/s, exact
+// 20.3 -> 21.0; 4096-wide rows 20.6 / 21.6 -> 21.7 / 22.6; 512 bytes ahead was no better than the old way).
+constexpr int64_t kGemvRowAhead = 1024;
 
 
 // 64-byte aligned scratch for tile buffers: a zmm load that straddles two cache lines costs two
@@ -166,9 +173,11 @@ PYSHRINK_AVX2 int32_t quantize_block_avx2(const float* src, int64_t g, float* sx
 // Activations of one call. exact: xd [M, Kp] float, 16-element [evens | odds] runs.
 // fast: qx int8 and sx float in groups of MT rows, block-interleaved: row m, block b starts at
 // ((m / MT) * nb + b) * MT + m % MT (times g for qx); xsum [M, nb] = sx * sum(qx), row-major.
+// exact with M <= 3 at the AVX-512 level (exact_gemv_tile_avx512): `lanes` layout instead, xd [M, nc * 128]
+// with element 8l + j of every 128-element chunk at 16j + l, and xsum [M, nb] the blocks' float sums.
 struct Acts {
   int64_t M = 0, Kp = 0, nb = 0, MT = 1;
-  int64_t span = 16;  // exact: length of the [evens | odds] runs (32 for the AVX-512 tiles of M <= 3)
+  bool lanes = false;
   at::Tensor xd, qx, sx, xsum;
   int64_t slot(int64_t m, int64_t b) const { return ((m / MT) * nb + b) * MT + m % MT; }
 };
@@ -180,13 +189,16 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
   a.Kp = nb * g;
   a.nb = nb;
   a.MT = a.M == 1 ? 1 : 4;
-  a.span = (isa == Isa::kAvx512 && a.M <= 3) ? 32 : 16;
-  const int64_t K = x2.size(1), M = a.M, Kp = a.Kp;
+  a.lanes = !fast && isa == Isa::kAvx512 && a.M <= 3;
+  const int64_t K = x2.size(1), M = a.M, Kp = a.Kp, nc = (Kp + 127) / 128;
   const int64_t Mp = (M + a.MT - 1) / a.MT * a.MT;  // padded rows are zeros (never stored to the output)
   auto f32 = x2.options().dtype(at::kFloat);
   if (fast) {
     a.qx = at::zeros({Mp * Kp}, x2.options().dtype(at::kChar));
     a.sx = at::zeros({Mp * nb}, f32);
+    a.xsum = at::empty({M, nb}, f32);
+  } else if (a.lanes) {
+    a.xd = at::empty({M, nc * 128}, f32);
     a.xsum = at::empty({M, nb}, f32);
   } else {
     a.xd = at::empty({M, Kp}, f32);
@@ -198,8 +210,20 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
     for (int64_t m = m0; m < m1; ++m) {
       std::fill(nat.begin() + K, nat.end(), 0.0f);
       row_to_float(xp + m * rs, cs, K, nat.data(), isa);
+      if (a.lanes) {
+        float* out = a.xd.data_ptr<float>() + m * nc * 128;
+        for (int64_t c = 0; c < nc; ++c)
+          for (int64_t j = 0; j < 8; ++j)
+            for (int64_t l = 0; l < 16; ++l) {
+              const int64_t k = c * 128 + 8 * l + j;
+              out[c * 128 + 16 * j + l] = k < Kp ? nat[k] : 0.0f;
+            }
+        float* xs = a.xsum.data_ptr<float>() + m * nb;
+        for (int64_t b = 0; b < nb; ++b) xs[b] = std::accumulate(nat.begin() + b * g, nat.begin() + (b + 1) * g, 0.0f);
+        continue;
+      }
       float* out = fast ? dei.data() : a.xd.data_ptr<float>() + m * Kp;
-      const int64_t span = fast ? g : a.span;
+      const int64_t span = fast ? g : 16;
 #if PYSHRINK_X86
       if (has_avx2(isa)) deinterleave_avx2(nat.data(), Kp, span, out);
       else
@@ -387,51 +411,6 @@ PYSHRINK_AVX2 void exact_tile_avx2(const Q4Weights& W, const int64_t* nidx, cons
 }
 #endif
 
-#if PYSHRINK_X86
-// AVX-512, activations in 32-element [16 evens | 16 odds] runs: 16 packed bytes widen to 16 dwords, and one
-// vpermps per nibble maps the code straight to the float (code - zp) through a 16-entry table built once per
-// block (vpermps reads only the index's low 4 bits, so the low nibble needs no mask and the high one only a
-// shift). That replaces AVX2's and/shift, subtract and convert per 8 weights with one permute per 16.
-template <int G, int RM, int RN>
-PYSHRINK_AVX512 void exact_tile_avx512(const Q4Weights& W, const int64_t* nidx, const float* const* xd, float* raw) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int64_t nb = W.nb;
-  const uint8_t* wp[RN];
-  const float* ws[RN];
-  __m512 acc[RM][RN];
-  for (int n = 0; n < RN; ++n) wp[n] = W.row(nidx[n]), ws[n] = W.srow(nidx[n]);
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) acc[m][n] = _mm512_setzero_ps();
-  const int64_t row_bytes = nb * (G / 2);
-  for (int64_t b = 0; b < nb; ++b) {
-    if (RM == 1)  // memory bound at M = 1 once the unpacking is cheap: fetch the next tile's rows early
-      for (int n = 0; n < RN; ++n) _mm_prefetch(reinterpret_cast<const char*>(wp[n] + RN * row_bytes + b * (G / 2)), _MM_HINT_T0);
-    __m512 tab[RN];
-    for (int n = 0; n < RN; ++n) tab[n] = _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(W.zero_point(nidx[n], b))));
-    __m512 blk[RM][RN];
-    for (int m = 0; m < RM; ++m)
-      for (int n = 0; n < RN; ++n) blk[m][n] = _mm512_setzero_ps();
-    for (int j = 0; j < G / 2; j += 16) {  // 16 packed bytes = 32 codes per step
-      __m512 lo[RN], hi[RN];
-      for (int n = 0; n < RN; ++n) {
-        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp[n] + b * (G / 2) + j)));
-        lo[n] = _mm512_permutexvar_ps(d, tab[n]);
-        hi[n] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), tab[n]);
-      }
-      for (int m = 0; m < RM; ++m) {
-        const __m512 xe = _mm512_loadu_ps(xd[m] + b * G + 2 * j), xo = _mm512_loadu_ps(xd[m] + b * G + 2 * j + 16);
-        for (int n = 0; n < RN; ++n) blk[m][n] = _mm512_fmadd_ps(hi[n], xo, _mm512_fmadd_ps(lo[n], xe, blk[m][n]));
-      }
-    }
-    for (int n = 0; n < RN; ++n) {
-      const __m512 sv = _mm512_set1_ps(ws[n][b]);
-      for (int m = 0; m < RM; ++m) acc[m][n] = _mm512_fmadd_ps(blk[m][n], sv, acc[m][n]);
-    }
-  }
-  for (int m = 0; m < RM; ++m)
-    for (int n = 0; n < RN; ++n) raw[m * RN + n] = _mm512_reduce_add_ps(acc[m][n]);
-}
-#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // exact, M >= 4: dequantize NT weight rows into float (same 16-element [evens | odds] order as the activations, value
@@ -639,45 +618,75 @@ struct Scratch64 {
 };
 
 #if PYSHRINK_X86
-template <int G, int RM, int RN>
-PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* nidx, const GemvActs& a, float* raw) {
-  constexpr int BPC = 128 / G;  // blocks per chunk
-  const int64_t nb = W.nb, nc = a.nc, row_bytes = nb * (G / 2);
-  const int64_t tail_bytes = row_bytes - (nc - 1) * 64;  // 1..64: the last chunk is read with a mask
-  const __mmask64 tail = tail_bytes >= 64 ? ~__mmask64{0} : ((__mmask64{1} << tail_bytes) - 1);
-  const __mmask8 tail_blocks = static_cast<__mmask8>((1u << (nb - (nc - 1) * BPC)) - 1);
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i sidx = _mm512_setr_epi32(0 * 8 / G, 1 * 8 / G, 2 * 8 / G, 3 * 8 / G, 4 * 8 / G, 5 * 8 / G,
-                                         6 * 8 / G, 7 * 8 / G, 8 * 8 / G, 9 * 8 / G, 10 * 8 / G, 11 * 8 / G,
-                                         12 * 8 / G, 13 * 8 / G, 14 * 8 / G, 15 * 8 / G);  // lane -> block
+// What the M <= 3 GEMV tiles (fast and exact) share: RN weight rows walked in 64-byte chunks (128 weights), the
+// last one read with a mask; each chunk's block scales spread to the 16 int32/float lanes (a lane is 4 bytes
+// of one block, since a block is at least 16 bytes); and the prefetch. Rows longer than kGemvRowAhead bytes:
+// each row's line kGemvRowAhead bytes further along (in a row's last kGemvRowAhead bytes, that far into the
+// next tile's row), so about RN * kGemvRowAhead bytes are in flight and the activations stay in L1; shorter
+// rows: the same lines of the rows `ahead` tiles further on (at least kGemvPrefetch bytes). And the scales of
+// the tile `ahead` further on.
+template <int G, int RN>
+struct GemvRows {
+  static constexpr int BPC = 128 / G;  // blocks per chunk
   const uint8_t* wp[RN];
   const float* ws[RN];
-  for (int r = 0; r < RN; ++r) wp[r] = W.row(nidx[r]), ws[r] = W.srow(nidx[r]);
-  const int64_t tile_bytes = RN * row_bytes, ahead = (kGemvPrefetch + tile_bytes - 1) / tile_bytes;
-  const int64_t pf_bytes = ahead * tile_bytes;
+  int64_t nb, nc, pf_bytes, pf_next, pf_switch, pf_scales;  // prefetch offsets (bytes) before / from chunk pf_switch
+  __mmask64 tail;
+  __mmask8 tail_blocks;
+  __m512i sidx;
+
+  PYSHRINK_AVX512_INLINE GemvRows(const Q4Weights& W, const int64_t* nidx, int64_t nchunks) : nb(W.nb), nc(nchunks) {
+    const int64_t row_bytes = nb * (G / 2), tail_bytes = row_bytes - (nc - 1) * 64;  // 1..64
+    tail = tail_bytes >= 64 ? ~__mmask64{0} : ((__mmask64{1} << tail_bytes) - 1);
+    tail_blocks = static_cast<__mmask8>((1u << (nb - (nc - 1) * BPC)) - 1);
+    sidx = _mm512_setr_epi32(0 * 8 / G, 1 * 8 / G, 2 * 8 / G, 3 * 8 / G, 4 * 8 / G, 5 * 8 / G, 6 * 8 / G, 7 * 8 / G,
+                             8 * 8 / G, 9 * 8 / G, 10 * 8 / G, 11 * 8 / G, 12 * 8 / G, 13 * 8 / G, 14 * 8 / G, 15 * 8 / G);
+    for (int r = 0; r < RN; ++r) wp[r] = W.row(nidx[r]), ws[r] = W.srow(nidx[r]);
+    const int64_t tile_bytes = RN * row_bytes, ahead = (kGemvPrefetch + tile_bytes - 1) / tile_bytes;
+    pf_scales = ahead * RN * nb;
+    if (row_bytes > kGemvRowAhead) {  // chunk c < pf_switch: along the row; after: into the next tile's row
+      pf_bytes = kGemvRowAhead;
+      pf_next = kGemvRowAhead + (RN - 1) * row_bytes;
+      pf_switch = (row_bytes - kGemvRowAhead + 63) / 64;
+    } else {
+      pf_bytes = pf_next = ahead * tile_bytes;
+      pf_switch = nc;
+    }
+  }
+  PYSHRINK_AVX512_INLINE void prefetch(int64_t c) const {
+    const int64_t off = c * 64 + (c < pf_switch ? pf_bytes : pf_next);
+    for (int r = 0; r < RN; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[r] + off), _MM_HINT_T0);
+    if (c * 64 < RN * nb * 4) _mm_prefetch(reinterpret_cast<const char*>(ws[0] + pf_scales) + c * 64, _MM_HINT_T0);
+  }
+  PYSHRINK_AVX512_INLINE __m512i codes(int r, int64_t c) const {
+    const uint8_t* p = wp[r] + c * 64;
+    return c == nc - 1 ? _mm512_maskz_loadu_epi8(tail, p) : _mm512_loadu_si512(p);
+  }
+  PYSHRINK_AVX512_INLINE __m512 scales(int r, int64_t c) const {
+    const float* s = ws[r] + c * BPC;
+    if (G == 128) return _mm512_set1_ps(*s);
+    const __m128 s4 = c == nc - 1 ? _mm_maskz_loadu_ps(tail_blocks, s)
+                                  : (G == 64 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_loadu_ps(s));
+    return _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(s4));
+  }
+};
+
+template <int G, int RM, int RN>
+PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* nidx, const GemvActs& a, float* raw) {
+  const GemvRows<G, RN> rows(W, nidx, a.nc);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[RM][RN];
   for (int m = 0; m < RM; ++m)
     for (int r = 0; r < RN; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < nc; ++c) {
-    const bool last = c == nc - 1;
-    // the same lines of the rows `ahead` tiles further (at least kGemvPrefetch bytes on), and their scales
-    for (int r = 0; r < RN; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp[r] + pf_bytes + c * 64), _MM_HINT_T0);
-    if (c * 64 < RN * nb * 4) _mm_prefetch(reinterpret_cast<const char*>(ws[0] + RN * nb * ahead) + c * 64, _MM_HINT_T0);
+  for (int64_t c = 0; c < a.nc; ++c) {
+    rows.prefetch(c);
     __m512i lo[RN], hi[RN];
     __m512 wsv[RN];
     for (int r = 0; r < RN; ++r) {
-      const uint8_t* p = wp[r] + c * 64;
-      const __m512i w = last ? _mm512_maskz_loadu_epi8(tail, p) : _mm512_loadu_si512(p);
+      const __m512i w = rows.codes(r, c);
       lo[r] = _mm512_and_si512(w, m4);
       hi[r] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-      const float* s = ws[r] + c * BPC;
-      if (G == 128) {
-        wsv[r] = _mm512_set1_ps(*s);
-      } else {
-        const __m128 s4 = last ? _mm_maskz_loadu_ps(tail_blocks, s)
-                               : (G == 64 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_loadu_ps(s));
-        wsv[r] = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(s4));
-      }
+      wsv[r] = rows.scales(r, c);
     }
     for (int m = 0; m < RM; ++m) {
       const __m512i xlo = _mm512_load_si512(a.xv[m] + c * 128), xhi = _mm512_load_si512(a.xv[m] + c * 128 + 64);
@@ -687,6 +696,44 @@ PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* ni
         const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(i0, lo[r], xlo), hi[r], xhi);
         acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(wsv[r], sxv), acc[m][r]);
       }
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int r = 0; r < RN; ++r) raw[m * RN + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// exact, M <= 3: the same walk over the stored bytes with float activations. The 64 bytes of a chunk are 16
+// dwords, dword l holding weights 8l..8l+7 as 8 nibbles; `dword >> 4j` puts weight 8l + j in the low 4 bits of
+// lane l, and vpermps, which reads only those 4 bits of each index, maps it through the table (0..15) - 8 to
+// the exact float (q - 8). So 128 weights cost 7 shifts and 8 permutes, and no widening (the AVX-512 tile
+// before this widened 16 bytes per vpmovzxbd, and rebuilt a table per block). The activations are laid out
+// once per call to match (Acts::lanes: element 8l + j of a chunk at 16j + l). Each lane's 8 products belong to
+// one block, so a chunk's lane sums take the block scales with one FMA per chunk and row. Asymmetric zero
+// points are corrected per output: sum_b scale * (zp - 8) * (sum of the block's x).
+template <int G, int RM, int RN>
+PYSHRINK_AVX512 void exact_gemv_tile_avx512(const Q4Weights& W, const int64_t* nidx, const float* const* xl,
+                                            int64_t nc, float* raw) {
+  const GemvRows<G, RN> rows(W, nidx, nc);
+  const __m512 tab = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512 acc[RM][RN];
+  for (int m = 0; m < RM; ++m)
+    for (int r = 0; r < RN; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c) {
+    rows.prefetch(c);
+    __m512i w[RN];
+    for (int r = 0; r < RN; ++r) w[r] = rows.codes(r, c);
+    __m512 part[RM][RN];
+    for (int j = 0; j < 8; ++j) {
+      __m512 wv[RN];
+      for (int r = 0; r < RN; ++r) wv[r] = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(w[r], 4 * j) : w[r], tab);
+      for (int m = 0; m < RM; ++m) {
+        const __m512 x = _mm512_load_ps(xl[m] + c * 128 + 16 * j);
+        for (int r = 0; r < RN; ++r) part[m][r] = j ? _mm512_fmadd_ps(wv[r], x, part[m][r]) : _mm512_mul_ps(wv[r], x);
+      }
+    }
+    for (int r = 0; r < RN; ++r) {
+      const __m512 sv = rows.scales(r, c);
+      for (int m = 0; m < RM; ++m) acc[m][r] = _mm512_fmadd_ps(part[m][r], sv, acc[m][r]);
     }
   }
   for (int m = 0; m < RM; ++m)
@@ -731,12 +778,14 @@ float dot_f32(Isa isa, const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// Zero point times scale of every block of the RN rows nidx, into zs[n * nb + b]: fast mode's per-output
-// correction sum_b zp * scale * (sx * sum qx) for the integer dots that leave the zero point out.
+// (zero point - offset) times scale of every block of the RN rows nidx, into zs[n * nb + b]: the per-output
+// correction sum_b (zp - offset) * scale * xsum_b for dots computed with the zero point `offset` (fast mode's
+// integer dots leave it out, offset 0, with xsum = sx * sum qx; the exact GEMV uses 8).
 template <int RN>
-void zero_point_scales(const Q4Weights& W, const int64_t* nidx, float* zs) {
+void zero_point_scales(const Q4Weights& W, const int64_t* nidx, int offset, float* zs) {
   for (int n = 0; n < RN; ++n)
-    for (int64_t b = 0; b < W.nb; ++b) zs[n * W.nb + b] = static_cast<float>(W.zero_point(nidx[n], b)) * W.srow(nidx[n])[b];
+    for (int64_t b = 0; b < W.nb; ++b)
+      zs[n * W.nb + b] = static_cast<float>(W.zero_point(nidx[n], b) - offset) * W.srow(nidx[n])[b];
 }
 
 template <int G, int MT, int RM, int RN>
@@ -760,7 +809,7 @@ void run_fast(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out
     for (int64_t t = t0; t < t1; ++t) {
       int64_t nidx[RN];
       for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
-      zero_point_scales<RN>(W, nidx, zs.data());
+      zero_point_scales<RN>(W, nidx, 0, zs.data());
       for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int64_t mr = std::min<int64_t>(MT, M - m0);
         const int8_t* xt = qx + a.slot(m0, 0) * W.g;
@@ -820,15 +869,37 @@ void run_fast_vnni(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
   });
 }
 
+// Walks tiles of RN weight rows for the M <= 3 GEMVs: tile(nidx, raw) fills raw[m * RN + r]; asymmetric
+// weights then take the per-output correction sum_b scale * (zp - zp_offset) * xsum[m][b], for tiles whose dots
+// used the zero point zp_offset (fast: 0, exact: 8).
+template <int RM, int RN, typename Out, typename Tile>
+void gemv_tiles(const Q4Weights& W, const Acts& a, int zp_offset, const Output<Out>& out, const Tile& tile) {
+  const int64_t N = W.N, nb = W.nb;
+  const float* xsum = W.zp ? a.xsum.const_data_ptr<float>() : nullptr;
+  for_tiles((N + RN - 1) / RN, RN * RM * a.Kp, [&](int64_t t0, int64_t t1) {
+    std::vector<float> zs(W.zp ? RN * nb : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t nidx[RN];
+      for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
+      float raw[RM * RN];
+      tile(nidx, raw);
+      if (W.zp) zero_point_scales<RN>(W, nidx, zp_offset, zs.data());
+      for (int m = 0; m < RM; ++m)
+        for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
+          out.store(m, t * RN + n,
+                    raw[m * RN + n] - (W.zp ? dot_f32(Isa::kAvx512, zs.data() + n * nb, xsum + m * nb, nb) : 0.0f));
+    }
+  });
+}
+
 // fast mode, M <= 3, AVX-512 VNNI (see fast_gemv_tile_avx512): lays the activations out for it, then walks
 // tiles of RN weight rows.
 template <int G, int RM, typename Out>
 void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
   constexpr int RN = 4, BPC = 128 / G;
-  const int64_t N = W.N, nb = W.nb, nc = (nb + BPC - 1) / BPC;
+  const int64_t nb = W.nb, nc = (nb + BPC - 1) / BPC;
   const int8_t* qx = a.qx.const_data_ptr<int8_t>();
   const float* sx = a.sx.const_data_ptr<float>();
-  const float* xsum = a.xsum.const_data_ptr<float>();
   static thread_local Scratch64 scratch;
   // per row: nc * 128 codes, then nc * 16 sx lanes, then nc * 16 init lanes (each a multiple of 64 bytes)
   const int64_t row_scratch = nc * (128 + 16 * 4 + 16 * 4);
@@ -858,27 +929,22 @@ void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
     g.sxl[m] = sxl;
     g.init[m] = init;
   }
-  for_tiles((N + RN - 1) / RN, RN * RM * a.Kp, [&](int64_t t0, int64_t t1) {
-    std::vector<float> zs(W.zp ? RN * nb : 0);  // asymmetric: zero point * scale per block
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t nidx[RN];
-      for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
-      float raw[RM * RN];
-      fast_gemv_tile_avx512<G, RM, RN>(W, nidx, g, raw);
-      if (W.zp) zero_point_scales<RN>(W, nidx, zs.data());
-      for (int m = 0; m < RM; ++m)
-        for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
-          out.store(m, t * RN + n,
-                    raw[m * RN + n] - (W.zp ? dot_f32(Isa::kAvx512, zs.data() + n * nb, xsum + m * nb, nb) : 0.0f));
-    }
-  });
+  gemv_tiles<RM, RN>(W, a, 0, out, [&](const int64_t* nidx, float* raw) { fast_gemv_tile_avx512<G, RM, RN>(W, nidx, g, raw); });
+}
+
+// exact mode, M <= 3, AVX-512 (see exact_gemv_tile_avx512); the activations come laid out (Acts::lanes).
+template <int G, int RM, int RN, typename Out>
+void run_exact_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
+  const int64_t nc = (a.Kp + 127) / 128;
+  const float* xl[RM];
+  for (int m = 0; m < RM; ++m) xl[m] = a.xd.const_data_ptr<float>() + m * nc * 128;
+  gemv_tiles<RM, RN>(W, a, 8, out, [&](const int64_t* nidx, float* raw) { exact_gemv_tile_avx512<G, RM, RN>(W, nidx, xl, nc, raw); });
 }
 #endif
 
 template <int G, int RM, int RN>
 void exact_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const float* const* xd, float* raw) {
 #if PYSHRINK_X86
-  if (isa == Isa::kAvx512) return exact_tile_avx512<G, RM, RN>(W, nidx, xd, raw);  // span-32 activations
   if (has_avx2(isa)) return exact_tile_avx2<G, RM, RN>(W, nidx, xd, raw);
 #endif
   exact_tile_scalar<G, RM, RN>(W, nidx, xd, raw);
@@ -973,6 +1039,12 @@ void run(Isa isa, const Q4Weights& W, const Acts& a, bool fast, const Output<Out
 #endif
     if (a.M == 1) run_fast<G, 1, 4>(isa, W, a, out);
     else run_fast<G, 4, 2>(isa, W, a, out);
+  } else if (a.lanes) {
+#if PYSHRINK_X86
+    if (a.M == 1) return run_exact_gemv<G, 1, 4>(W, a, out);
+    if (a.M == 2) return run_exact_gemv<G, 2, 3>(W, a, out);
+    return run_exact_gemv<G, 3, 2>(W, a, out);
+#endif
   } else if (a.M == 1) {
     run_exact_small<G, 1, 4>(isa, W, a, out);
   } else if (a.M == 2) {

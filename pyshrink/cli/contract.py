@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(1, "--steps", help="Contract in K slices with a heal after each (prune, heal, measure, repeat); K >= 2 needs --heal-tokens and --calibration. 1: one shot."),
         heal_schedule: str = typer.Option("per-slice", "--heal-schedule", help="With --steps K >= 2: 'per-slice' (a heal of N/K tokens after each slice, each with its own warm-up, decay and optimizer) or 'continuous' (one heal of N tokens, the slices cut during it after each N/K tokens, optimizer state carried across the cuts); with any --steps: 'fade' (as continuous, but each slice's neurons fade out during its share before they are cut)."),
         fade_share: Optional[float] = typer.Option(None, "--fade-share", help="With --heal-schedule fade: the part of the last slice's share of --heal-tokens spent fading its neurons (0-1, default 0.5); the final model trains on the rest."),
+        slices: str = typer.Option("ratio", "--slices", help="With --steps K >= 2: 'ratio' (every slice narrows every chosen block by its share of the ratio) or 'blocks' (each slice narrows its own group of the chosen blocks by the whole ratio, deepest group first, so every block is cut once)."),
         heal_split: Optional[str] = typer.Option(None, "--heal-split", help="With --steps K: K colon-separated weights sharing --heal-tokens among the slices (e.g. 1:1:1:9; 0 = no heal after that slice). Default: equal."),
         seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling and the healing data order."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
@@ -108,9 +109,10 @@ def register(app: typer.Typer) -> None:
                                  "it needs --heal-tokens N and --calibration FILE")
         if not fading and fade_share is not None:
             raise InvalidSetting("--fade-share sets the fade of --heal-schedule fade")
-        if (heal_schedule not in ("per-slice", "fade") or heal_split is not None) and steps < 2:
-            raise InvalidSetting("--heal-schedule and --heal-split set how the slices of --steps K (K >= 2) are "
-                                 "healed; with one step there are no slices (only --heal-schedule fade takes one)")
+        if (heal_schedule not in ("per-slice", "fade") or heal_split is not None or slices != "ratio") and steps < 2:
+            raise InvalidSetting("--heal-schedule, --heal-split and --slices set how the slices of --steps K (K >= 2) "
+                                 "are cut and healed; with one step there are no slices (only --heal-schedule fade "
+                                 "takes one)")
         split = parse_split(heal_split)
         cal = [str(p) for p in calibration] if calibration else None
         settings = dict(eval_text=[str(p) for p in eval_text] if eval_text else None, prune_heads=prune_heads,
@@ -124,6 +126,7 @@ def register(app: typer.Typer) -> None:
                                         num_layers_to_contract=n_layers, calibration=cal, heal_tokens=heal_tokens,
                                         layers=pinned, contract_kwargs=settings, seed=seed, out=out,
                                         heal_schedule=heal_schedule, heal_split=split, fade_share=fade_share,
+                                        slices=slices,
                                         overwrite=overwrite, progress=True)
             if as_json:
                 typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))

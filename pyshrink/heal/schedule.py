@@ -33,6 +33,7 @@ from ..errors import InvalidSetting, check_range, is_int
 from .carry import carry_optimizer_state
 
 HEAL_SCHEDULES = ("per-slice", "continuous", "fade")
+SLICINGS = ("ratio", "blocks")
 
 
 @dataclass
@@ -84,6 +85,19 @@ def slice_ratios(contraction_ratio: float, steps: int) -> list[float]:
     return [1 - (1 - k * r / k_total) / (1 - (k - 1) * r / k_total) for k in range(1, k_total + 1)]
 
 
+def block_groups(blocks, steps: int) -> list[list[int]]:
+    """``blocks`` shared out over ``steps`` slices for ``slices="blocks"``: contiguous groups of (nearly) equal
+    size, the deepest first, so each later heal also re-adapts the blocks already cut to their final width."""
+    order = sorted(blocks, reverse=True)
+    size, extra = divmod(len(order), steps)
+    groups, i = [], 0
+    for k in range(steps):
+        n = size + (1 if k < extra else 0)
+        groups.append(sorted(order[i:i + n]))
+        i += n
+    return groups
+
+
 def split_budget(heal_tokens: int, steps: int, heal_split=None) -> list[int]:
     """Healing tokens of each slice: ``heal_tokens`` shared in proportion to ``heal_split`` (default: equally).
 
@@ -129,7 +143,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                        teacher=None, layers=None, out=None, overwrite: bool = False,
                        contract_fn: Callable | None = None, contract_kwargs: dict | None = None, progress: bool = True,
                        heal_split=None, heal_schedule: str = "per-slice", fade_share: float | None = None,
-                       **heal_kwargs) -> ScheduleResult:
+                       slices: str = "ratio", **heal_kwargs) -> ScheduleResult:
     """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
 
     ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
@@ -154,6 +168,10 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     final model trains on the rest (``until_ppl`` stops that part only); every slice needs a positive weight in
     ``heal_split``; ``steps=1`` fades one-shot's neurons; a step's ``ppl_contracted`` is then at the fade's start
     and ``ppl_faded`` at its end, just before the cut, and the last step's ``ppl_cut`` just after it).
+    ``slices``: ``"ratio"`` (the default: every slice narrows all the chosen blocks by its share of the ratio) or
+    ``"blocks"`` (slice ``k`` narrows its own group of the chosen blocks by the whole ratio, deepest group first,
+    so each block is cut once and keeps what the later heals teach it; the blocks are ``layers`` or, without it,
+    the ones one-shot contraction of ``source`` chooses; not with ``heal_schedule="fade"``).
     With ``out``, the final model is saved there (atomically, with the per-slice measurements in its
     ``pyshrink.json``); the result's ``steps`` holds them too.
     """
@@ -180,15 +198,24 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                                  f"weight of heal_split must be positive, got {heal_split!r}")
     elif fade_share is not None:
         raise InvalidSetting("fade_share sets the fade of heal_schedule='fade'")
+    if slices not in SLICINGS:
+        raise InvalidSetting(f"slices must be one of {', '.join(SLICINGS)}, got {slices!r}")
+    if slices == "blocks" and heal_schedule == "fade":
+        raise InvalidSetting("slices='blocks' cuts whole blocks' shares at once; heal_schedule='fade' fades "
+                             "slices of every block: use slices='ratio' with it")
+    if slices == "blocks" and layers is not None and len(layers) < steps:
+        raise InvalidSetting(f"slices='blocks' gives every one of the {steps} slices at least one block, but "
+                             f"layers holds {len(layers)}")
     text = heal_text if heal_text is not None else calibration
     if text is None:
         raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
     contract_kwargs = dict(contract_kwargs or {})
     if contract_fn is None:
         contract_fn = _default_contract()
-        _check_slices(contraction_ratio, steps, contract_kwargs)
-    if layers is not None and not _accepts(contract_fn, "layers"):
-        raise InvalidSetting("layers= needs a contraction function that takes a layers= argument")
+        _check_slices(contraction_ratio, 1 if slices == "blocks" else steps, contract_kwargs)
+    if (layers is not None or slices == "blocks") and not _accepts(contract_fn, "layers"):
+        raise InvalidSetting(f"{'layers=' if layers is not None else 'slices=blocks'} needs a contraction function "
+                             "that takes a layers= argument")
     out = None if out is None else Path(out).expanduser().resolve()
     if out is not None and out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -216,15 +243,29 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         return _finish(result, source, t_model, t_start, out, overwrite)
     position, opt_state = 0, None  # continuous: tokens of the one heal done so far, and its AdamW state
     t_start = time.perf_counter()
-    for k, ratio in enumerate(slice_ratios(contraction_ratio, steps), start=1):
-        kw = _slice_kwargs(contract_fn, contract_kwargs, pinned, progress)
-        contracted = contract_fn(current, contraction_ratio=ratio, num_layers_to_contract=num_layers_to_contract,
+    groups = None
+    if slices == "blocks":
+        if pinned is None:  # the blocks one-shot contraction would narrow
+            pinned = _contracted_layers(contract_fn(source, contraction_ratio=contraction_ratio,
+                                                    num_layers_to_contract=num_layers_to_contract,
+                                                    calibration=calibration,
+                                                    **_slice_kwargs(contract_fn, contract_kwargs, None, progress)))
+            if pinned is None or len(pinned) < steps:
+                raise InvalidSetting(f"slices='blocks' needs at least {steps} blocks to share out, and contraction "
+                                     f"chose {pinned}")
+        groups = block_groups(pinned, steps)
+    ratios = [contraction_ratio] * steps if groups else slice_ratios(contraction_ratio, steps)
+    for k, ratio in enumerate(ratios, start=1):
+        want = groups[k - 1] if groups else pinned
+        kw = _slice_kwargs(contract_fn, contract_kwargs, want, progress)
+        contracted = contract_fn(current, contraction_ratio=ratio,
+                                 num_layers_to_contract=len(want) if groups else num_layers_to_contract,
                                  calibration=calibration, **kw)
         done = _contracted_layers(contracted)
         if pinned is None:
             pinned = done
-        elif done is not None and sorted(done) != sorted(pinned):
-            warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {pinned} of slice 1 (the contraction "
+        elif done is not None and sorted(done) != sorted(want):
+            warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {want} asked of it (the contraction "
                           "function takes no layers= argument), so the final size differs from one-shot contraction",
                           RuntimeWarning, stacklevel=2)
         carried = None

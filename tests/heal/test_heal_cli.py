@@ -120,6 +120,19 @@ def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, cap
     assert "slices cut during one heal" in text and "slice 1" in text and "not healed" in text
 
 
+def test_contract_block_slices_cut_each_block_once(source_folder, capsys):
+    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--slices", "blocks",
+                     "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    assert [step["layers"] for step in s["steps"]] == [[2], [0]]  # the deeper block first
+    saved = models.load_model(source_folder / "out", with_tokenizer=False)
+    from pyshrink.arch import adapter_for
+    ad = adapter_for(saved)
+    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
+    assert contract_cli(source_folder, "--heal-tokens", "2048", "--slices", "blocks", "--overwrite") == 2
+    assert "--slices" in capsys.readouterr().err
+
+
 def test_contract_steps_table(source_folder, capsys):
     assert contract_cli(source_folder, "--num-layers-to-contract", "1", "--heal-tokens", "1024", "--steps", "2") == 0
     text = capsys.readouterr().out

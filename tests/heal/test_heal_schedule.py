@@ -9,7 +9,7 @@ from pyshrink import models
 from pyshrink.arch import adapter_for
 from pyshrink.errors import InvalidSetting
 from pyshrink.heal import iterative_contract
-from pyshrink.heal.schedule import slice_ratios, split_budget
+from pyshrink.heal.schedule import block_groups, slice_ratios, split_budget
 
 HEAL = dict(seq_len=SEQ, batch_size=4, grad_accum=2, eval_tokens=512, lr=3e-3, until_ppl=0)
 
@@ -110,3 +110,37 @@ def test_with_pyshrink_contract_every_slice_narrows_the_same_blocks(trained_teac
     first = r.steps[0]["layers"]
     assert r.steps[1]["layers"] == first and len(first) == 2
     assert r.num_params == models.num_params(one_shot.model)
+
+
+def test_block_groups_share_the_blocks_out_deepest_first():
+    assert block_groups([1, 2, 3, 4, 5, 11, 12], 3) == [[5, 11, 12], [3, 4], [1, 2]]
+    assert block_groups([0, 2], 2) == [[2], [0]]
+    assert sorted(sum(block_groups(list(range(24)), 4), [])) == list(range(24))
+
+
+def test_block_slices_cut_each_block_once_by_the_whole_ratio(trained_teacher, tokenizer, texts):
+    """slices='blocks': slice k narrows only its group, by the whole ratio; the final size is one-shot's of the
+    same blocks, and the blocks cut first stay at their final width through the later slices."""
+    source = (trained_teacher, tokenizer)
+    calls = []
+    one_shot = fake_contract([])(source, contraction_ratio=0.5, num_layers_to_contract=3, calibration=None)
+    r = iterative_contract(source, steps=2, contraction_ratio=0.5, num_layers_to_contract=3,
+                           calibration=texts["train"], heal_tokens=8 * 256, eval_text=texts["eval"],
+                           contract_fn=fake_contract(calls), progress=False, slices="blocks", **HEAL)
+    # the first call only chooses the blocks (one-shot's choice on the source); then deepest group first
+    assert [w for _, w in calls] == [[96, 96, 96], [96, 96, 96], [96, 48, 48]]
+    assert [ratio for ratio, _ in calls] == [0.5, 0.5, 0.5]
+    assert [s["layers"] for s in r.steps] == [[1, 2], [0]]
+    assert r.num_params == models.num_params(one_shot.model)
+    assert sum(s["tokens"] for s in r.steps) == 8 * 256
+
+
+def test_block_slices_are_checked(trained_teacher, tokenizer, texts):
+    source = (trained_teacher, tokenizer)
+    kw = dict(calibration=texts["train"], heal_tokens=1000, contract_fn=fake_contract([]))
+    with pytest.raises(InvalidSetting, match="slices must be one of"):
+        iterative_contract(source, steps=2, slices="rows", **kw)
+    with pytest.raises(InvalidSetting, match="at least one block"):
+        iterative_contract(source, steps=3, slices="blocks", layers=[0, 1], **kw)
+    with pytest.raises(InvalidSetting, match="fade"):
+        iterative_contract(source, steps=2, slices="blocks", heal_schedule="fade", **kw)
