@@ -27,13 +27,14 @@
 //   exact with M >= 4 runs the GEMM on zmm.
 //
 // Tiling: RM rows of x by RN rows of W keep RM*RN accumulators in registers, so each weight block is loaded
-// and unpacked once per RM rows of x (M=1: RN=4 rows share the activation loads, and the next tile's weights
-// are prefetched). Tiles of N are shared out by the pool in parallel.h; each task walks all rows of x for its
+// and unpacked once per RM rows of x (M=1: RN=4 rows share the activation loads, and weights further on are
+// prefetched, see GemvRows). Tiles of N are shared out by the pool in parallel.h; each task walks all rows of x for its
 // weight rows, so weights come from memory once per call.
 //
 // Accuracy (tests/ops/test_linear_q4.py checks these worst-case bounds): fast mode's activation codes equal
 // the reference's bit for bit (same IEEE division, round half to even), its integer dots are exact, and only
-// the float32 combination of ~2*nb block terms rounds; exact mode is a float32 dot product.
+// the float32 combination of ~2*nb block terms rounds; exact mode is a float32 dot product (the AVX-512 GEMV's
+// with the zero point 8, asymmetric zero points corrected per output).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -56,9 +57,9 @@ namespace {
 constexpr const char* OP = "pyshrink.linear_q4";
 constexpr int kVnniRM = 4;  // AVX-512 fast GEMM register tile: kVnniRM rows of x by kVnniRN * 16 weight rows
 constexpr int kVnniRN = 3;
-// GEMV prefetch distance: a task walks its tiles of RN rows in order, so while it reads line c of each row it
-// asks for line c of the rows of the tile that starts at least kGemvPrefetch bytes further on (the next tile
-// for long rows; 4 tiles ahead for SmolLM2's 576-wide ones, whose tiles are 1.1 KB). Asking only for the next
+// GEMV prefetch distance for rows of at most kGemvRowAhead bytes: a task walks its tiles of RN rows in order, so
+// while it reads line c of each row it asks for line c of the rows of the tile that starts at least
+// kGemvPrefetch bytes further on (4 tiles ahead for SmolLM2's 576-wide rows, whose tiles are 1.1 KB). Asking only for the next
 // tile was too close for short rows (development measurements, not a committed benchmark: on 0.3-1 MB weights
 // read from memory, 4 KiB ahead was 10-25 % faster on one thread; 1-2 KiB in between, 8 KiB the same).
 constexpr int64_t kGemvPrefetch = 4096;
@@ -705,8 +706,8 @@ PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* ni
 // exact, M <= 3: the same walk over the stored bytes with float activations. The 64 bytes of a chunk are 16
 // dwords, dword l holding weights 8l..8l+7 as 8 nibbles; `dword >> 4j` puts weight 8l + j in the low 4 bits of
 // lane l, and vpermps, which reads only those 4 bits of each index, maps it through the table (0..15) - 8 to
-// the exact float (q - 8). So 128 weights cost 7 shifts and 8 permutes, and no widening (the AVX-512 tile
-// before this widened 16 bytes per vpmovzxbd, and rebuilt a table per block). The activations are laid out
+// the exact float (q - 8). So 128 weights cost 7 shifts and 8 permutes, with no widening and one table for
+// every block. The activations are laid out
 // once per call to match (Acts::lanes: element 8l + j of a chunk at 16j + l). Each lane's 8 products belong to
 // one block, so a chunk's lane sums take the block scales with one FMA per chunk and row. Asymmetric zero
 // points are corrected per output: sum_b scale * (zp - 8) * (sum of the block's x).
@@ -727,7 +728,7 @@ PYSHRINK_AVX512 void exact_gemv_tile_avx512(const Q4Weights& W, const int64_t* n
       __m512 wv[RN];
       for (int r = 0; r < RN; ++r) wv[r] = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(w[r], 4 * j) : w[r], tab);
       for (int m = 0; m < RM; ++m) {
-        const __m512 x = _mm512_load_ps(xl[m] + c * 128 + 16 * j);
+        const __m512 x = _mm512_loadu_ps(xl[m] + c * 128 + 16 * j);
         for (int r = 0; r < RN; ++r) part[m][r] = j ? _mm512_fmadd_ps(wv[r], x, part[m][r]) : _mm512_mul_ps(wv[r], x);
       }
     }
@@ -1044,6 +1045,8 @@ void run(Isa isa, const Q4Weights& W, const Acts& a, bool fast, const Output<Out
     if (a.M == 1) return run_exact_gemv<G, 1, 4>(W, a, out);
     if (a.M == 2) return run_exact_gemv<G, 2, 3>(W, a, out);
     return run_exact_gemv<G, 3, 2>(W, a, out);
+#else
+    TORCH_CHECK(false, OP, ": internal error, AVX-512 activation layout on a non-x86 build");
 #endif
   } else if (a.M == 1) {
     run_exact_small<G, 1, 4>(isa, W, a, out);

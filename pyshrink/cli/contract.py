@@ -102,6 +102,10 @@ def register(app: typer.Typer) -> None:
         pinned = parse_layers(layers)
         if pinned is not None and num_layers_to_contract is not None:
             raise InvalidSetting("--layers names the blocks to contract; leave out --num-layers-to-contract")
+        from ..heal.schedule import SLICINGS
+
+        if slices not in SLICINGS:
+            raise InvalidSetting(f"--slices must be one of {', '.join(SLICINGS)}, got {slices!r}")
         fading = heal_schedule == "fade"
         check_schedule(steps, heal_tokens, calibration)
         if fading and not (heal_tokens and calibration):

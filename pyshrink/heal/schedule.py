@@ -45,6 +45,7 @@ class ScheduleResult:
     source_params: int = 0
     heal_tokens: int = 0
     heal_schedule: str = "per-slice"
+    slices: str = "ratio"
     source: str | None = None
     seconds: float = 0.0
 
@@ -56,7 +57,7 @@ class ScheduleResult:
         ppl_source, ppl_final = last.get("ppl_teacher"), last.get("ppl_healed")
         return {"source": self.source, "num_params": self.num_params, "source_params": self.source_params,
                 "fewer_params": 1 - self.num_params / self.source_params if self.source_params else None,
-                "heal_tokens": self.heal_tokens, "heal_schedule": self.heal_schedule,
+                "heal_tokens": self.heal_tokens, "heal_schedule": self.heal_schedule, "slices": self.slices,
                 "tokens_seen": sum(s["tokens"] for s in self.steps),
                 "ppl_source": ppl_source, "ppl_final": ppl_final,
                 "ppl_ratio": ppl_final / ppl_source if ppl_source and ppl_final is not None else None,
@@ -203,9 +204,16 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if slices == "blocks" and heal_schedule == "fade":
         raise InvalidSetting("slices='blocks' cuts whole blocks' shares at once; heal_schedule='fade' fades "
                              "slices of every block: use slices='ratio' with it")
-    if slices == "blocks" and layers is not None and len(layers) < steps:
-        raise InvalidSetting(f"slices='blocks' gives every one of the {steps} slices at least one block, but "
-                             f"layers holds {len(layers)}")
+    if slices == "blocks":
+        if steps < 2:
+            raise InvalidSetting("slices='blocks' shares the blocks out over the slices of steps >= 2; with one "
+                                 "step it is one-shot contraction")
+        n_blocks = len(layers) if layers is not None else num_layers_to_contract
+        if n_blocks < steps:
+            raise InvalidSetting(f"slices='blocks' gives every one of the {steps} slices at least one block, but "
+                                 f"{'layers holds' if layers is not None else 'num_layers_to_contract is'} {n_blocks}")
+    if layers is not None and len(set(layers)) != len(layers):
+        raise InvalidSetting(f"layers names a block more than once: {list(layers)}")
     text = heal_text if heal_text is not None else calibration
     if text is None:
         raise InvalidSetting("the schedule heals after every slice, so it needs text: pass calibration= or heal_text=")
@@ -223,7 +231,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
     t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)
     result = ScheduleResult(model=None, tokenizer=None, source_params=models.num_params(t_model),
-                            heal_tokens=heal_tokens, heal_schedule=heal_schedule)
+                            heal_tokens=heal_tokens, heal_schedule=heal_schedule, slices=slices)
     if heal_kwargs.get("teacher_topk") and heal_kwargs.get("teacher_cache") is None:
         from .teacher import TeacherCache
         heal_kwargs["teacher_cache"] = TeacherCache(heal_kwargs["teacher_topk"])  # one teacher: share its targets
@@ -245,7 +253,10 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     t_start = time.perf_counter()
     groups = None
     if slices == "blocks":
-        if pinned is None:  # the blocks one-shot contraction would narrow
+        if pinned is None:  # the blocks one-shot contraction would narrow (its time counts in result.seconds)
+            if progress:
+                print(f"choosing the {num_layers_to_contract} blocks to share out over {steps} slices (one-shot "
+                      "contraction's choice)", flush=True)
             pinned = _contracted_layers(contract_fn(source, contraction_ratio=contraction_ratio,
                                                     num_layers_to_contract=num_layers_to_contract,
                                                     calibration=calibration,
@@ -265,8 +276,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         if pinned is None:
             pinned = done
         elif done is not None and sorted(done) != sorted(want):
-            warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {want} asked of it (the contraction "
-                          "function takes no layers= argument), so the final size differs from one-shot contraction",
+            warnings.warn(f"slice {k} contracted blocks {done}, not the blocks {want} asked of it, so the final "
+                          "size differs from one-shot contraction",
                           RuntimeWarning, stacklevel=2)
         carried = None
         if continuous and opt_state is not None:

@@ -131,6 +131,8 @@ def test_contract_block_slices_cut_each_block_once(source_folder, capsys):
     assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--slices", "blocks", "--overwrite") == 2
     assert "--slices" in capsys.readouterr().err
+    assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--slices", "block", "--overwrite") == 2
+    assert "--slices must be one of ratio, blocks" in capsys.readouterr().err
 
 
 def test_contract_steps_table(source_folder, capsys):

@@ -133,6 +133,7 @@ def test_block_slices_cut_each_block_once_by_the_whole_ratio(trained_teacher, to
     assert [s["layers"] for s in r.steps] == [[1, 2], [0]]
     assert r.num_params == models.num_params(one_shot.model)
     assert sum(s["tokens"] for s in r.steps) == 8 * 256
+    assert r.summary["slices"] == "blocks"
 
 
 def test_block_slices_are_checked(trained_teacher, tokenizer, texts):
@@ -144,3 +145,9 @@ def test_block_slices_are_checked(trained_teacher, tokenizer, texts):
         iterative_contract(source, steps=3, slices="blocks", layers=[0, 1], **kw)
     with pytest.raises(InvalidSetting, match="fade"):
         iterative_contract(source, steps=2, slices="blocks", heal_schedule="fade", **kw)
+    with pytest.raises(InvalidSetting, match="num_layers_to_contract is 2"):
+        iterative_contract(source, steps=3, slices="blocks", num_layers_to_contract=2, **kw)
+    with pytest.raises(InvalidSetting, match="one-shot"):
+        iterative_contract(source, steps=1, slices="blocks", **kw)
+    with pytest.raises(InvalidSetting, match="more than once"):
+        iterative_contract(source, steps=2, slices="blocks", layers=[0, 0], **kw)

@@ -27,13 +27,15 @@ def q4_exact_bound(x2, packed, scales, zero_points, bias, out_dtype):
     """Exact mode. The longest chain of float32 roundings a product goes through: the scalar path's block
     sum (g) or the GEMM path's K-chunk sum (<= 1024), the nb-long accumulation of blocks or chunks, and a
     few more for horizontal sums, the bias and the reference's own rounding of the dequantized weight.
-    Asymmetric weights: the AVX-512 GEMV (M <= 3) multiplies by (q - 8) * scale and subtracts
-    (zp - 8) * scale * (sum of the block's x) per output, so the magnitudes it rounds are those of
-    |x| (|w| + |(zp - 8) * scale|)."""
+    Asymmetric weights on the AVX-512 GEMV (cpu_isa avx512, M <= 3): it multiplies by (q - 8) * scale and
+    subtracts (zp - 8) * scale * (sum of the block's x) per output, so the magnitudes it rounds are those of
+    |x| (|w| + |(zp - 8) * scale|); every other path rounds |x| |w| only."""
+    from pyshrink import _C
+
     N, nb, half = packed.shape
     K = x2.shape[-1]
     w = q4.dequantize_q4_reference(packed, scales, zero_points, K).double().abs()
-    if zero_points.numel():
+    if zero_points.numel() and _C.cpu_isa() == "avx512" and x2.shape[0] <= 3:
         zp = q4.unpack_zero_points(zero_points, nb).double()
         w = w + (scales.double() * (zp - 8)).abs().repeat_interleave(2 * half, dim=1)[:, :K]
     return exact_bound(x2.double(), w, min(nb * 2 * half, 1024) + nb + 12, bias, out_dtype)

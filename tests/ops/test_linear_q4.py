@@ -1,7 +1,9 @@
 """linear_q4: native kernels (exact and fast modes, every CPU code path) against the float64 references.
 
 Bounds (see _opsutil.py for the derivation): exact mode against the float64 product with the dequantized
-weights, |y - y_ref| <= (min(Kp, 1024) + nb + 12) * 2^-24 * sum_k |x_k w_k| + one output ulp; fast mode
+weights, |y - y_ref| <= (min(Kp, 1024) + nb + 12) * 2^-24 * sum_k |x_k| w'_k + one output ulp, w'_k = |w_k|
+(+ |(zp - 8) * scale| for asymmetric weights on the AVX-512 GEMV, M <= 3, which corrects the zero point per
+output); fast mode
 against linear_q4_reference(fast=True), |y - y_ref| <= (2 nb + 16) * 2^-24 * T + one output ulp.
 """
 import itertools
@@ -65,6 +67,17 @@ def test_every_path_and_row_tail(isa, gen, fast, M, g, sym):
     packed, scales, zp = _weights(gen, N, K, g, sym)
     x = torch.randn(M, K, generator=gen)
     _check(x, packed, scales, zp, torch.randn(N, generator=gen), fast)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+@pytest.mark.parametrize("M", [1, 2, 3])
+@pytest.mark.parametrize("K,g,sym", [(2080, 32, False), (2080, 32, True), (576, 64, False), (1000, 64, False)])
+def test_gemv_long_rows_and_partial_chunks(isa, gen, fast, M, K, g, sym):
+    """The M <= 3 GEMVs: rows over 1 KiB (2080 weights at g=32 are 1,040 bytes; their prefetch runs ahead within
+    the row, then into the next tile's rows), and rows whose last 128-weight chunk is partial (576, 1000)."""
+    N = 37
+    packed, scales, zp = _weights(gen, N, K, g, sym)
+    _check(torch.randn(M, K, generator=gen), packed, scales, zp, torch.randn(N, generator=gen), fast)
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
