@@ -41,6 +41,12 @@ def markov_text(n_words: int, seed: int = 0) -> str:
     return "\n".join(" ".join(f"w{i}" for i in words[j:j + 20]) for j in range(0, n_words, 20)) + "\n"
 
 
+def mlp_widths(model) -> list[int]:
+    """The MLP width of every block of ``model``."""
+    ad = adapter_for(model)
+    return [ad.mlp_width(b) for b in ad.blocks(model)]
+
+
 def contract_mlp(model, keep: int, layers=None):
     """Physically keep the ``keep`` largest-norm MLP neurons of ``layers`` (all by default), in place."""
     ad = adapter_for(model)

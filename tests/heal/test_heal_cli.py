@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from heal_helpers import SEQ, contract_cli
+from heal_helpers import SEQ, contract_cli, mlp_widths
 from pyshrink import models
 from pyshrink.cli import main
 
@@ -84,9 +84,7 @@ def test_contract_steps_runs_the_iterative_schedule(source_folder, capsys):
     assert s["tokens_seen"] == sum(st["tokens"] for st in s["steps"]) <= 2048
     assert s["ppl_final"] == s["steps"][-1]["ppl_healed"] and s["ppl_source"] == s["steps"][-1]["ppl_teacher"]
     saved = models.load_model(source_folder / "out", with_tokenizer=False)
-    from pyshrink.arch import adapter_for
-    ad = adapter_for(saved)
-    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]  # half of 96 in blocks 0 and 2, in 2 slices
+    assert mlp_widths(saved) == [48, 96, 48]  # half of 96 in blocks 0 and 2, in 2 slices
     assert models.num_params(saved) == s["num_params"] < s["source_params"]
 
 
@@ -103,9 +101,7 @@ def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, cap
     # slice 2 narrowed gate, up and down of blocks 0 and 2: their AdamW state was sliced, nothing started afresh
     assert s["steps"][1]["optimizer"]["sliced"] == 6 and s["steps"][1]["optimizer"]["reset"] == 0
     saved = models.load_model(source_folder / "out", with_tokenizer=False)
-    from pyshrink.arch import adapter_for
-    ad = adapter_for(saved)
-    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
+    assert mlp_widths(saved) == [48, 96, 48]
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--heal-schedule", "continuous", "--overwrite") == 2
     assert "--steps K" in capsys.readouterr().err
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--heal-split", "1:x", "--overwrite") == 2
@@ -126,9 +122,7 @@ def test_contract_block_slices_cut_each_block_once(source_folder, capsys):
     s = json.loads(capsys.readouterr().out)
     assert [step["layers"] for step in s["steps"]] == [[2], [0]]  # the deeper block first
     saved = models.load_model(source_folder / "out", with_tokenizer=False)
-    from pyshrink.arch import adapter_for
-    ad = adapter_for(saved)
-    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
+    assert mlp_widths(saved) == [48, 96, 48]
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--slices", "blocks", "--overwrite") == 2
     assert "--slices" in capsys.readouterr().err
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--slices", "block", "--overwrite") == 2

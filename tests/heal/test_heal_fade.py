@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from heal_helpers import SEQ, contract_cli
+from heal_helpers import SEQ, contract_cli, mlp_widths
 from pyshrink import data, models
 from pyshrink.arch import adapter_for
 from pyshrink.cli import main
@@ -61,13 +61,12 @@ def test_the_cut_at_factor_zero_leaves_the_logits_as_they_were(trained_teacher, 
         cut = model(input_ids=batch).logits
     torch.testing.assert_close(cut, faded, rtol=1e-5, atol=1e-5)  # the faded neurons contributed exactly 0
     assert _no_hooks(model)
-    ad = adapter_for(model)
-    assert [ad.mlp_width(b) for b in ad.blocks(model)] == [48, 96, 48]
+    assert mlp_widths(model) == [48, 96, 48]
     assert all(torch.equal(kept[i], ranked.kept_neurons[i].sort().values) for i in (0, 2))
     # the same neurons and size as contraction's (whose refit also gives the down projection a bias)
     assert models.num_params(model) == before_params - pending == models.num_params(ranked.model)
     # the kept up rows are the model's own, not refitted
-    assert torch.equal(ad.blocks(model)[0].mlp.up_proj.weight, trained_teacher.model.layers[0].mlp.up_proj.weight[kept[0]])
+    assert torch.equal(adapter_for(model).blocks(model)[0].mlp.up_proj.weight, trained_teacher.model.layers[0].mlp.up_proj.weight[kept[0]])
 
 
 def test_the_cut_model_saves_and_loads_like_any_contracted_one(trained_teacher, tokenizer, texts, tmp_path):
@@ -171,8 +170,7 @@ def test_cli_heal_schedule_fade(source_folder, capsys):
     # 4 steps of 1,024 tokens: slice 1 fades over 2, slice 2 over 1, the final model trains 1
     assert [st["fade_tokens"] for st in s["steps"]] == [2048, 1024] and s["tokens_seen"] == 4096
     saved = models.load_model(source_folder / "out", with_tokenizer=False)
-    ad = adapter_for(saved)
-    assert [ad.mlp_width(b) for b in ad.blocks(saved)] == [48, 96, 48]
+    assert mlp_widths(saved) == [48, 96, 48]
     assert models.num_params(saved) == s["num_params"] < s["source_params"]
     # one step fades one-shot's neurons; the table names the mode
     assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--heal-schedule", "fade",

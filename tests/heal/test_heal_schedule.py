@@ -4,9 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from heal_helpers import SEQ, contract_mlp
+from heal_helpers import SEQ, contract_mlp, mlp_widths
 from pyshrink import models
-from pyshrink.arch import adapter_for
 from pyshrink.errors import InvalidSetting
 from pyshrink.heal import iterative_contract
 from pyshrink.heal.schedule import block_groups, slice_ratios, split_budget
@@ -20,7 +19,7 @@ def fake_contract(calls, choose=None):
     def contract(source, *, contraction_ratio, num_layers_to_contract, calibration, layers=None):
         model, tok = source
         model = copy.deepcopy(model)
-        widths = [adapter_for(model).mlp_width(b) for b in adapter_for(model).blocks(model)]
+        widths = mlp_widths(model)
         if layers is None:
             layers = (choose or (lambda w, n: sorted(range(len(w)), key=lambda i: (-w[i], i))[:n]))(
                 widths, num_layers_to_contract)
