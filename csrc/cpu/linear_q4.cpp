@@ -175,7 +175,8 @@ PYSHRINK_AVX2 int32_t quantize_block_avx2(const float* src, int64_t g, float* sx
 // fast: qx int8 and sx float in groups of MT rows, block-interleaved: row m, block b starts at
 // ((m / MT) * nb + b) * MT + m % MT (times g for qx); xsum [M, nb] = sx * sum(qx), row-major.
 // exact with M <= 3 at the AVX-512 level (exact_gemv_tile_avx512): `lanes` layout instead, xd [M, nc * 128]
-// with element 8l + j of every 128-element chunk at 16j + l, and xsum [M, nb] the blocks' float sums.
+// with element 8l + j of every 128-element chunk at 16j + l, and, for asymmetric weights, xsum [M, nb] the
+// blocks' float sums.
 struct Acts {
   int64_t M = 0, Kp = 0, nb = 0, MT = 1;
   bool lanes = false;
@@ -184,7 +185,7 @@ struct Acts {
 };
 
 template <typename T>
-Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
+Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, Isa isa) {
   Acts a;
   a.M = x2.size(0);
   a.Kp = nb * g;
@@ -200,7 +201,7 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
     a.xsum = at::empty({M, nb}, f32);
   } else if (a.lanes) {
     a.xd = at::empty({M, nc * 128}, f32);
-    a.xsum = at::empty({M, nb}, f32);
+    if (asym) a.xsum = at::empty({M, nb}, f32);  // only the asymmetric correction reads it
   } else {
     a.xd = at::empty({M, Kp}, f32);
   }
@@ -219,8 +220,10 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, Isa isa) {
               const int64_t k = c * 128 + 8 * l + j;
               out[c * 128 + 16 * j + l] = k < Kp ? nat[k] : 0.0f;
             }
-        float* xs = a.xsum.data_ptr<float>() + m * nb;
-        for (int64_t b = 0; b < nb; ++b) xs[b] = std::accumulate(nat.begin() + b * g, nat.begin() + (b + 1) * g, 0.0f);
+        if (asym) {
+          float* xs = a.xsum.data_ptr<float>() + m * nb;
+          for (int64_t b = 0; b < nb; ++b) xs[b] = std::accumulate(nat.begin() + b * g, nat.begin() + (b + 1) * g, 0.0f);
+        }
         continue;
       }
       float* out = fast ? dei.data() : a.xd.data_ptr<float>() + m * Kp;
@@ -1112,7 +1115,7 @@ at::Tensor linear_q4_cpu(const at::Tensor& x, const at::Tensor& packed_in, const
   dispatch_float(x.scalar_type(), OP, "x", [&](auto tag) {
     using T = decltype(tag);
     if (x2.size(0) == 0 || N == 0) return;
-    const Acts a = prepare<T>(x2, g, nb, fast, isa);
+    const Acts a = prepare<T>(x2, g, nb, fast, W.zp != nullptr, isa);
     const Output<T> o{out.data_ptr<T>(), N, bias.defined() ? bias.const_data_ptr<float>() : nullptr};
     switch (g) {
       case 32: run<32>(isa, W, a, fast, o); break;
