@@ -94,6 +94,81 @@ struct Q4Weights {
   }
 };
 
+struct GemvActs {
+  int64_t nc = 0;           // 128-weight chunks per row (the last may be a partial one)
+  const int8_t* xv[3];      // per row of x: nc * 128 activation codes
+  const float* sxl[3];      // per row: nc * 16 lanes of the activations' block scale sx
+  const int32_t* init[3];   // per row: nc * 16 lanes of -zp * (lane's activation sum); zeros if asym
+};
+
+// Grow-only 64-byte aligned scratch, one per calling thread: a decode step makes ~120 small calls, and fresh
+// allocations for their few kilobytes of laid-out activations were a measurable part of each.
+struct Scratch64 {
+  void* p = nullptr;
+  size_t n = 0;
+  void* get(size_t bytes) {
+    if (bytes > n) {
+      ::operator delete(p, std::align_val_t{64});
+      p = ::operator new(bytes, std::align_val_t{64});
+      n = bytes;
+    }
+    return p;
+  }
+  ~Scratch64() { ::operator delete(p, std::align_val_t{64}); }
+};
+
+#if PYSHRINK_X86
+// fast mode, M <= 3, AVX-512: quantizes one float row (natural order, Kp = nb * g elements, zero-padded) straight
+// into the GEMV's layout (GemvActs): per 128-weight chunk the 64 codes that pair with low nibbles (each block's
+// even elements), then the 64 that pair with high nibbles (its odd ones), and per chunk the 16 lanes of sx. One
+// pass per block instead of the generic path's quantize, block-interleaved store and re-layout: this runs on
+// every decode call, and those passes cost ~2 ns per element (K = 4096: ~6 of a 4096x4096 GEMV's ~400 us,
+// all on one thread while the other waited). Codes equal the reference's: the same IEEE division and round
+// half to even, then the clamp. xsum (nullable): sx * sum(qx) per block, for the asymmetric correction.
+// clamp(round_half_even(x / s), -127, 127) of 16 floats, as int32
+PYSHRINK_AVX512_INLINE __m512i gemv_code(const float* p, __m512 vs, __m512i lo, __m512i hi) {
+  const __m512i q = _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_loadu_ps(p), vs),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+}
+
+PYSHRINK_AVX512 void quantize_gemv_row_avx512(const float* x, int64_t g, int64_t nb, int8_t* v, float* sxl,
+                                              float* xsum) {
+  const int64_t bpc = 128 / g, nc = (nb + bpc - 1) / bpc;
+  std::memset(v + (nc - 1) * 128, 0, 128);  // a partial last chunk's padding
+  std::memset(sxl + (nc - 1) * 16, 0, 64);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* src = x + b * g;
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t i = 0; i < g; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+    const float s = _mm512_reduce_max_ps(m) / 127.0f;
+    int8_t* dst = v + (b / bpc) * 128 + (b % bpc) * (g / 2);
+    float* lanes = sxl + (b / bpc) * 16 + (b % bpc) * (g / 8);
+    for (int64_t l = 0; l < g / 8; ++l) lanes[l] = s;
+    if (s == 0.0f) {
+      std::memset(dst, 0, g / 2);
+      std::memset(dst + 64, 0, g / 2);
+      if (xsum) xsum[b] = 0.0f;
+      continue;
+    }
+    const __m512 vs = _mm512_set1_ps(s);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < g; i += 32) {
+      const __m512i a = gemv_code(src + i, vs, lo, hi), c = gemv_code(src + i + 16, vs, lo, hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i / 2), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(a, even, c)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 64 + i / 2), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(a, odd, c)));
+      sum = _mm512_add_epi32(sum, _mm512_add_epi32(a, c));
+    }
+    if (xsum) xsum[b] = s * static_cast<float>(_mm512_reduce_add_epi32(sum));
+  }
+}
+
+PYSHRINK_AVX512 void gemv_init_lanes(const int8_t* v, int64_t nc, bool asym, int32_t* init);
+#endif
+
 // ---------------------------------------------------------------------------------------------------------
 // activation preparation: natural-order float rows -> per-block [evens | odds] float (exact) or int8 (fast)
 
@@ -177,10 +252,13 @@ PYSHRINK_AVX2 int32_t quantize_block_avx2(const float* src, int64_t g, float* sx
 // exact with M <= 3 at the AVX-512 level (exact_gemv_tile_avx512): `lanes` layout instead, xd [M, nc * 128]
 // with element 8l + j of every 128-element chunk at 16j + l, and, for asymmetric weights, xsum [M, nb] the
 // blocks' float sums.
+// fast with M <= 3 at the AVX-512 level (fast_gemv_tile_avx512): `gemv` instead, the rows quantized straight
+// into GemvActs' layout in a per-thread scratch, and xsum only for asymmetric weights.
 struct Acts {
   int64_t M = 0, Kp = 0, nb = 0, MT = 1;
-  bool lanes = false;
+  bool lanes = false, gemv = false;
   at::Tensor xd, qx, sx, xsum;
+  GemvActs gv;
   int64_t slot(int64_t m, int64_t b) const { return ((m / MT) * nb + b) * MT + m % MT; }
 };
 
@@ -192,9 +270,42 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, 
   a.nb = nb;
   a.MT = a.M == 1 ? 1 : 4;
   a.lanes = !fast && isa == Isa::kAvx512 && a.M <= 3;
+  a.gemv = fast && isa == Isa::kAvx512 && a.M <= 3;
   const int64_t K = x2.size(1), M = a.M, Kp = a.Kp, nc = (Kp + 127) / 128;
   const int64_t Mp = (M + a.MT - 1) / a.MT * a.MT;  // padded rows are zeros (never stored to the output)
   auto f32 = x2.options().dtype(at::kFloat);
+  const T* xp = x2.const_data_ptr<T>();
+  const int64_t rs = x2.stride(0), cs = x2.stride(1);
+#if PYSHRINK_X86
+  if (a.gemv) {
+    // per row: nc * 128 codes, nc * 16 sx lanes, nc * 16 init lanes (each a multiple of 64 bytes); then one
+    // row of float activations, unless x is already float32, contiguous and a whole number of blocks
+    static thread_local Scratch64 scratch;
+    const int64_t row_bytes = nc * (128 + 16 * 4 + 16 * 4);
+    const bool direct = std::is_same<T, float>::value && cs == 1 && K == Kp;
+    char* buf = static_cast<char*>(scratch.get(M * row_bytes + (direct ? 0 : Kp * 4)));
+    float* nat = reinterpret_cast<float*>(buf + M * row_bytes);
+    if (asym) a.xsum = at::empty({M, nb}, f32);
+    a.gv.nc = nc;
+    for (int64_t m = 0; m < M; ++m) {
+      int8_t* v = reinterpret_cast<int8_t*>(buf + m * row_bytes);
+      float* sxl = reinterpret_cast<float*>(v + nc * 128);
+      int32_t* init = reinterpret_cast<int32_t*>(sxl + nc * 16);
+      const float* row = reinterpret_cast<const float*>(xp + m * rs);
+      if (!direct) {
+        std::fill(nat + K, nat + Kp, 0.0f);
+        row_to_float(xp + m * rs, cs, K, nat, isa);
+        row = nat;
+      }
+      quantize_gemv_row_avx512(row, g, nb, v, sxl, asym ? a.xsum.data_ptr<float>() + m * nb : nullptr);
+      gemv_init_lanes(v, nc, asym, init);
+      a.gv.xv[m] = v;
+      a.gv.sxl[m] = sxl;
+      a.gv.init[m] = init;
+    }
+    return a;
+  }
+#endif
   if (fast) {
     a.qx = at::zeros({Mp * Kp}, x2.options().dtype(at::kChar));
     a.sx = at::zeros({Mp * nb}, f32);
@@ -205,8 +316,6 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, 
   } else {
     a.xd = at::empty({M, Kp}, f32);
   }
-  const T* xp = x2.const_data_ptr<T>();
-  const int64_t rs = x2.stride(0), cs = x2.stride(1);
   parallel_for(M, std::max<int64_t>(1, 8192 / Kp), [&](int64_t m0, int64_t m1) {
     std::vector<float> nat(Kp), dei(fast ? Kp : 0);
     for (int64_t m = m0; m < m1; ++m) {
@@ -598,29 +707,6 @@ PYSHRINK_AVX512 void fast_gemm_tile_avx512(const int8_t* codes, const int32_t* c
 // point 8 goes into the integer accumulator's start value, -8 * (sum of the lane's 8 activations), computed
 // once per call, so every lane's dot is exact with the zero point included and no per-output correction is
 // left; asymmetric zero points are corrected per output as in run_fast.
-struct GemvActs {
-  int64_t nc = 0;           // 128-weight chunks per row (the last may be a partial one)
-  const int8_t* xv[3];      // per row of x: nc * 128 activation codes
-  const float* sxl[3];      // per row: nc * 16 lanes of the activations' block scale sx
-  const int32_t* init[3];   // per row: nc * 16 lanes of -zp * (lane's activation sum); zeros if asym
-};
-
-// Grow-only 64-byte aligned scratch, one per calling thread: a decode step makes ~120 small calls, and fresh
-// allocations for their few kilobytes of laid-out activations were a measurable part of each.
-struct Scratch64 {
-  void* p = nullptr;
-  size_t n = 0;
-  void* get(size_t bytes) {
-    if (bytes > n) {
-      ::operator delete(p, std::align_val_t{64});
-      p = ::operator new(bytes, std::align_val_t{64});
-      n = bytes;
-    }
-    return p;
-  }
-  ~Scratch64() { ::operator delete(p, std::align_val_t{64}); }
-};
-
 #if PYSHRINK_X86
 // What the M <= 3 GEMV tiles (fast and exact) share: RN weight rows walked in 64-byte chunks (128 weights), the
 // last one read with a mask; each chunk's block scales spread to the 16 int32/float lanes (a lane is 4 bytes
@@ -910,42 +996,10 @@ void gemv_tiles(const Q4Weights& W, const Acts& a, int zp_offset, const Output<O
   });
 }
 
-// fast mode, M <= 3, AVX-512 VNNI (see fast_gemv_tile_avx512): lays the activations out for it, then walks
-// tiles of RN weight rows.
+// fast mode, M <= 3, AVX-512 VNNI (see fast_gemv_tile_avx512): the activations come laid out (Acts::gemv).
 template <int G, int RM, typename Out>
 void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
-  constexpr int RN = 4, BPC = 128 / G;
-  const int64_t nb = W.nb, nc = (nb + BPC - 1) / BPC;
-  const int8_t* qx = a.qx.const_data_ptr<int8_t>();
-  const float* sx = a.sx.const_data_ptr<float>();
-  static thread_local Scratch64 scratch;
-  // per row: nc * 128 codes, then nc * 16 sx lanes, then nc * 16 init lanes (each a multiple of 64 bytes)
-  const int64_t row_scratch = nc * (128 + 16 * 4 + 16 * 4);
-  char* buf = static_cast<char*>(scratch.get(RM * row_scratch));
-  GemvActs g;
-  g.nc = nc;
-  for (int m = 0; m < RM; ++m) {
-    int8_t* v = reinterpret_cast<int8_t*>(buf + m * row_scratch);
-    float* sxl = reinterpret_cast<float*>(v + nc * 128);
-    int32_t* init = reinterpret_cast<int32_t*>(sxl + nc * 16);
-    std::memset(v + (nc - 1) * 128, 0, 128);  // a partial last chunk's padding
-    for (int64_t b = 0; b < nb; ++b) {
-      const int8_t* src = qx + a.slot(m, b) * G;  // [G/2 evens | G/2 odds]
-      int8_t* dst = v + (b / BPC) * 128 + (b % BPC) * (G / 2);
-      std::memcpy(dst, src, G / 2);
-      std::memcpy(dst + 64, src + G / 2, G / 2);
-    }
-    for (int64_t c = 0; c < nc; ++c)
-      for (int l = 0; l < 16; ++l) {
-        const int64_t b = c * BPC + l * 8 / G;
-        sxl[c * 16 + l] = b < nb ? sx[a.slot(m, b)] : 0.0f;
-      }
-    gemv_init_lanes(v, nc, W.zp != nullptr, init);
-    g.xv[m] = v;
-    g.sxl[m] = sxl;
-    g.init[m] = init;
-  }
-  gemv_tiles<RM, RN>(W, a, 0, out, [&](const int64_t* nidx, float* raw) { fast_gemv_tile_avx512<G, RM, RN>(W, nidx, g, raw); });
+  gemv_tiles<RM, 4>(W, a, 0, out, [&](const int64_t* nidx, float* raw) { fast_gemv_tile_avx512<G, RM, 4>(W, nidx, a.gv, raw); });
 }
 
 // exact mode, M <= 3, AVX-512 (see exact_gemv_tile_avx512); the activations come laid out (Acts::lanes).
@@ -1046,12 +1100,12 @@ template <int G, typename Out>
 void run(Isa isa, const Q4Weights& W, const Acts& a, bool fast, const Output<Out>& out) {
   if (fast) {
 #if PYSHRINK_X86
-    if (isa == Isa::kAvx512) {
-      if (a.M >= 4) return run_fast_vnni<G>(W, a, out);
+    if (a.gemv) {
       if (a.M == 1) return run_fast_gemv<G, 1>(W, a, out);
       if (a.M == 2) return run_fast_gemv<G, 2>(W, a, out);
       return run_fast_gemv<G, 3>(W, a, out);
     }
+    if (isa == Isa::kAvx512) return run_fast_vnni<G>(W, a, out);
 #endif
     if (a.M == 1) run_fast<G, 1, 4>(isa, W, a, out);
     else run_fast<G, 4, 2>(isa, W, a, out);

@@ -102,14 +102,28 @@ def test_float16_activations_and_bias_dtypes(isa, gen, fast):
     _check(x.bfloat16(), packed, scales, zp, torch.randn(N, generator=gen).bfloat16(), fast)
 
 
-def test_fast_mode_activation_ties(isa):
+@pytest.mark.parametrize("M", [1, 3, 4])  # M <= 3 quantizes into the GEMV layout, M >= 4 into the GEMM's
+def test_fast_mode_activation_ties(isa, M):
     """x / sx landing exactly on k + 0.5 must round like the reference (half to even), else one activation
     code differs and the error is a whole sx * scale * (q - zp), far above the bound."""
     K, N, g = 256, 16, 64
     gen = torch.Generator().manual_seed(7)
     packed, scales, zp = _weights(gen, N, K, g, False)
-    x = torch.randint(-253, 254, (4, K), generator=gen).float() / 2  # halves
+    x = torch.randint(-253, 254, (M, K), generator=gen).float() / 2  # halves
     x[:, ::g] = 127.0  # max |x| = 127 in every block -> sx = 1, x / sx = the halves themselves
+    _check(x, packed, scales, zp, None, True)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_fast_mode_all_zero_activation_blocks(isa, gen, M, sym):
+    """A block of x that is all zeros has sx = 0 and must contribute nothing (no 0 / 0), in any position,
+    the partial last block included."""
+    K, N, g = 200, 9, 32
+    packed, scales, zp = _weights(gen, N, K, g, sym)
+    x = torch.randn(M, K, generator=gen)
+    x[:, g:2 * g] = 0
+    x[:, 6 * g:] = 0  # the last, partial block (200 = 6 * 32 + 8)
     _check(x, packed, scales, zp, None, True)
 
 
