@@ -71,10 +71,12 @@ def test_every_path_and_row_tail(isa, gen, fast, M, g, sym):
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 @pytest.mark.parametrize("M", [1, 2, 3])
-@pytest.mark.parametrize("K,g,sym", [(2080, 32, False), (2080, 32, True), (576, 64, False), (1000, 64, False)])
+@pytest.mark.parametrize("K,g,sym", [(2080, 32, False), (2080, 32, True), (576, 64, False), (1000, 64, False),
+                                     (1024, 128, True), (1024, 64, False)])
 def test_gemv_long_rows_and_partial_chunks(isa, gen, fast, M, K, g, sym):
     """The M <= 3 GEMVs: rows over 1 KiB (2080 weights at g=32 are 1,040 bytes; their prefetch runs ahead within
-    the row, then into the next tile's rows), and rows whose last 128-weight chunk is partial (576, 1000)."""
+    the row, then into the next tile's rows), rows whose last 128-weight chunk is partial (576, 1000), and
+    float32 rows of whole chunks (1024), which the activation layout reads straight from x without a copy."""
     N = 37
     packed, scales, zp = _weights(gen, N, K, g, sym)
     _check(torch.randn(M, K, generator=gen), packed, scales, zp, torch.randn(N, generator=gen), fast)
