@@ -92,7 +92,8 @@ def main(argv=None):
                     "neurons fade out over its share and are cut at factor 0), fade (with heal=fade: the part of "
                     "the last slice's share spent fading, default 0.5), refit (contraction's compensation for this "
                     "arm: lstsq, the default, mean or none), slices (ratio: every slice narrows every block a "
-                    "little, the default; blocks: each slice narrows its own group of blocks by the whole ratio). Example: steps=3,split=1:1:2,heal=continuous")
+                    "little, the default; blocks: each slice narrows its own group of blocks by the whole ratio, deepest group "
+                    "first; blocks-shallow-first: the same, shallowest first). Example: steps=3,split=1:1:2,heal=continuous")
     ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
                     "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "

@@ -33,7 +33,10 @@ from ..errors import InvalidSetting, check_range, is_int
 from .carry import carry_optimizer_state
 
 HEAL_SCHEDULES = ("per-slice", "continuous", "fade")
-SLICINGS = ("ratio", "blocks")
+# "blocks": deepest group first; "blocks-shallow-first": shallowest first, so each later (deeper) slice is planned
+# on the inputs the earlier cuts and heals really produce (one-shot contraction plans every block on the
+# source's inputs)
+SLICINGS = ("ratio", "blocks", "blocks-shallow-first")
 
 
 @dataclass
@@ -86,10 +89,11 @@ def slice_ratios(contraction_ratio: float, steps: int) -> list[float]:
     return [1 - (1 - k * r / k_total) / (1 - (k - 1) * r / k_total) for k in range(1, k_total + 1)]
 
 
-def block_groups(blocks, steps: int) -> list[list[int]]:
+def block_groups(blocks, steps: int, *, deepest_first: bool = True) -> list[list[int]]:
     """``blocks`` shared out over ``steps`` slices for ``slices="blocks"``: contiguous groups of (nearly) equal
-    size, the deepest first, so each later heal also re-adapts the blocks already cut to their final width."""
-    order = sorted(blocks, reverse=True)
+    size, the deepest first (or the shallowest), so each later heal also re-adapts the blocks already cut to
+    their final width."""
+    order = sorted(blocks, reverse=deepest_first)
     size, extra = divmod(len(order), steps)
     groups, i = [], 0
     for k in range(steps):
@@ -172,7 +176,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     ``slices``: ``"ratio"`` (the default: every slice narrows all the chosen blocks by its share of the ratio) or
     ``"blocks"`` (slice ``k`` narrows its own group of the chosen blocks by the whole ratio, deepest group first,
     so each block is cut once and keeps what the later heals teach it; the blocks are ``layers`` or, without it,
-    the ones one-shot contraction of ``source`` chooses; not with ``heal_schedule="fade"``).
+    the ones one-shot contraction of ``source`` chooses; not with ``heal_schedule="fade"``) or
+    ``"blocks-shallow-first"`` (the same groups, the shallowest first).
     With ``out``, the final model is saved there (atomically, with the per-slice measurements in its
     ``pyshrink.json``); the result's ``steps`` holds them too.
     """
@@ -201,10 +206,11 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         raise InvalidSetting("fade_share sets the fade of heal_schedule='fade'")
     if slices not in SLICINGS:
         raise InvalidSetting(f"slices must be one of {', '.join(SLICINGS)}, got {slices!r}")
-    if slices == "blocks" and heal_schedule == "fade":
+    by_blocks = slices.startswith("blocks")
+    if by_blocks and heal_schedule == "fade":
         raise InvalidSetting("slices='blocks' cuts whole blocks' shares at once; heal_schedule='fade' fades "
                              "slices of every block: use slices='ratio' with it")
-    if slices == "blocks":
+    if by_blocks:
         if steps < 2:
             raise InvalidSetting("slices='blocks' shares the blocks out over the slices of steps >= 2; with one "
                                  "step it is one-shot contraction")
@@ -220,8 +226,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     contract_kwargs = dict(contract_kwargs or {})
     if contract_fn is None:
         contract_fn = _default_contract()
-        _check_slices(contraction_ratio, 1 if slices == "blocks" else steps, contract_kwargs)
-    if (layers is not None or slices == "blocks") and not _accepts(contract_fn, "layers"):
+        _check_slices(contraction_ratio, 1 if by_blocks else steps, contract_kwargs)
+    if (layers is not None or by_blocks) and not _accepts(contract_fn, "layers"):
         raise InvalidSetting(f"{'layers=' if layers is not None else 'slices=blocks'} needs a contraction function "
                              "that takes a layers= argument")
     out = None if out is None else Path(out).expanduser().resolve()
@@ -252,7 +258,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     position, opt_state = 0, None  # continuous: tokens of the one heal done so far, and its AdamW state
     t_start = time.perf_counter()
     groups = None
-    if slices == "blocks":
+    if by_blocks:
         if pinned is None:  # the blocks one-shot contraction would narrow (its time counts in result.seconds)
             if progress:
                 print(f"choosing the {num_layers_to_contract} blocks to share out over {steps} slices (one-shot "
@@ -264,7 +270,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
             if pinned is None or len(pinned) < steps:
                 raise InvalidSetting(f"slices='blocks' needs at least {steps} blocks to share out, and contraction "
                                      f"chose {pinned}")
-        groups = block_groups(pinned, steps)
+        groups = block_groups(pinned, steps, deepest_first=slices == "blocks")
     ratios = [contraction_ratio] * steps if groups else slice_ratios(contraction_ratio, steps)
     for k, ratio in enumerate(ratios, start=1):
         want = groups[k - 1] if groups else pinned
