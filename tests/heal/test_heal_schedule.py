@@ -118,36 +118,26 @@ def test_block_groups_share_the_blocks_out_deepest_first():
     assert block_groups([1, 2, 3, 4, 5, 11, 12], 3, deepest_first=False) == [[1, 2, 3], [4, 5], [11, 12]]
 
 
-def test_block_slices_cut_each_block_once_by_the_whole_ratio(trained_teacher, tokenizer, texts):
-    """slices='blocks': slice k narrows only its group, by the whole ratio; the final size is one-shot's of the
+@pytest.mark.parametrize("slices,widths,layers", [
+    ("blocks", [96, 48, 48], [[1, 2], [0]]),  # deepest group first
+    ("blocks-shallow-first", [48, 48, 96], [[0, 1], [2]]),
+])
+def test_block_slices_cut_each_block_once_by_the_whole_ratio(trained_teacher, tokenizer, texts, slices, widths, layers):
+    """slices='blocks...': slice k narrows only its group, by the whole ratio; the final size is one-shot's of the
     same blocks, and the blocks cut first stay at their final width through the later slices."""
     source = (trained_teacher, tokenizer)
     calls = []
     one_shot = fake_contract([])(source, contraction_ratio=0.5, num_layers_to_contract=3, calibration=None)
     r = iterative_contract(source, steps=2, contraction_ratio=0.5, num_layers_to_contract=3,
                            calibration=texts["train"], heal_tokens=8 * 256, eval_text=texts["eval"],
-                           contract_fn=fake_contract(calls), progress=False, slices="blocks", **HEAL)
-    # the first call only chooses the blocks (one-shot's choice on the source); then deepest group first
-    assert [w for _, w in calls] == [[96, 96, 96], [96, 96, 96], [96, 48, 48]]
+                           contract_fn=fake_contract(calls), progress=False, slices=slices, **HEAL)
+    # the first call only chooses the blocks (one-shot's choice on the source); then one group per slice
+    assert [w for _, w in calls] == [[96, 96, 96], [96, 96, 96], widths]
     assert [ratio for ratio, _ in calls] == [0.5, 0.5, 0.5]
-    assert [s["layers"] for s in r.steps] == [[1, 2], [0]]
+    assert [s["layers"] for s in r.steps] == layers
     assert r.num_params == models.num_params(one_shot.model)
     assert sum(s["tokens"] for s in r.steps) == 8 * 256
-    assert r.summary["slices"] == "blocks"
-
-
-def test_block_slices_shallow_first(trained_teacher, tokenizer, texts):
-    """slices='blocks-shallow-first': the same cuts as 'blocks', the shallowest group first."""
-    source = (trained_teacher, tokenizer)
-    calls = []
-    one_shot = fake_contract([])(source, contraction_ratio=0.5, num_layers_to_contract=3, calibration=None)
-    r = iterative_contract(source, steps=2, contraction_ratio=0.5, num_layers_to_contract=3,
-                           calibration=texts["train"], heal_tokens=8 * 256, eval_text=texts["eval"],
-                           contract_fn=fake_contract(calls), progress=False, slices="blocks-shallow-first", **HEAL)
-    assert [w for _, w in calls] == [[96, 96, 96], [96, 96, 96], [48, 48, 96]]
-    assert [s["layers"] for s in r.steps] == [[0, 1], [2]]
-    assert r.num_params == models.num_params(one_shot.model)
-    assert r.summary["slices"] == "blocks-shallow-first"
+    assert r.summary["slices"] == slices
 
 
 def test_block_slices_are_checked(trained_teacher, tokenizer, texts):
