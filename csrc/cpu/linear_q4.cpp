@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <numeric>
 #include <type_traits>
@@ -109,6 +110,7 @@ struct Scratch64 {
   void* get(size_t bytes) {
     if (bytes > n) {
       ::operator delete(p, std::align_val_t{64});
+      p = nullptr, n = 0;  // consistent if the allocation below throws
       p = ::operator new(bytes, std::align_val_t{64});
       n = bytes;
     }
@@ -118,13 +120,6 @@ struct Scratch64 {
 };
 
 #if PYSHRINK_X86
-// fast mode, M <= 3, AVX-512: quantizes one float row (natural order, Kp = nb * g elements, zero-padded) straight
-// into the GEMV's layout (GemvActs): per 128-weight chunk the 64 codes that pair with low nibbles (each block's
-// even elements), then the 64 that pair with high nibbles (its odd ones), and per chunk the 16 lanes of sx. One
-// pass per block instead of the generic path's quantize, block-interleaved store and re-layout: this runs on
-// every decode call, and those passes cost ~2 ns per element (K = 4096: ~6 of a 4096x4096 GEMV's ~400 us,
-// all on one thread while the other waited). Codes equal the reference's: the same IEEE division and round
-// half to even, then the clamp. xsum (nullable): sx * sum(qx) per block, for the asymmetric correction.
 // clamp(round_half_even(x / s), -127, 127) of 16 floats, as int32
 PYSHRINK_AVX512_INLINE __m512i gemv_code(const float* p, __m512 vs, __m512i lo, __m512i hi) {
   const __m512i q = _mm512_cvt_roundps_epi32(_mm512_div_ps(_mm512_loadu_ps(p), vs),
@@ -132,6 +127,15 @@ PYSHRINK_AVX512_INLINE __m512i gemv_code(const float* p, __m512 vs, __m512i lo, 
   return _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
 }
 
+// fast mode, M <= 3, AVX-512: quantizes one float row (natural order, Kp = nb * g elements, zero-padded) straight
+// into the GEMV's layout (GemvActs): per 128-weight chunk the 64 codes that pair with low nibbles (each block's
+// even elements), then the 64 that pair with high nibbles (its odd ones), and per chunk the 16 lanes of sx. One
+// pass per block instead of the generic path's quantize, block-interleaved store and re-layout: this runs on
+// every decode call, and those passes cost ~2 ns per element (K = 4096: ~6 of a 4096x4096 GEMV's ~400 us,
+// all on one thread while the other waited). Codes equal the reference's: the same IEEE division and round
+// half to even, then the clamp. A block holding a NaN gets sx = NaN, as the reference's max does (vmaxps alone
+// would drop it), so the outputs that read it are NaN. xsum (nullable): sx * sum(qx) per block, for the
+// asymmetric correction.
 PYSHRINK_AVX512 void quantize_gemv_row_avx512(const float* x, int64_t g, int64_t nb, int8_t* v, float* sxl,
                                               float* xsum) {
   const int64_t bpc = 128 / g, nc = (nb + bpc - 1) / bpc;
@@ -143,15 +147,20 @@ PYSHRINK_AVX512 void quantize_gemv_row_avx512(const float* x, int64_t g, int64_t
   for (int64_t b = 0; b < nb; ++b) {
     const float* src = x + b * g;
     __m512 m = _mm512_setzero_ps();
-    for (int64_t i = 0; i < g; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
-    const float s = _mm512_reduce_max_ps(m) / 127.0f;
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < g; i += 16) {
+      const __m512 xv = _mm512_loadu_ps(src + i);
+      m = _mm512_max_ps(m, _mm512_abs_ps(xv));
+      nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    }
+    const float s = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(m) / 127.0f;
     int8_t* dst = v + (b / bpc) * 128 + (b % bpc) * (g / 2);
     float* lanes = sxl + (b / bpc) * 16 + (b % bpc) * (g / 8);
     for (int64_t l = 0; l < g / 8; ++l) lanes[l] = s;
-    if (s == 0.0f) {
+    if (!(s > 0.0f)) {  // all zeros, or a NaN (sx = NaN)
       std::memset(dst, 0, g / 2);
       std::memset(dst + 64, 0, g / 2);
-      if (xsum) xsum[b] = 0.0f;
+      if (xsum) xsum[b] = s == 0.0f ? 0.0f : s;
       continue;
     }
     const __m512 vs = _mm512_set1_ps(s);
@@ -196,10 +205,11 @@ void deinterleave_scalar(const float* src, int64_t Kp, int64_t span, float* dst)
 // the reference); returns sum(qx) of the block.
 int32_t quantize_block_scalar(const float* src, int64_t g, float* sx, int8_t* dst) {
   float amax = 0.0f;
-  for (int64_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(src[i]));
-  const float s = amax / 127.0f;
+  bool nan = false;  // std::max drops a NaN; the reference's max keeps it
+  for (int64_t i = 0; i < g; ++i) nan |= std::isnan(src[i]), amax = std::max(amax, std::fabs(src[i]));
+  const float s = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
   *sx = s;
-  if (s == 0.0f) {
+  if (!(s > 0.0f)) {  // all zeros, or a NaN (whose sx makes every output that reads the block NaN)
     std::fill(dst, dst + g, 0);
     return 0;
   }
@@ -228,13 +238,18 @@ PYSHRINK_AVX2 void deinterleave_avx2(const float* src, int64_t Kp, int64_t span,
 // `src` is a block already in [evens | odds] order.
 PYSHRINK_AVX2 int32_t quantize_block_avx2(const float* src, int64_t g, float* sx, int8_t* dst) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m = _mm256_setzero_ps();
-  for (int64_t i = 0; i < g; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+  __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < g; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(src + i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, xv));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));  // vmaxps alone would drop a NaN
+  }
   alignas(32) float t[8];
   _mm256_store_ps(t, m);
-  const float s = *std::max_element(t, t + 8) / 127.0f;
+  const float s = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN()
+                                          : *std::max_element(t, t + 8) / 127.0f;
   *sx = s;
-  if (s == 0.0f) {
+  if (!(s > 0.0f)) {  // all zeros, or a NaN
     std::fill(dst, dst + g, 0);
     return 0;
   }

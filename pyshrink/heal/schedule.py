@@ -208,15 +208,15 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         raise InvalidSetting(f"slices must be one of {', '.join(SLICINGS)}, got {slices!r}")
     by_blocks = slices.startswith("blocks")
     if by_blocks and heal_schedule == "fade":
-        raise InvalidSetting("slices='blocks' cuts whole blocks' shares at once; heal_schedule='fade' fades "
+        raise InvalidSetting(f"slices={slices!r} cuts whole blocks' shares at once; heal_schedule='fade' fades "
                              "slices of every block: use slices='ratio' with it")
     if by_blocks:
         if steps < 2:
-            raise InvalidSetting("slices='blocks' shares the blocks out over the slices of steps >= 2; with one "
+            raise InvalidSetting(f"slices={slices!r} shares the blocks out over the slices of steps >= 2; with one "
                                  "step it is one-shot contraction")
         n_blocks = len(layers) if layers is not None else num_layers_to_contract
         if n_blocks < steps:
-            raise InvalidSetting(f"slices='blocks' gives every one of the {steps} slices at least one block, but "
+            raise InvalidSetting(f"slices={slices!r} gives every one of the {steps} slices at least one block, but "
                                  f"{'layers holds' if layers is not None else 'num_layers_to_contract is'} {n_blocks}")
     if layers is not None and len(set(layers)) != len(layers):
         raise InvalidSetting(f"layers names a block more than once: {list(layers)}")
@@ -268,7 +268,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                                                     calibration=calibration,
                                                     **_slice_kwargs(contract_fn, contract_kwargs, None, progress)))
             if pinned is None or len(pinned) < steps:
-                raise InvalidSetting(f"slices='blocks' needs at least {steps} blocks to share out, and contraction "
+                raise InvalidSetting(f"slices={slices!r} needs at least {steps} blocks to share out, and contraction "
                                      f"chose {pinned}")
         groups = block_groups(pinned, steps, deepest_first=slices == "blocks")
     ratios = [contraction_ratio] * steps if groups else slice_ratios(contraction_ratio, steps)

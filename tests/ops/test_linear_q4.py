@@ -145,6 +145,24 @@ def test_zero_rows_and_zero_weights(gen):
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_nan_activations_give_nan_rows(isa, gen, fast, M, sym):
+    """A NaN in a row of x makes that row's outputs NaN, as in the reference, wherever it sits in its block (a
+    vector max drops a NaN unless the quantizer checks for one), and leaves the other rows finite."""
+    K, N, g = 200, 9, 64
+    packed, scales, zp = _weights(gen, N, K, g, sym)
+    x = torch.randn(M, K, generator=gen)
+    for pos in (0, 5, 63, 130, 199):  # a block's first and last element, the middle, the partial last block
+        xn = x.clone()
+        xn[0, pos] = float("nan")
+        y = torch.ops.pyshrink.linear_q4(xn, packed, scales, zp, None, fast)
+        assert torch.isnan(q4.linear_q4_reference(xn, packed, scales, zp, None, fast)[0]).all()
+        assert torch.isnan(y[0]).all(), f"NaN at {pos}: outputs {y[0]}"
+        assert torch.isfinite(y[1:]).all()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_opcheck(gen, fast, sym):
     packed, scales, zp = _weights(gen, 9, 100, 32, sym)
