@@ -288,6 +288,15 @@ struct Acts {
   int64_t slot(int64_t m, int64_t b) const { return ((m / MT) * nb + b) * MT + m % MT; }
 };
 
+// One row of x as float32: the row itself when `direct` (T is float32, the row is contiguous and needs no
+// padding), else converted into `buf`, whose elements from K on the caller has zeroed.
+template <typename T>
+const float* float_row(const T* row, int64_t cs, int64_t K, bool direct, float* buf, Isa isa) {
+  if (direct) return reinterpret_cast<const float*>(row);
+  row_to_float(row, cs, K, buf, isa);
+  return buf;
+}
+
 template <typename T>
 Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, Isa isa) {
   Acts a;
@@ -295,34 +304,33 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, 
   a.Kp = nb * g;
   a.nb = nb;
   a.MT = a.M == 1 ? 1 : 4;
-  a.lanes = !fast && isa == Isa::kAvx512 && a.M <= 3;
-  a.gemv = fast && isa == Isa::kAvx512 && a.M <= 3;
+  const bool gemv_level = isa == Isa::kAvx512 && a.M <= 3;  // the AVX-512 GEMVs, with their own layouts
+  a.lanes = !fast && gemv_level;
+  a.gemv = fast && gemv_level;
   const int64_t K = x2.size(1), M = a.M, Kp = a.Kp, nc = (Kp + 127) / 128;
   const int64_t Mp = (M + a.MT - 1) / a.MT * a.MT;  // padded rows are zeros (never stored to the output)
   auto f32 = x2.options().dtype(at::kFloat);
   const T* xp = x2.const_data_ptr<T>();
   const int64_t rs = x2.stride(0), cs = x2.stride(1);
+  // rows of `len` floats can be read in place when x is float32 and contiguous and K needs no padding
+  const auto in_place = [&](int64_t len) { return std::is_same<T, float>::value && cs == 1 && K == len; };
 #if PYSHRINK_X86
   if (a.gemv) {
     // per row: nc * 128 codes, nc * 16 sx lanes, nc * 16 init lanes (each a multiple of 64 bytes); then one
     // row of float activations, unless x is already float32, contiguous and a whole number of blocks
     static thread_local Scratch64 scratch;
     const int64_t row_bytes = nc * (128 + 16 * 4 + 16 * 4);
-    const bool direct = std::is_same<T, float>::value && cs == 1 && K == Kp;
+    const bool direct = in_place(Kp);
     char* buf = static_cast<char*>(scratch.get(M * row_bytes + (direct ? 0 : Kp * 4)));
     float* nat = reinterpret_cast<float*>(buf + M * row_bytes);
+    if (!direct) std::fill(nat + K, nat + Kp, 0.0f);
     if (asym) a.xsum = at::empty({M, nb}, f32);
     a.gv.nc = nc;
     for (int64_t m = 0; m < M; ++m) {
       int8_t* v = reinterpret_cast<int8_t*>(buf + m * row_bytes);
       float* sxl = reinterpret_cast<float*>(v + nc * 128);
       int32_t* init = reinterpret_cast<int32_t*>(sxl + nc * 16);
-      const float* row = reinterpret_cast<const float*>(xp + m * rs);
-      if (!direct) {
-        std::fill(nat + K, nat + Kp, 0.0f);
-        row_to_float(xp + m * rs, cs, K, nat, isa);
-        row = nat;
-      }
+      const float* row = float_row(xp + m * rs, cs, K, direct, nat, isa);
       quantize_gemv_row_avx512(row, g, nb, v, sxl, asym ? a.xsum.data_ptr<float>() + m * nb : nullptr);
       gemv_init_lanes(v, nc, asym, init);
       a.gv.xv[m] = v;
@@ -334,14 +342,10 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, 
   if (a.lanes) {
     a.xd = at::empty({M, nc * 128}, f32);
     if (asym) a.xsum = at::empty({M, nb}, f32);  // only the asymmetric correction reads it
-    const bool direct = std::is_same<T, float>::value && cs == 1 && K == nc * 128;
+    const bool direct = in_place(nc * 128);
     std::vector<float> nat(direct ? 0 : nc * 128, 0.0f);  // zero-padded to whole chunks
     for (int64_t m = 0; m < M; ++m) {
-      const float* row = reinterpret_cast<const float*>(xp + m * rs);
-      if (!direct) {
-        row_to_float(xp + m * rs, cs, K, nat.data(), isa);
-        row = nat.data();
-      }
+      const float* row = float_row(xp + m * rs, cs, K, direct, nat.data(), isa);
       lay_out_lanes_avx512(row, nc, a.xd.data_ptr<float>() + m * nc * 128);
       if (asym) {
         float* xs = a.xsum.data_ptr<float>() + m * nb;
@@ -824,8 +828,8 @@ PYSHRINK_AVX512 void fast_gemv_tile_avx512(const Q4Weights& W, const int64_t* ni
 // dwords, dword l holding weights 8l..8l+7 as 8 nibbles; `dword >> 4j` puts weight 8l + j in the low 4 bits of
 // lane l, and vpermps, which reads only those 4 bits of each index, maps it through the table (0..15) - 8 to
 // the exact float (q - 8). So 128 weights cost 7 shifts and 8 permutes, with no widening and one table for
-// every block. The activations are laid out
-// once per call to match (Acts::lanes: element 8l + j of a chunk at 16j + l). Each lane's 8 products belong to
+// every block. The activations are laid out once per call to match (Acts::lanes: element 8l + j of a chunk at
+// 16j + l). Each lane's 8 products belong to
 // one block, so a chunk's lane sums take the block scales with one FMA per chunk and row. Asymmetric zero
 // points are corrected per output: sum_b scale * (zp - 8) * (sum of the block's x).
 template <int G, int RM, int RN>

@@ -207,10 +207,10 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if slices not in SLICINGS:
         raise InvalidSetting(f"slices must be one of {', '.join(SLICINGS)}, got {slices!r}")
     by_blocks = slices.startswith("blocks")
-    if by_blocks and heal_schedule == "fade":
-        raise InvalidSetting(f"slices={slices!r} cuts whole blocks' shares at once; heal_schedule='fade' fades "
-                             "slices of every block: use slices='ratio' with it")
     if by_blocks:
+        if heal_schedule == "fade":
+            raise InvalidSetting(f"slices={slices!r} cuts whole blocks' shares at once; heal_schedule='fade' fades "
+                                 "slices of every block: use slices='ratio' with it")
         if steps < 2:
             raise InvalidSetting(f"slices={slices!r} shares the blocks out over the slices of steps >= 2; with one "
                                  "step it is one-shot contraction")
@@ -228,7 +228,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         contract_fn = _default_contract()
         _check_slices(contraction_ratio, 1 if by_blocks else steps, contract_kwargs)
     if (layers is not None or by_blocks) and not _accepts(contract_fn, "layers"):
-        raise InvalidSetting(f"{'layers=' if layers is not None else 'slices=blocks'} needs a contraction function "
+        raise InvalidSetting(f"{'layers=' if layers is not None else f'slices={slices!r}'} needs a contraction function "
                              "that takes a layers= argument")
     out = None if out is None else Path(out).expanduser().resolve()
     if out is not None and out.exists() and not overwrite:
