@@ -5,6 +5,7 @@ would pick whichever was imported first.)
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -71,3 +72,12 @@ def contract_cli(folder, *extra) -> int:
     return main(["contract", str(folder / "source"), "-o", str(folder / "out"), "--calibration",
                  str(folder / "train.txt"), "--eval", str(folder / "eval.txt"), "--calibration-tokens", "1024",
                  "--eval-tokens", "512", *extra])
+
+
+def contract_cli_json(folder, capsys, *extra):
+    """:func:`contract_cli` with ``--json``, which must succeed: its summary, and the model it saved."""
+    from pyshrink import models
+
+    assert contract_cli(folder, *extra, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    return summary, models.load_model(folder / "out", with_tokenizer=False)

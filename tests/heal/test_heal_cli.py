@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from heal_helpers import SEQ, contract_cli, mlp_widths
+from heal_helpers import SEQ, contract_cli, contract_cli_json, mlp_widths
 from pyshrink import models
 from pyshrink.cli import main
 
@@ -65,25 +65,21 @@ def test_a_contracted_folder_heals_and_its_checkpoints_load_back(trained_teacher
 
 
 def test_contract_heal_tokens_reports_the_heal(source_folder, capsys):
-    assert contract_cli(source_folder, "--contraction-ratio", "0.75", "--num-layers-to-contract", "3",
-                     "--heal-tokens", "2048", "--json") == 0
-    s = json.loads(capsys.readouterr().out)
+    s, saved = contract_cli_json(source_folder, capsys, "--contraction-ratio", "0.75", "--num-layers-to-contract", "3",
+                                 "--heal-tokens", "2048")
     h = s["heal"]
     assert h["tokens"] == 2048 and 0 < h["tokens_seen"] <= 2048 and h["seconds"] > 0
     assert s["ppl_final"] == h["ppl_after"] and h["ppl_before"] > s["ppl_source"]
-    saved = models.load_model(source_folder / "out", with_tokenizer=False)
     assert models.num_params(saved) == s["params_after"]
     assert json.loads((source_folder / "out" / "pyshrink.json").read_text())["contraction"]["heal"]["tokens"] == 2048
 
 
 def test_contract_steps_runs_the_iterative_schedule(source_folder, capsys):
-    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--json") == 0
-    s = json.loads(capsys.readouterr().out)
+    s, saved = contract_cli_json(source_folder, capsys, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2")
     assert [st["slice"] for st in s["steps"]] == [1, 2]
     assert [st["layers"] for st in s["steps"]] == [[0, 2], [0, 2]]
     assert s["tokens_seen"] == sum(st["tokens"] for st in s["steps"]) <= 2048
     assert s["ppl_final"] == s["steps"][-1]["ppl_healed"] and s["ppl_source"] == s["steps"][-1]["ppl_teacher"]
-    saved = models.load_model(source_folder / "out", with_tokenizer=False)
     assert mlp_widths(saved) == [48, 96, 48]  # half of 96 in blocks 0 and 2, in 2 slices
     assert models.num_params(saved) == s["num_params"] < s["source_params"]
 
@@ -92,15 +88,13 @@ def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, cap
     assert main(["contract", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--heal-schedule" in text and "--heal-split" in text
-    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
-                     "continuous", "--heal-split", "1:3", "--json") == 0
-    s = json.loads(capsys.readouterr().out)
+    s, saved = contract_cli_json(source_folder, capsys, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2",
+                                 "--heal-schedule", "continuous", "--heal-split", "1:3")
     # one heal of 4 steps of 1,024 tokens (seq_len 256 x grad_accum 4): slice 2 is cut after the first
     assert s["steps"][0]["tokens"] == 1024 and s["tokens_seen"] <= 4096
     assert s["steps"][0]["stopped"] == "segment" and "optimizer" not in s["steps"][0]
     # slice 2 narrowed gate, up and down of blocks 0 and 2: their AdamW state was sliced, nothing started afresh
     assert s["steps"][1]["optimizer"]["sliced"] == 6 and s["steps"][1]["optimizer"]["reset"] == 0
-    saved = models.load_model(source_folder / "out", with_tokenizer=False)
     assert mlp_widths(saved) == [48, 96, 48]
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--heal-schedule", "continuous", "--overwrite") == 2
     assert "--steps K" in capsys.readouterr().err
@@ -117,11 +111,9 @@ def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, cap
 
 
 def test_contract_block_slices_cut_each_block_once(source_folder, capsys):
-    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2", "--slices", "blocks",
-                     "--json") == 0
-    s = json.loads(capsys.readouterr().out)
+    s, saved = contract_cli_json(source_folder, capsys, "--layers", "0,2", "--heal-tokens", "2048", "--steps", "2",
+                                 "--slices", "blocks")
     assert [step["layers"] for step in s["steps"]] == [[2], [0]]  # the deeper block first
-    saved = models.load_model(source_folder / "out", with_tokenizer=False)
     assert mlp_widths(saved) == [48, 96, 48]
     assert contract_cli(source_folder, "--heal-tokens", "2048", "--slices", "blocks", "--overwrite") == 2
     assert "--slices" in capsys.readouterr().err

@@ -1,11 +1,10 @@
 """The fade schedule: neurons fade out (factor 1 -> 0) during the heal and are cut when they contribute nothing."""
 import copy
-import json
 
 import pytest
 import torch
 
-from heal_helpers import SEQ, contract_cli, mlp_widths
+from heal_helpers import SEQ, contract_cli, contract_cli_json, mlp_widths
 from pyshrink import data, models
 from pyshrink.arch import adapter_for
 from pyshrink.cli import main
@@ -163,13 +162,11 @@ def test_fade_settings_are_checked(trained_teacher, tokenizer, texts):
 def test_cli_heal_schedule_fade(source_folder, capsys):
     assert main(["contract", "--help"]) == 0
     assert "--fade-share" in capsys.readouterr().out
-    assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2", "--heal-schedule",
-                     "fade", "--fade-share", "0.5", "--json") == 0
-    s = json.loads(capsys.readouterr().out)
+    s, saved = contract_cli_json(source_folder, capsys, "--layers", "0,2", "--heal-tokens", "4096", "--steps", "2",
+                                 "--heal-schedule", "fade", "--fade-share", "0.5")
     assert s["heal_schedule"] == "fade" and [st["layers"] for st in s["steps"]] == [[0, 2], [0, 2]]
     # 4 steps of 1,024 tokens: slice 1 fades over 2, slice 2 over 1, the final model trains 1
     assert [st["fade_tokens"] for st in s["steps"]] == [2048, 1024] and s["tokens_seen"] == 4096
-    saved = models.load_model(source_folder / "out", with_tokenizer=False)
     assert mlp_widths(saved) == [48, 96, 48]
     assert models.num_params(saved) == s["num_params"] < s["source_params"]
     # one step fades one-shot's neurons; the table names the mode
