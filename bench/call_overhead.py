@@ -1,0 +1,85 @@
+"""Fixed cost of one small linear_q4 call: what a decode step pays ~120 times per token besides streaming weights.
+
+    python bench/call_overhead.py                       # this checkout
+    python bench/call_overhead.py --baseline ../old     # side by side with another built checkout
+
+M = 1, N = 8 (the weights stay in cache, so the time is the call's set-up: dispatch, allocation, the
+activations' quantization or layout, and the pool), K in {128, 4096, 11008}, g = 64 symmetric, float32, one
+kernel thread. Each checkout is timed in its own process (two builds of pyshrink._C cannot share one); with
+``--baseline`` the processes alternate for ``--rounds`` rounds and the table gives the median over rounds of
+each process's median call time (20,000 calls after 2,000 warm-up calls).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+KS = (128, 4096, 11008)
+
+CHILD = r"""
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import pyshrink
+from pyshrink import ops
+torch.set_num_threads(1)
+ops.set_num_threads(1)
+gen = torch.Generator().manual_seed(0)
+res = {}
+for K in json.loads(sys.argv[2]):
+    nb = K // 64
+    packed = torch.randint(0, 256, (8, nb, 32), dtype=torch.uint8, generator=gen)
+    scales = torch.randn(8, nb, generator=gen) * 0.01
+    zp = torch.empty(0, dtype=torch.uint8)
+    x = torch.randn(1, K, generator=gen)
+    for fast in (True, False):
+        call = lambda: torch.ops.pyshrink.linear_q4(x, packed, scales, zp, None, fast)
+        for _ in range(2000):
+            call()
+        ts = []
+        for _ in range(20000):
+            t = time.perf_counter_ns()
+            call()
+            ts.append(time.perf_counter_ns() - t)
+        res[f"{K} {'fast' if fast else 'exact'}"] = statistics.median(ts) / 1e3
+print(json.dumps(res))
+"""
+
+
+def measure(repo: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(repo), json.dumps(KS)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"timing {repo} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, help="another checkout of pyshrink, built in place, to time beside this one")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline (default 3)")
+    args = ap.parse_args(argv)
+    here = Path(__file__).resolve().parents[1]
+    repos = {"this": here}
+    if args.baseline is not None:
+        if not (args.baseline / "pyshrink").is_dir():
+            ap.error(f"--baseline {args.baseline}: no pyshrink/ package there")
+        repos = {"baseline": args.baseline.resolve(), "this": here}
+    runs = {name: [] for name in repos}
+    for r in range(args.rounds if args.baseline is not None else 1):
+        for name in (list(repos) if r % 2 == 0 else list(repos)[::-1]):
+            runs[name].append(measure(repos[name]))
+    names = list(repos)
+    print("| K | mode | " + " | ".join(f"{n} us" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for key in runs[names[0]][0]:
+        K, mode = key.split()
+        meds = [statistics.median(run[key] for run in runs[n]) for n in names]
+        print(f"| {K} | {mode} | " + " | ".join(f"{m:.2f}" for m in meds) + " |")
+
+
+if __name__ == "__main__":
+    main()
