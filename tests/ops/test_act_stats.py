@@ -36,12 +36,16 @@ def test_noncontiguous_inputs(isa, gen):
 
 
 def test_both_thread_splits(gen):
-    """Many channels (split over channels) and few channels with many rows (per-thread partials)."""
+    """Few rows and many channels (split over channels); rows of any width with enough of them (per-thread
+    partials), including a row count that leaves the last batch partial and narrow rows several to a page."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        _compare(torch.randn(12, 4096, generator=gen))
         _compare(torch.randn(64, 2048, generator=gen))
         _compare(torch.randn(8192, 24, generator=gen))
+        _compare(torch.randn(1001, 576, generator=gen).bfloat16())
+        _compare(torch.randn(3, 333, 200, generator=gen)[:, 1:, :130])
     finally:
         torch.set_num_threads(threads)
 
