@@ -1,19 +1,21 @@
 // act_stats_ on CPU: per-channel sum|x|, sum x, sum x^2 in float64 and the row count, in one pass over x.
 //
 // x [..., C] may have any strides: rows are addressed through the leading sizes and strides, never copied.
-// The AVX2 path keeps 8 channels' float64 sums in registers while it walks a batch of rows, so the float64
-// accumulators are read and written once per batch instead of once per row; while it walks one batch it
-// prefetches the next batch's rows. Work is split over rows whenever each thread gets a batch or more (one
-// float64 partial [3, C] per row range, summed in order at the end), and over channels only when there are few
-// rows and many channels (each thread owns its slice of acc). Threads: see parallel.h.
+// The AVX2 path (channel stride 1) keeps 8 channels' float64 sums in registers while it walks a batch of rows,
+// so the float64 accumulators are read and written once per batch instead of once per row, and while it walks
+// one batch it prefetches the next batch's rows (once per 64 bytes of each row). Work is split over rows when
+// there are kRowBatch rows or more per thread on average (thread 0 adds into acc itself, each other thread into
+// a float64 partial [3, C], added in order at the end), and over channels when rows are fewer, or so few next
+// to C that those partials would be more than an eighth of the bytes of x (each thread then owns its slice of
+// acc). Threads: see parallel.h.
 //
 // Why rows, a small batch and the prefetch (bench/kernels.py shapes, 2 threads, interleaved in one process,
-// development build with all three switchable; ms): the channel split made each thread read a narrow column
-// slice of every row, a strided walk the hardware prefetcher does not follow (16384 x 576 float32: 5.57 ms,
-// 6.8 GB/s). A 64-row batch walked channel group by channel group interleaves 64 rows, two or more of them
-// in each 4 KiB page when rows are narrow (576 floats), which defeats the prefetcher too: rows alone gave
-// 3.23 ms. An 8-row batch with the next batch prefetched: 1.96 ms; 16384 x 1536: 11.46 -> 4.25 ms; 2048 x 4096
-// float32: 2.50 -> 1.41 ms; bfloat16: 1.87 -> 1.32 ms.
+// development build with all three switchable; ms): with the channel split each thread read a narrow column
+// slice of every row, a strided walk (16384 x 576 float32: 5.57 ms, 6.8 GB/s). Rows with 64-row batches: 3.23
+// ms. Our reading, not measured: a 64-row batch, walked channel group by channel group, is more concurrent
+// streams than the hardware prefetcher follows, and narrow rows put two of them in one 4 KiB page. 8-row
+// batches with the next batch prefetched: 1.96 ms; 16384 x 1536: 11.46 -> 4.25 ms; 2048 x 4096 float32: 2.50 ->
+// 1.41 ms; bfloat16: 1.87 -> 1.32 ms.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -81,7 +83,7 @@ PYSHRINK_AVX2 void accumulate_avx2(const T* x, const Rows& rows, int64_t cs, int
     for (int64_t i = 0; i < nn; ++i) next[i] = x + rows.offset(rb + kRowBatch + i);
     int64_t c = c0;
     for (; c + 8 <= c1; c += 8) {
-      if (((c * static_cast<int64_t>(sizeof(T))) & 63) == 0)  // each 64-byte line of the next batch's rows, once
+      if (((c * static_cast<int64_t>(sizeof(T))) & 63) == 0)  // once per 64 bytes of the next batch's rows
         for (int64_t i = 0; i < nn; ++i) _mm_prefetch(reinterpret_cast<const char*>(next[i] + c), _MM_HINT_T0);
       __m256d a0 = _mm256_loadu_pd(s.abs + c), a1 = _mm256_loadu_pd(s.abs + c + 4);
       __m256d m0 = _mm256_loadu_pd(s.sum + c), m1 = _mm256_loadu_pd(s.sum + c + 4);
@@ -155,22 +157,24 @@ void act_stats_cpu(const at::Tensor& x, const at::Tensor& acc, const at::Tensor&
       const int64_t nt = num_threads();
       if (nt == 1 || R * C < (1 << 15)) {
         accumulate(isa, xp, rows, cs, 0, R, 0, C, total);
-      } else if (R < kRowBatch * nt && C >= 64 * nt) {
-        // each thread owns a slice of channels (multiples of 8) and walks all rows
+      } else if (C >= 64 * nt && (R < kRowBatch * nt || (nt - 1) * 3 * 8 * 8 > R * int64_t(sizeof(T)))) {
+        // few rows of many channels (the row split's float64 partials, (nt - 1) x 3 x C, would be more than an
+        // eighth of the bytes of x): each thread owns a slice of channels (multiples of 8) and walks all rows
         const int64_t chunks = (C + 7) / 8;
         parallel_for(chunks, std::max<int64_t>(8, chunks / (4 * nt)), [&](int64_t b, int64_t e) {
           accumulate(isa, xp, rows, cs, 0, R, b * 8, std::min(e * 8, C), total);
         });
       } else {
-        // rows: one float64 partial per row range, summed in order
-        std::vector<double> parts(static_cast<size_t>(nt) * 3 * C, 0.0);
+        // rows: thread 0 adds into acc itself, every other thread into a float64 partial, added in order
+        std::vector<double> parts(static_cast<size_t>(nt - 1) * 3 * C, 0.0);
         const int64_t per = (R + nt - 1) / nt;
         parallel_chunks(nt, [&](int64_t t) {
-          double* p = parts.data() + t * 3 * C;
-          accumulate(isa, xp, rows, cs, std::min(R, t * per), std::min(R, (t + 1) * per), 0, C, Sums{p, p + C, p + 2 * C});
+          double* p = t ? parts.data() + (t - 1) * 3 * C : nullptr;
+          accumulate(isa, xp, rows, cs, std::min(R, t * per), std::min(R, (t + 1) * per), 0, C,
+                     t ? Sums{p, p + C, p + 2 * C} : total);
         });
-        for (int64_t t = 0; t < nt; ++t) {
-          const double* p = parts.data() + t * 3 * C;
+        for (int64_t t = 1; t < nt; ++t) {
+          const double* p = parts.data() + (t - 1) * 3 * C;
           for (int64_t i = 0; i < 3 * C; ++i) a[i] += p[i];
         }
       }

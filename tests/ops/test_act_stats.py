@@ -42,6 +42,7 @@ def test_both_thread_splits(gen):
     torch.set_num_threads(2)
     try:
         _compare(torch.randn(12, 4096, generator=gen))
+        _compare(torch.randn(40, 4096, generator=gen))  # rows enough, but the partials would be large: channels
         _compare(torch.randn(64, 2048, generator=gen))
         _compare(torch.randn(8192, 24, generator=gen))
         _compare(torch.randn(1001, 576, generator=gen).bfloat16())
