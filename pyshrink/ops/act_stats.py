@@ -5,6 +5,8 @@ This is what calibration hooks call on every forward, so it accumulates in place
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._lib import check, define, reference
@@ -15,7 +17,7 @@ OP = define("act_stats_(Tensor x, Tensor(a!) acc, Tensor(b!) count) -> ()")
 @reference(OP)
 def act_stats_reference(x: torch.Tensor, acc: torch.Tensor, count: torch.Tensor) -> None:
     """float64 math: acc[0] += sum|x|, acc[1] += sum x, acc[2] += sum x^2 over all leading dims."""
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).to(torch.float64)  # rows counted even when C = 0
     acc[0] += x2.abs().sum(0)
     acc[1] += x2.sum(0)
     acc[2] += (x2 * x2).sum(0)

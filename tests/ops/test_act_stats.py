@@ -56,6 +56,11 @@ def test_empty_rows_count_zero():
     assert cnt.item() == 0 and (acc == 0).all()
 
 
+def test_zero_channels_still_count_rows():
+    acc, cnt = _compare(torch.empty(2, 7, 0))
+    assert cnt.item() == 14 and acc.shape == (3, 0)
+
+
 def test_opcheck(gen):
     x = torch.randn(3, 5, 40, generator=gen)
     acc, cnt = ops.new_accumulators(40)
