@@ -160,7 +160,7 @@ PYSHRINK_AVX512 void quantize_gemv_row_avx512(const float* x, int64_t g, int64_t
     if (!(s > 0.0f)) {  // all zeros, or a NaN (sx = NaN)
       std::memset(dst, 0, g / 2);
       std::memset(dst + 64, 0, g / 2);
-      if (xsum) xsum[b] = s == 0.0f ? 0.0f : s;
+      if (xsum) xsum[b] = s * 0.0f;  // sx * sum(qx) with every code 0: 0, or NaN for a NaN block
       continue;
     }
     const __m512 vs = _mm512_set1_ps(s);
