@@ -33,6 +33,12 @@ namespace {
 
 constexpr const char* OP = "pyshrink.act_stats_";
 constexpr int64_t kRowBatch = 8;
+// The float64 sums of the channels one walk covers are loaded and stored once per batch. Beyond this many bytes
+// of them (3 x 8 per channel) they no longer stay in L2, and that traffic rivals x's own: such walks (very wide
+// rows: 16 x 2^20 float32 was 11 % slower with 8-row batches than with 64, bench/act_stats_speed.py) take
+// kWideRowBatch rows per batch.
+constexpr int64_t kSumsInCache = 512 * 1024;
+constexpr int64_t kWideRowBatch = 64;
 
 // Addresses row r of x [..., C] viewed as [R, C], whatever the leading strides.
 struct Rows {
@@ -74,16 +80,17 @@ PYSHRINK_AVX2 void accumulate_avx2(const T* x, const Rows& rows, int64_t cs, int
                                    int64_t c1, Sums s) {
   if (cs != 1) return accumulate_scalar(x, rows, cs, r0, r1, c0, c1, s);
   const __m256d sign = _mm256_set1_pd(-0.0);
-  const T* ptr[kRowBatch];
-  const T* next[kRowBatch];
-  for (int64_t i = 0; i < std::min(kRowBatch, r1 - r0); ++i) next[i] = x + rows.offset(r0 + i);
-  for (int64_t rb = r0; rb < r1; rb += kRowBatch) {
-    const int64_t nr = std::min(kRowBatch, r1 - rb), nn = std::clamp<int64_t>(r1 - rb - kRowBatch, 0, kRowBatch);
+  const int64_t batch = 3 * 8 * (c1 - c0) > kSumsInCache ? kWideRowBatch : kRowBatch;
+  const T* ptr[kWideRowBatch];
+  const T* next[kWideRowBatch];
+  for (int64_t i = 0; i < std::min(batch, r1 - r0); ++i) next[i] = x + rows.offset(r0 + i);
+  for (int64_t rb = r0; rb < r1; rb += batch) {
+    const int64_t nr = std::min(batch, r1 - rb), nn = std::clamp<int64_t>(r1 - rb - batch, 0, batch);
     std::copy(next, next + nr, ptr);
-    for (int64_t i = 0; i < nn; ++i) next[i] = x + rows.offset(rb + kRowBatch + i);
+    for (int64_t i = 0; i < nn; ++i) next[i] = x + rows.offset(rb + batch + i);
     int64_t c = c0;
     for (; c + 8 <= c1; c += 8) {
-      if (((c * static_cast<int64_t>(sizeof(T))) & 63) == 0)  // once per 64 bytes of the next batch's rows
+      if (nn > 0 && ((c * static_cast<int64_t>(sizeof(T))) & 63) == 0)  // once per 64 bytes of the next batch's rows
         for (int64_t i = 0; i < nn; ++i) _mm_prefetch(reinterpret_cast<const char*>(next[i] + c), _MM_HINT_T0);
       __m256d a0 = _mm256_loadu_pd(s.abs + c), a1 = _mm256_loadu_pd(s.abs + c + 4);
       __m256d m0 = _mm256_loadu_pd(s.sum + c), m1 = _mm256_loadu_pd(s.sum + c + 4);

@@ -37,7 +37,8 @@ def test_noncontiguous_inputs(isa, gen):
 
 def test_both_thread_splits(gen):
     """Few rows and many channels (split over channels); rows of any width with enough of them (per-thread
-    partials), including a row count that leaves the last batch partial and narrow rows several to a page."""
+    partials), including a row count that leaves the last batch partial, narrow rows several to a page, and rows
+    so wide that the walk takes longer batches."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -47,6 +48,7 @@ def test_both_thread_splits(gen):
         _compare(torch.randn(8192, 24, generator=gen))
         _compare(torch.randn(1001, 576, generator=gen).bfloat16())
         _compare(torch.randn(3, 333, 200, generator=gen)[:, 1:, :130])
+        _compare(torch.randn(130, 25000, generator=gen))  # sums too wide for L2: 64-row batches, a partial one
     finally:
         torch.set_num_threads(threads)
 
