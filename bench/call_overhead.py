@@ -12,11 +12,11 @@ each process's median call time (20,000 calls after 2,000 warm-up calls).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab import alternate, checkouts  # noqa: E402
 
 KS = (128, 4096, 11008)
 
@@ -25,6 +25,7 @@ import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 import pyshrink
+assert pyshrink.__file__.startswith(sys.argv[1]), pyshrink.__file__  # the checkout asked for
 from pyshrink import ops
 torch.set_num_threads(1)
 ops.set_num_threads(1)
@@ -50,35 +51,19 @@ print(json.dumps(res))
 """
 
 
-def measure(repo: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(repo), json.dumps(KS)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"timing {repo} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", type=Path, help="another checkout of pyshrink, built in place, to time beside this one")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline (default 3)")
     args = ap.parse_args(argv)
-    here = Path(__file__).resolve().parents[1]
-    repos = {"this": here}
-    if args.baseline is not None:
-        if not (args.baseline / "pyshrink").is_dir():
-            ap.error(f"--baseline {args.baseline}: no pyshrink/ package there")
-        repos = {"baseline": args.baseline.resolve(), "this": here}
-    runs = {name: [] for name in repos}
-    for r in range(args.rounds if args.baseline is not None else 1):
-        for name in (list(repos) if r % 2 == 0 else list(repos)[::-1]):
-            runs[name].append(measure(repos[name]))
+    repos = checkouts(ap, args.baseline)
+    meds = alternate(CHILD, repos, args.rounds if args.baseline is not None else 1, KS)
     names = list(repos)
     print("| K | mode | " + " | ".join(f"{n} us" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
-    for key in runs[names[0]][0]:
+    for key in meds[names[0]]:
         K, mode = key.split()
-        meds = [statistics.median(run[key] for run in runs[n]) for n in names]
-        print(f"| {K} | {mode} | " + " | ".join(f"{m:.2f}" for m in meds) + " |")
+        print(f"| {K} | {mode} | " + " | ".join(f"{meds[n][key]:.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":
