@@ -1,0 +1,40 @@
+"""Timing one checkout beside another: each built checkout runs the same child script in its own process (two
+builds of pyshrink._C cannot share one), the processes alternating round by round so that both see the same
+drift of this machine's speed. Used by the benchmarks that take ``--baseline``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def checkouts(ap, baseline: Path | None) -> dict[str, Path]:
+    """``{"this": HERE}``, with ``"baseline"`` first when a baseline checkout is given (checked)."""
+    if baseline is None:
+        return {"this": HERE}
+    if not (baseline / "pyshrink").is_dir():
+        ap.error(f"--baseline {baseline}: no pyshrink/ package there")
+    return {"baseline": baseline.resolve(), "this": HERE}
+
+
+def measure(child: str, repo: Path, arg) -> dict:
+    """Run ``child`` (Python source; argv[1] = the checkout, argv[2] = ``arg`` as JSON) in a fresh process; its
+    last line of output is a JSON object of timings."""
+    out = subprocess.run([sys.executable, "-c", child, str(repo), json.dumps(arg)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"timing {repo} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def alternate(child: str, repos: dict[str, Path], rounds: int, arg) -> dict[str, dict[str, float]]:
+    """Per checkout, per key of the child's output: the median over ``rounds`` alternating runs."""
+    runs = {name: [] for name in repos}
+    for r in range(rounds):
+        for name in (list(repos) if r % 2 == 0 else list(repos)[::-1]):
+            runs[name].append(measure(child, repos[name], arg))
+    return {name: {key: statistics.median(run[key] for run in got) for key in got[0]} for name, got in runs.items()}
