@@ -4,6 +4,7 @@ drift of this machine's speed. Used by the benchmarks that take ``--baseline``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -11,6 +12,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
+
+
+def cli(doc: str, child: str, arg, argv=None) -> dict[str, dict[str, float]]:
+    """The ``--baseline DIR --rounds N`` command line of a benchmark built on :func:`alternate`: parses ``argv``,
+    times ``child`` in this checkout (once) or beside the baseline, and returns the medians, baseline first."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", type=Path, help="another checkout of pyshrink, built in place, to time beside this one")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline (default 3)")
+    args = ap.parse_args(argv)
+    return alternate(child, checkouts(ap, args.baseline), args.rounds if args.baseline is not None else 1, arg)
 
 
 def checkouts(ap, baseline: Path | None) -> dict[str, Path]:

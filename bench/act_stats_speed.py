@@ -9,12 +9,11 @@ that over the alternating rounds. bench/kernels.py compares the op with the PyTo
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import alternate, checkouts  # noqa: E402
+from ab import cli  # noqa: E402
 
 SHAPES = ([16384, 576, "float32"], [16384, 1536, "float32"], [2048, 4096, "float32"], [2048, 4096, "bfloat16"],
           [32768, 288, "float32"], [16, 1 << 20, "float32"])
@@ -47,13 +46,8 @@ print(json.dumps(res))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", type=Path, help="another checkout of pyshrink, built in place, to time beside this one")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline (default 3)")
-    args = ap.parse_args(argv)
-    repos = checkouts(ap, args.baseline)
-    meds = alternate(CHILD, repos, args.rounds if args.baseline is not None else 1, SHAPES)
-    names = list(repos)
+    meds = cli(__doc__, CHILD, SHAPES, argv)
+    names = list(meds)
     print("| x | " + " | ".join(f"{n} ms" for n in names) + (" | speed-up |" if len(names) == 2 else " |"))
     print("|---|" + "---|" * (len(names) + (len(names) == 2)))
     for key in meds[names[0]]:

@@ -11,12 +11,11 @@ each process's median call time (20,000 calls after 2,000 warm-up calls).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import alternate, checkouts  # noqa: E402
+from ab import cli  # noqa: E402
 
 KS = (128, 4096, 11008)
 
@@ -52,13 +51,8 @@ print(json.dumps(res))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", type=Path, help="another checkout of pyshrink, built in place, to time beside this one")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline (default 3)")
-    args = ap.parse_args(argv)
-    repos = checkouts(ap, args.baseline)
-    meds = alternate(CHILD, repos, args.rounds if args.baseline is not None else 1, KS)
-    names = list(repos)
+    meds = cli(__doc__, CHILD, KS, argv)
+    names = list(meds)
     print("| K | mode | " + " | ".join(f"{n} us" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
     for key in meds[names[0]]:
