@@ -36,6 +36,9 @@ from pyshrink.evaluate import perplexity
 from pyshrink.heal import TeacherCache, heal, iterative_contract
 from pyshrink.heal.report import plot_curve
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fisher_rank import fisher_ranked  # noqa: E402
+
 
 def own_contract(source, *, contraction_ratio, num_layers_to_contract, calibration=None, **_):
     """Fallback student when pyshrink.contract is not available: drop the lowest-norm MLP neurons of the
@@ -93,7 +96,9 @@ def main(argv=None):
                     "the last slice's share spent fading, default 0.5), refit (contraction's compensation for this "
                     "arm: lstsq, the default, mean or none), slices (ratio: every slice narrows every block a "
                     "little, the default; blocks: each slice narrows its own group of blocks by the whole ratio, deepest group "
-                    "first; blocks-shallow-first: the same, shallowest first). Example: steps=3,split=1:1:2,heal=continuous")
+                    "first; blocks-shallow-first: the same, shallowest first), rank (fluctuation: contraction's own neuron ranking, the "
+                    "default; fisher: loss-gradient scores + fluctuation on the model each slice cuts, see fisher_rank.py; "
+                    "needs pinned blocks). Example: steps=3,split=1:1:2,heal=continuous")
     ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
                     "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "
@@ -217,15 +222,20 @@ def main(argv=None):
         del one
         for spec in args.b_variant or [f"steps={args.steps}"]:
             v = dict(kv.split("=", 1) for kv in spec.split(","))
-            unknown = set(v) - {"steps", "split", "pin", "heal", "fade", "refit", "slices"}
+            unknown = set(v) - {"steps", "split", "pin", "heal", "fade", "refit", "slices", "rank"}
             if unknown:
                 ap.error(f"--b-variant {spec!r}: unknown key(s) {', '.join(sorted(unknown))}")
             steps = int(v.get("steps", args.steps))
             split = [float(x) for x in v["split"].split(":")] if "split" in v else None
             pinned = pin_layers(v.get("pin", "first"), results["b_one_shot_contracted"]["layers"])
+            rank = v.get("rank", "fluctuation")
+            if rank not in ("fluctuation", "fisher") or (rank == "fisher" and (pinned is None or args.contract == "own")):
+                ap.error(f"--b-variant {spec!r}: rank must be fluctuation or fisher (fisher with pinned blocks and "
+                         "pyshrink's contraction)")
             t = time.perf_counter()
             it = iterative_contract(args.source, steps=steps, heal_tokens=args.b_tokens, heal_text=heal_ids,
-                                    teacher=(teacher, tok), contract_fn=contract_fn,
+                                    teacher=(teacher, tok),
+                                    contract_fn=fisher_ranked(contract_fn) if rank == "fisher" else contract_fn,
                                     contract_kwargs={**b_kw, **({"refit": v["refit"]} if "refit" in v else {})},
                                     alpha=args.alpha, until_ppl=0, heal_split=split, layers=pinned,
                                     heal_schedule=v.get("heal", "per-slice"),
