@@ -2,7 +2,10 @@
 import json
 
 import pytest
+import torch
 
+from pyshrink.arch import adapter_for
+from pyshrink.arch.linears import weight_out_in
 from pyshrink.cli import main
 from pyshrink.data import builtin_text
 from pyshrink.models import load_model
@@ -20,7 +23,7 @@ def test_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for opt in ("--contraction-ratio", "--num-layers-to-contract", "--calibration", "--eval", "--prune-heads",
                 "--prune-vocab", "--threshold", "--json", "--overwrite", "0.1-0.9", "--heal-tokens", "--steps",
-                "--layers", "3,4,5"):
+                "--layers", "3,4,5", "--criterion", "--refit", "lstsq"):
         assert opt in text
 
 
@@ -47,6 +50,27 @@ def test_table_summary(tiny_folder, domain, tmp_path, capsys):
     assert "params before" in text and "perplexity final" in text and "layers contracted (1)" in text
 
 
+def _down_weights(folder, block: int) -> torch.Tensor:
+    model, _ = load_model(folder)
+    ad = adapter_for(model)
+    return weight_out_in(ad.mlp_out_module(ad.blocks(model)[block])).detach()
+
+
+@pytest.mark.parametrize("refit", ["none", "lstsq"])
+def test_refit_and_criterion_reach_contraction(tiny_folder, domain, tmp_path, capsys, refit):
+    src, out = tiny_folder("llama"), tmp_path / "out"
+    assert main(["contract", str(src), "-o", str(out), "--layers", "1", "--calibration", str(domain),
+                 "--calibration-tokens", "512", "--eval-tokens", "512", "--criterion", "magnitude", "--refit", refit,
+                 "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["settings"]["criterion"], s["settings"]["refit"]) == ("magnitude", refit)
+    before, after = _down_weights(src, 1), _down_weights(out, 1)
+    assert after.shape[1] == before.shape[1] - round(0.5 * before.shape[1])
+    # refit none keeps the source's columns as they were; the least-squares refit changes every one of them
+    exact = [any(torch.equal(col, before[:, j]) for j in range(before.shape[1])) for col in after.T]
+    assert all(exact) if refit == "none" else not any(exact)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--contraction-ratio", "0.95"], "0.1-0.9"),
     (["--num-layers-to-contract", "9"], "1..3"),
@@ -62,6 +86,8 @@ def test_table_summary(tiny_folder, domain, tmp_path, capsys):
     (["--layers", "1,x"], "comma-separated block indices"),
     (["--layers", "3"], r"0..2 (the model has 3 blocks)"),
     (["--layers", "0,1", "--num-layers-to-contract", "2"], "leave out --num-layers-to-contract"),
+    (["--refit", "ridge"], "refit must be one of lstsq, mean, none"),
+    (["--criterion", "random"], "criterion must be one of fluctuation, obs, magnitude"),
 ])
 def test_user_errors_exit_2_and_write_nothing(tiny_folder, domain, tmp_path, capsys, args, message):
     out = tmp_path / "out"
