@@ -80,7 +80,20 @@ Status launch_by_m(const Args& a, cudaStream_t stream) {
   return launch_cfg<T, G, HAS_ZP, CfgLarge>(a, stream);
 }
 
-// One per activation dtype, each in its own .cu with its explicit list of (group size x zero points).
+// The explicit list of supported (group size x zero points) combinations for activations of type T, each
+// expanding to the three tile configurations above.
+template <typename T>
+Status launch_any_group(const Args& a, int group_size, bool has_zp, cudaStream_t stream) {
+  switch (group_size) {
+    case 32: return has_zp ? launch_by_m<T, 32, true>(a, stream) : launch_by_m<T, 32, false>(a, stream);
+    case 64: return has_zp ? launch_by_m<T, 64, true>(a, stream) : launch_by_m<T, 64, false>(a, stream);
+    case 128: return has_zp ? launch_by_m<T, 128, true>(a, stream) : launch_by_m<T, 128, false>(a, stream);
+    default: return Status::kUnsupportedGroupSize;
+  }
+}
+
+// One per activation dtype, each instantiating launch_any_group in its own .cu, so that nvcc compiles the
+// two dtypes' 18 kernels in two processes.
 Status launch_f16(const Args& a, int group_size, bool has_zp, cudaStream_t stream);
 Status launch_bf16(const Args& a, int group_size, bool has_zp, cudaStream_t stream);
 
