@@ -13,6 +13,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 
+_PROLOGUE = r"""
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import pyshrink
+assert pyshrink.__file__.startswith(sys.argv[1]), pyshrink.__file__  # the checkout asked for
+from pyshrink import ops
+torch.set_num_threads(THREADS)
+ops.set_num_threads(THREADS)
+gen = torch.Generator().manual_seed(0)
+"""
+
+
+def child_script(body: str, threads: int) -> str:
+    """A child script for :func:`measure`: imports pyshrink from the checkout in argv[1] (and checks that it did),
+    sets torch's and pyshrink's threads, seeds ``gen``, then runs ``body`` (json, statistics, sys, time, torch
+    and ops are imported), which prints its timings as a JSON object on its last line."""
+    return _PROLOGUE.replace("THREADS", str(int(threads))) + body
+
 
 def cli(doc: str, child: str, arg, argv=None) -> dict[str, dict[str, float]]:
     """The ``--baseline DIR --rounds N`` command line of a benchmark built on :func:`alternate`: parses ``argv``,

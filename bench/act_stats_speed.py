@@ -13,21 +13,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import cli  # noqa: E402
+from ab import child_script, cli  # noqa: E402
 
 SHAPES = ([16384, 576, "float32"], [16384, 1536, "float32"], [2048, 4096, "float32"], [2048, 4096, "bfloat16"],
           [32768, 288, "float32"], [16, 1 << 20, "float32"])
 
-CHILD = r"""
-import json, statistics, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch
-import pyshrink
-assert pyshrink.__file__.startswith(sys.argv[1]), pyshrink.__file__  # the checkout asked for
-from pyshrink import ops
-torch.set_num_threads(2)
-ops.set_num_threads(2)
-gen = torch.Generator().manual_seed(0)
+CHILD = child_script(r"""
 res = {}
 for R, C, dt in json.loads(sys.argv[2]):
     n = max(2, -(-200_000_000 // (R * C * 4)))
@@ -42,7 +33,7 @@ for R, C, dt in json.loads(sys.argv[2]):
     res[f"{R}x{C} {dt}"] = statistics.median(ts[2:]) / 1e6
     del xs
 print(json.dumps(res))
-"""
+""", threads=2)
 
 
 def main(argv=None):

@@ -15,20 +15,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import cli  # noqa: E402
+from ab import child_script, cli  # noqa: E402
 
 KS = (128, 4096, 11008)
 
-CHILD = r"""
-import json, statistics, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch
-import pyshrink
-assert pyshrink.__file__.startswith(sys.argv[1]), pyshrink.__file__  # the checkout asked for
-from pyshrink import ops
-torch.set_num_threads(1)
-ops.set_num_threads(1)
-gen = torch.Generator().manual_seed(0)
+CHILD = child_script(r"""
 res = {}
 for K in json.loads(sys.argv[2]):
     nb = K // 64
@@ -47,7 +38,7 @@ for K in json.loads(sys.argv[2]):
             ts.append(time.perf_counter_ns() - t)
         res[f"{K} {'fast' if fast else 'exact'}"] = statistics.median(ts) / 1e3
 print(json.dumps(res))
-"""
+""", threads=1)
 
 
 def main(argv=None):

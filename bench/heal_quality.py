@@ -95,10 +95,11 @@ def main(argv=None):
                     "neurons fade out over its share and are cut at factor 0), fade (with heal=fade: the part of "
                     "the last slice's share spent fading, default 0.5), refit (contraction's compensation for this "
                     "arm: lstsq, the default, mean or none), slices (ratio: every slice narrows every block a "
-                    "little, the default; blocks: each slice narrows its own group of blocks by the whole ratio, deepest group "
-                    "first; blocks-shallow-first: the same, shallowest first), rank (fluctuation: contraction's own neuron ranking, the "
-                    "default; fisher: loss-gradient scores + fluctuation on the model each slice cuts, see fisher_rank.py; "
-                    "needs pinned blocks). Example: steps=3,split=1:1:2,heal=continuous")
+                    "little, the default; blocks: each slice narrows its own group of blocks by the whole ratio, "
+                    "deepest group first; blocks-shallow-first: the same, shallowest first), rank (fluctuation: "
+                    "contraction's own neuron ranking, the default; fisher: loss-gradient scores + fluctuation on the "
+                    "model each slice cuts, see fisher_rank.py; needs pinned blocks). "
+                    "Example: steps=3,split=1:1:2,heal=continuous")
     ap.add_argument("--b-no-one-shot-heal", action="store_true", help="part B: contract one-shot (for its size "
                     "and blocks) but skip its heal, to run more iterative arms in one go")
     ap.add_argument("--calib-tokens", type=int, default=36_864, help="calibration text handed to contract (it "
@@ -229,7 +230,8 @@ def main(argv=None):
             split = [float(x) for x in v["split"].split(":")] if "split" in v else None
             pinned = pin_layers(v.get("pin", "first"), results["b_one_shot_contracted"]["layers"])
             rank = v.get("rank", "fluctuation")
-            if rank not in ("fluctuation", "fisher") or (rank == "fisher" and (pinned is None or args.contract == "own")):
+            fisher_ok = pinned is not None and args.contract != "own"
+            if rank not in ("fluctuation", "fisher") or (rank == "fisher" and not fisher_ok):
                 ap.error(f"--b-variant {spec!r}: rank must be fluctuation or fisher (fisher with pinned blocks and "
                          "pyshrink's contraction)")
             t = time.perf_counter()

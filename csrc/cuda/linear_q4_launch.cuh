@@ -92,8 +92,8 @@ Status launch_any_group(const Args& a, int group_size, bool has_zp, cudaStream_t
   }
 }
 
-// One per activation dtype, each instantiating launch_any_group in its own .cu, so that nvcc compiles the
-// two dtypes' 18 kernels in two processes.
+// One per activation dtype, each instantiating launch_any_group (18 kernels) in its own .cu, so that nvcc
+// compiles the two dtypes in two processes.
 Status launch_f16(const Args& a, int group_size, bool has_zp, cudaStream_t stream);
 Status launch_bf16(const Args& a, int group_size, bool has_zp, cudaStream_t stream);
 

@@ -90,8 +90,8 @@ def register(app: typer.Typer) -> None:
         fade_share: Optional[float] = typer.Option(None, "--fade-share", help="With --heal-schedule fade: the part of the last slice's share of --heal-tokens spent fading its neurons (0-1, default 0.5); the final model trains on the rest."),
         slices: str = typer.Option("ratio", "--slices", help="With --steps K >= 2: 'ratio' (every slice narrows every chosen block by its share of the ratio) or 'blocks' (each slice narrows its own group of the chosen blocks by the whole ratio, deepest group first, so every block is cut once) or 'blocks-shallow-first' (the same, shallowest group first)."),
         heal_split: Optional[str] = typer.Option(None, "--heal-split", help="With --steps K: K colon-separated weights sharing --heal-tokens among the slices (e.g. 1:1:1:9; 0 = no heal after that slice). Default: equal."),
-        criterion: str = typer.Option("fluctuation", "--criterion", help="Neuron ranking: 'fluctuation' (activation variance times output-weight norm, FLAP's), 'obs' (greedy Optimal-Brain-Surgeon removal, slower) or 'magnitude' (weight norms only, no data)."),
-        refit: str = typer.Option("lstsq", "--refit", help="Compensation for the removed neurons: 'lstsq' (least-squares refit of the down projection and its bias to the calibration text: best without healing), 'mean' (their mean folded into the bias, FLAP's: kept more quality on other text after a heal in our measurements) or 'none'."),
+        criterion: Optional[str] = typer.Option(None, "--criterion", show_default=False, help="Ranking of the neurons (and, with --prune-heads, heads) to remove: 'fluctuation' (the default: activation variance times the squared norm of the output weights, FLAP's), 'obs' (greedy Optimal-Brain-Surgeon removal, slower) or 'magnitude' (weight norms only). Not with --threshold, which removes by activation."),
+        refit: Optional[str] = typer.Option(None, "--refit", show_default=False, help="Compensation in the output projections for what was removed: 'lstsq' (the default: least-squares refit of the kept weights and the bias to the calibration text, best when no heal follows), 'mean' (the removed channels' mean folded into the bias, FLAP's; with a heal after it, it kept more quality on other text in our measurements, see README) or 'none'. Not with --heal-schedule fade, which folds the mean itself."),
         seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling and the healing data order."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
@@ -119,11 +119,18 @@ def register(app: typer.Typer) -> None:
             raise InvalidSetting("--heal-schedule, --heal-split and --slices set how the slices of --steps K (K >= 2) "
                                  "are cut and healed; with one step there are no slices (only --heal-schedule fade "
                                  "takes one)")
+        if criterion is not None and threshold is not None:
+            raise InvalidSetting("--criterion ranks the neurons to remove by a ratio; --threshold removes them by "
+                                 "activation instead: pass one of them")
+        if refit is not None and fading:
+            raise InvalidSetting("--heal-schedule fade folds the removed neurons' mean into the bias itself; "
+                                 "--refit does not apply to it")
         split = parse_split(heal_split)
         cal = [str(p) for p in calibration] if calibration else None
         settings = dict(eval_text=[str(p) for p in eval_text] if eval_text else None, prune_heads=prune_heads,
                         prune_vocab=prune_vocab, threshold=threshold, calibration_tokens=calibration_tokens,
-                        eval_tokens=eval_tokens, seed=seed, criterion=criterion, refit=refit)
+                        eval_tokens=eval_tokens, seed=seed)
+        settings.update({k: v for k, v in (("criterion", criterion), ("refit", refit)) if v is not None})
         n_layers = 8 if num_layers_to_contract is None else num_layers_to_contract
         if steps >= 2 or fading:
             from ..heal import iterative_contract

@@ -7,6 +7,7 @@ import torch
 from pyshrink.arch import adapter_for
 from pyshrink.arch.linears import weight_out_in
 from pyshrink.cli import main
+from pyshrink.contract import contract
 from pyshrink.data import builtin_text
 from pyshrink.models import load_model
 
@@ -50,25 +51,30 @@ def test_table_summary(tiny_folder, domain, tmp_path, capsys):
     assert "params before" in text and "perplexity final" in text and "layers contracted (1)" in text
 
 
-def _down_weights(folder, block: int) -> torch.Tensor:
-    model, _ = load_model(folder)
+def _down(model, block: int):
     ad = adapter_for(model)
-    return weight_out_in(ad.mlp_out_module(ad.blocks(model)[block])).detach()
+    m = ad.mlp_out_module(ad.blocks(model)[block])
+    return weight_out_in(m).detach(), (m.bias.detach() if m.bias is not None else None)
 
 
-@pytest.mark.parametrize("refit", ["none", "lstsq"])
-def test_refit_and_criterion_reach_contraction(tiny_folder, domain, tmp_path, capsys, refit):
-    src, out = tiny_folder("llama"), tmp_path / "out"
+@pytest.mark.parametrize("criterion, refit", [("magnitude", "none"), ("obs", "mean")])
+def test_criterion_and_refit_reach_contraction(tiny_folder, domain, tmp_path, capsys, criterion, refit):
+    src, out = tiny_folder("gpt2"), tmp_path / "out"
+    common = dict(layers=[1], calibration=[str(domain)], calibration_tokens=512, eval_tokens=512, progress=False)
     assert main(["contract", str(src), "-o", str(out), "--layers", "1", "--calibration", str(domain),
-                 "--calibration-tokens", "512", "--eval-tokens", "512", "--criterion", "magnitude", "--refit", refit,
+                 "--calibration-tokens", "512", "--eval-tokens", "512", "--criterion", criterion, "--refit", refit,
                  "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert (s["settings"]["criterion"], s["settings"]["refit"]) == ("magnitude", refit)
-    before, after = _down_weights(src, 1), _down_weights(out, 1)
-    assert after.shape[1] == before.shape[1] - round(0.5 * before.shape[1])
-    # refit none keeps the source's columns as they were; the least-squares refit changes every one of them
-    exact = [any(torch.equal(col, before[:, j]) for j in range(before.shape[1])) for col in after.T]
-    assert all(exact) if refit == "none" else not any(exact)
+    assert (s["settings"]["criterion"], s["settings"]["refit"]) == (criterion, refit)
+    w_cli, b_cli = _down(load_model(out)[0], 1)
+    w_api, b_api = _down(contract(str(src), criterion=criterion, refit=refit, **common).model, 1)
+    w_def, b_def = _down(contract(str(src), **common).model, 1)
+    assert torch.equal(w_cli, w_api) and torch.equal(b_cli, b_api)
+    assert not (torch.equal(w_def, w_api) and torch.equal(b_def, b_api))  # the options changed the result
+    w_src, b_src = _down(load_model(src)[0], 1)
+    # neither refit re-solves the kept weights: they are source columns as they were; only mean moves the bias
+    assert all(any(torch.equal(col, w_src[:, j]) for j in range(w_src.shape[1])) for col in w_cli.T)
+    assert torch.equal(b_cli, b_src) == (refit == "none")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -88,6 +94,9 @@ def test_refit_and_criterion_reach_contraction(tiny_folder, domain, tmp_path, ca
     (["--layers", "0,1", "--num-layers-to-contract", "2"], "leave out --num-layers-to-contract"),
     (["--refit", "ridge"], "refit must be one of lstsq, mean, none"),
     (["--criterion", "random"], "criterion must be one of fluctuation, obs, magnitude"),
+    (["--criterion", "obs", "--threshold", "0.001"], "pass one of them"),
+    (["--refit", "mean", "--heal-schedule", "fade", "--heal-tokens", "1000", "--calibration", "{domain}"],
+     "--refit does not apply"),
 ])
 def test_user_errors_exit_2_and_write_nothing(tiny_folder, domain, tmp_path, capsys, args, message):
     out = tmp_path / "out"
