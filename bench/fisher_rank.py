@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from pyshrink import data, models
+from pyshrink import models
 from pyshrink.arch import adapter_for
 from pyshrink.arch.linears import weight_out_in
 from pyshrink.contract import scores
+from pyshrink.heal.schedule import calibration_windows
 
 
-def fisher_scores(model, tok, windows: torch.Tensor, blocks) -> dict:
+def fisher_scores(model, windows: torch.Tensor, blocks) -> dict:
     """Per block in ``blocks``: ``sum (a * dL/da)^2`` over every token of ``windows`` ([n, seq_len] ids), one
     window at a time (float32 within a window, float64 across windows). No parameter gradient is computed or
     touched; the model's requires_grad flags and mode are restored."""
@@ -62,9 +63,9 @@ def fisher_scores(model, tok, windows: torch.Tensor, blocks) -> dict:
 def fisher_ranked(contract_fn, *, seq_len: int = 512):
     """``contract_fn`` (pyshrink.contract) with the MLP neurons of the ``layers=`` it is given ranked by
     :func:`fisher_scores` + fluctuation on the model it contracts (the source, or the healing model of a later
-    slice). The gradients are taken on contraction's own calibration windows: the first ``calibration_tokens``
-    (which must be given) of the calibration text without its held-out last 10 %, as contraction takes them when
-    it has no ``eval_text``. Calls without ``layers`` (the one-shot reference choosing its blocks) run unchanged."""
+    slice). The gradients are taken on contraction's own calibration windows
+    (:func:`pyshrink.heal.schedule.calibration_windows`, as contraction takes them when it has no
+    ``eval_text``). Calls without ``layers`` (the one-shot reference choosing its blocks) run unchanged."""
 
     def contract(source, **kw):
         blocks = sorted(kw.get("layers") or [])
@@ -75,9 +76,7 @@ def fisher_ranked(contract_fn, *, seq_len: int = 512):
                 raise ValueError(f"fisher_ranked ranks MLP neurons on contraction's calibration windows: "
                                  f"not with {name}")
         model, tok = models.load_model(source) if isinstance(source, str) else source
-        ids = data.split_ids(data.tokenize(tok, data.read_texts(kw["calibration"])), 0.1)[0]
-        windows = data.windows(ids, seq_len, kw["calibration_tokens"], what="calibration text")
-        fisher = fisher_scores(model, tok, windows, blocks)
+        fisher = fisher_scores(model, calibration_windows(tok, kw["calibration"], None, seq_len, kw), blocks)
         ad = adapter_for(model)
         todo = iter(blocks)  # contraction plans the pinned blocks one after another, in block order
 

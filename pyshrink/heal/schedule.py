@@ -332,9 +332,10 @@ def _finish(result: ScheduleResult, source, t_model, t_start: float, out, overwr
     return result
 
 
-def _mean_windows(tok, calibration, text, seq_len: int, contract_kwargs: dict):
-    """Windows for the fade's channel means: the calibration windows contraction ranks on (the first
-    ``calibration_tokens`` of the calibration text without its held-out last 10 %), else the heal text's first."""
+def calibration_windows(tok, calibration, text, seq_len: int, contract_kwargs: dict):
+    """The calibration windows contraction ranks on (the first ``calibration_tokens`` of the calibration text
+    without its held-out last 10 %), else the heal text's first: what the fade's channel means (and
+    bench/fisher_rank.py's gradients) are measured on."""
     from .. import data
 
     if calibration is not None:
@@ -357,7 +358,7 @@ def _fade_slices(result, source, t_model, teacher, text, calibration, eval_text,
     else:  # the student trains in place: never the caller's (or the teacher's) model
         model = copy.deepcopy(source[0] if isinstance(source, tuple) else getattr(source, "model", source))
         tok = source[1] if isinstance(source, tuple) else getattr(source, "tokenizer", None)
-    windows = _mean_windows(tok, calibration, text, heal_kwargs["seq_len"], contract_kwargs)
+    windows = calibration_windows(tok, calibration, text, heal_kwargs["seq_len"], contract_kwargs)
     cum = [sum(budgets[:k]) for k in range(steps + 1)]
     fade_end = cum[-2] + max(1, round(fade_share * budgets[-1]))
     position, opt_state = 0, None
