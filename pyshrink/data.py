@@ -20,19 +20,33 @@ def read_texts(sources) -> str:
         sources = [sources]
     parts = []
     for s in sources:
-        # a literal text (multi-line, or longer than any path) is never looked up as a file
-        literal = isinstance(s, str) and ("\n" in s or len(s) > 1024)
-        p = None if literal else Path(s)
-        if p is not None and p.is_file():
-            parts.append(p.read_text(encoding="utf-8", errors="replace"))
-        elif p is not None and (p.suffix in (".txt", ".md", ".json", ".jsonl", ".py") or "/" in str(s)):
+        if _is_literal(s):
+            parts.append(s)
+            continue
+        p = Path(s)
+        if p.is_dir():
+            raise DataError(f"{s} is a folder; give the text file(s) in it")
+        if not p.is_file():
             raise DataError(f"text file {s} does not exist")
-        else:
-            parts.append(str(s))
+        parts.append(p.read_text(encoding="utf-8", errors="replace"))
     text = "\n".join(parts)
     if not text.strip():
         raise DataError(f"the text given ({', '.join(map(str, sources))[:200]}) is empty")
     return text
+
+
+def _is_literal(s) -> bool:
+    """Is ``s`` text rather than a file name? A ``Path`` is always a file. A string is text unless it reads like a
+    file name: one line of no whitespace with a folder separator or a suffix (``corpus.csv``, ``data/wiki``), or an
+    existing file or folder. So a misspelt path is reported as missing instead of being read as a few words of text."""
+    if not isinstance(s, str):
+        return False
+    if "\n" in s or len(s) > 1024:
+        return True
+    if Path(s).exists():
+        return False
+    looks_like_path = not any(c.isspace() for c in s) and ("/" in s or "\\" in s or Path(s).suffix != "")
+    return not looks_like_path
 
 
 def builtin_text(name: str = "pydoc") -> str:

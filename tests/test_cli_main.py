@@ -29,6 +29,14 @@ def test_eval_on_a_missing_model_is_a_clear_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("cmd", [["eval", "m", "--text"], ["heal", "s", "--teacher", "t", "-o", "o", "--text"],
+                                 ["contract", "m", "-o", "o", "--calibration"], ["quantize", "m", "-o", "o", "--eval"]])
+def test_a_missing_text_file_is_refused_before_any_model_loads(tmp_path, cmd):
+    r = run_cli(*cmd, str(tmp_path / "corpus"), env={"COLUMNS": "400"})  # wide: rich would wrap the long path
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "corpus" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_usage_error_exits_non_zero():
     r = run_cli("eval")
     assert r.returncode == 2

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,6 +28,25 @@ def test_a_long_single_line_string_is_text_not_a_path():
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         data.read_texts([tmp_path / "nope.txt"])
+
+
+@pytest.mark.parametrize("name", ["corpus.csv", "data/wiki", "nope"])
+def test_a_misspelt_file_name_is_reported_not_read_as_text(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    source = Path(name) if name == "nope" else name  # a Path is always a file, even without a suffix
+    with pytest.raises(DataError, match=f"text file {name} does not exist"):
+        data.read_texts([source])
+
+
+def test_a_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="is a folder"):
+        data.read_texts([tmp_path])
+    with pytest.raises(DataError, match="is a folder"):
+        data.read_texts(str(tmp_path))
+
+
+def test_a_one_line_sentence_is_text():
+    assert data.read_texts("The cat sat on the mat.") == "The cat sat on the mat."
 
 
 def test_windows_and_their_error():

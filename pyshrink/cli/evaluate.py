@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         model: str = typer.Argument(..., help="Model folder, .gguf file, hub id or embedded name (smollm2-135m)."),
-        text: List[Path] = typer.Option(..., "--text", help="Text file(s) to measure perplexity on."),
+        text: List[Path] = typer.Option(..., "--text", exists=True, dir_okay=False, readable=True, help="Text file(s) to measure perplexity on."),
         seq_len: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
         max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def heal_cmd(
         student: str = typer.Argument(..., help="The contracted model (folder written by `pyshrink contract`)."),
         teacher: str = typer.Option(..., "--teacher", help="The model it was contracted from (folder, .gguf, name)."),
-        text: List[Path] = typer.Option(..., "--text", help="Text file(s) to heal on."),
+        text: List[Path] = typer.Option(..., "--text", exists=True, dir_okay=False, readable=True, help="Text file(s) to heal on."),
         out: Path = typer.Option(..., "-o", "--out", help="Run folder: checkpoint-best/ (the healed model), "
                                  "checkpoint-last/, heal.json, curve.png."),
         tokens: int = typer.Option(200_000, help="Training-token budget."),
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(2.0, help="Softening temperature of the distillation term."),
         alpha: float = typer.Option(0.5, help="Weight of distillation against plain next-token loss (0..1)."),
         hidden_weight: float = typer.Option(0.0, help="Weight of hidden-state matching (MSE, normalized)."),
-        eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", help="Held-out text (default: the "
+        eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", exists=True, dir_okay=False, readable=True, help="Held-out text (default: the "
                                                         "end of --text, never trained on)."),
         eval_tokens: int = typer.Option(8192, help="Held-out tokens measured at each evaluation."),
         eval_every: Optional[int] = typer.Option(None, help="Evaluate and checkpoint every N training tokens "

@@ -21,9 +21,9 @@ def register(app: typer.Typer) -> None:
         group_size: int = typer.Option(64, "--group-size", help="Weights per scale for 4 bits: 32, 64 or 128."),
         method: str = typer.Option("auto", help="rtn, awq, gptq or auto (best the calibration data allows; "
                                    "rtn without data)."),
-        calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Calibration text file(s); "
+        calibration: Optional[List[Path]] = typer.Option(None, "--calibration", exists=True, dir_okay=False, readable=True, help="Calibration text file(s); "
                                                          "the last 10% is held out for the before/after numbers."),
-        eval_text: Optional[List[Path]] = typer.Option(None, "--eval", help="Evaluation text file(s) (default: "
+        eval_text: Optional[List[Path]] = typer.Option(None, "--eval", exists=True, dir_okay=False, readable=True, help="Evaluation text file(s) (default: "
                                                        "held-out calibration text, else the built-in pydoc text)."),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="4-bit zero point fixed at 8, or "
                                        "one per group."),
