@@ -13,6 +13,7 @@ folder), and the peers ``ort-genai`` (a folder with ``genai_config.json``) and `
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -87,40 +88,65 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
     rows = []
     kw = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads, repeats=repeats, warmup=warmup)
     tmp = None
-    for m in models:
-        onnx_folder = is_onnx_folder(m)
-        jobs = []
-        if runtime in ("torch", "both") and not onnx_folder:
-            jobs.append(("torch", m, None))
-        elif runtime == "torch":
-            raise InvalidSetting(f"{m} is an exported ONNX folder: benchmark it with --runtime onnxruntime")
-        if runtime in ("onnxruntime", "both"):
-            if onnx_folder:
-                jobs.append(("onnxruntime", m, None))
-            elif runtime == "onnxruntime":
-                raise InvalidSetting(f"{m} is not a `pyshrink export` folder: export it first, or use --runtime both")
-            else:
-                from ..export import export_onnx
-
-                if export_dir is None and tmp is None:
-                    tmp = tempfile.TemporaryDirectory(prefix="pyshrink-bench-")
-                base = Path(export_dir) if export_dir is not None else Path(tmp.name)
-                out = base / (Path(str(m)).name + ("-int4" if int4 else "") + "-onnx")
-                if not is_onnx_folder(out):
-                    if progress:
-                        progress(f"exporting {m} -> {out}")
-                    export_onnx(m, out, int4=int4, overwrite=True)
-                jobs.append(("onnxruntime", out, Path(str(m)).name + (" (int4)" if int4 else "")))
-        for rt, path, label in jobs:
-            if progress:
-                progress(f"measuring {path} on {rt}")
-            opts = {"compile": True, "fuse": True} if compile and rt == "torch" else None
-            if opts:
-                label = (label or Path(str(path)).name) + " (compiled)"
-            rows.append(run_one(rt, path, label=label, options=opts, **kw))
-    if tmp is not None:
-        tmp.cleanup()
+    try:
+        for m in models:
+            onnx_folder = is_onnx_folder(m)
+            jobs = []
+            if runtime in ("torch", "both") and not onnx_folder:
+                jobs.append(("torch", m, None))
+            elif runtime == "torch":
+                raise InvalidSetting(f"{m} is an exported ONNX folder: benchmark it with --runtime onnxruntime")
+            if runtime in ("onnxruntime", "both"):
+                if onnx_folder:
+                    jobs.append(("onnxruntime", m, None))
+                elif runtime == "onnxruntime":
+                    raise InvalidSetting(f"{m} is not a `pyshrink export` folder: export it first, "
+                                         "or use --runtime both")
+                else:
+                    if export_dir is None and tmp is None:
+                        tmp = tempfile.TemporaryDirectory(prefix="pyshrink-bench-")
+                    base = Path(export_dir) if export_dir is not None else Path(tmp.name)
+                    out = _export_for(m, base, int4, progress)
+                    jobs.append(("onnxruntime", out, Path(str(m)).name + (" (int4)" if int4 else "")))
+            for rt, path, label in jobs:
+                if progress:
+                    progress(f"measuring {path} on {rt}")
+                opts = {"compile": True, "fuse": True} if compile and rt == "torch" else None
+                if opts:
+                    label = (label or Path(str(path)).name) + " (compiled)"
+                rows.append(run_one(rt, path, label=label, options=opts, **kw))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     return rows
+
+
+def _source_stamp(model) -> str:
+    """What identifies a model source for reusing its export: its resolved path and every file's size and
+    modification time (as make does; hashing the bytes would cost as much as a read of the whole model), or the
+    name of an embedded model."""
+    p = Path(str(model)).expanduser()
+    if not p.exists():
+        return str(model)
+    p = p.resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    rows = [f"{f.relative_to(p) if f != p else f.name} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files]
+    return "\n".join([str(p)] + rows)
+
+
+def _export_for(model, base: Path, int4: bool, progress) -> Path:
+    """The ONNX export of ``model`` under ``base``: made now, unless one of this very source is already there. The
+    folder name carries a digest of :func:`_source_stamp`, so two models with the same folder name (runs/v1/final,
+    runs/v2/final) or a model changed since its last export never share one."""
+    from ..export import export_onnx
+
+    key = hashlib.sha256(_source_stamp(model).encode()).hexdigest()[:12]
+    out = base / f"{Path(str(model)).name}-{key}{'-int4' if int4 else ''}-onnx"
+    if not is_onnx_folder(out):
+        if progress:
+            progress(f"exporting {model} -> {out}")
+        export_onnx(model, out, int4=int4, overwrite=True)
+    return out
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -30,11 +30,30 @@ def test_both_runtimes_export_on_the_fly(tiny_folder, tmp_path):
         assert "error" not in r, r
         assert all(r[k] > 0 for k in KEYS)
         assert r["decode_ms_p95"] >= r["decode_ms_median"]
-    assert (tmp_path / "tiny-llama-onnx" / "pyshrink_onnx.json").is_file()
+    (export,) = tmp_path.glob("tiny-llama-*-onnx")
+    assert (export / "pyshrink_onnx.json").is_file()
     table = markdown_table(rows)
     assert table.count("\n") == 3 and "tiny-llama" in table
     pytest.importorskip("matplotlib")
     assert chart(rows, tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_exports_are_reused_only_for_the_same_source(tmp_path):
+    """Two models in folders of the same name must not share an export, nor may a model changed since its export."""
+    from pyshrink.benchmark import _export_for
+
+    a, b = tmp_path / "v1" / "final", tmp_path / "v2" / "final"
+    models.save(tiny_model("llama"), word_tokenizer(), a)
+    models.save(tiny_model("gpt2"), word_tokenizer(), b)
+    exports = tmp_path / "exports"
+    ea, eb = _export_for(str(a), exports, False, None), _export_for(str(b), exports, False, None)
+    assert ea != eb
+    for src, out in ((a, ea), (b, eb)):
+        assert json.loads((out / "pyshrink_onnx.json").read_text())["source"]["source"] == str(src)
+    assert _export_for(str(a), exports, False, None) == ea  # unchanged source: the export is reused
+    models.save(tiny_model("gpt2"), word_tokenizer(), a, overwrite=True)  # v1 replaced by another model
+    ea2 = _export_for(str(a), exports, False, None)
+    assert ea2 != ea and json.loads((ea2 / "pyshrink_onnx.json").read_text())["model_type"] == "gpt2"
 
 
 def test_onnxruntime_needs_an_export_folder(tiny_folder):
