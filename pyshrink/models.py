@@ -326,9 +326,9 @@ def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool
 
 
 def num_params(model) -> int:
-    """Parameters that count for size: unique tensors (tied weights once), quantized buffers by element."""
+    """Parameters of a floating-point model, each tensor once (tied weights count once)."""
     seen, n = set(), 0
-    for t in list(model.parameters()) + [b for name, b in model.named_buffers() if getattr(b, "_pyshrink_weight", False)]:
+    for t in model.parameters():
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

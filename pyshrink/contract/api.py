@@ -249,6 +249,11 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             raise FileExistsError(f"output {o} already exists (pass overwrite=True / --overwrite to replace it)")
 
     model, tok, source_name, fp = _load(source)
+    from ..quantize.api import is_quantized_model  # lazily: quantize's import chain is heavier
+
+    if is_quantized_model(model):
+        raise InvalidSetting(f"{source_name} is quantized: contraction removes rows and columns of floating-point "
+                             "weights; contract the floating-point model first, then quantize the result")
     adapter = adapter_for(model)
     depth = adapter.depth(model)
     if layers is None:

@@ -88,6 +88,13 @@ def _vocab_size(model) -> int:
 def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pending: int = 0):
     """Raise a clear error unless ``student`` can be healed from ``teacher``; ``pending``: parameters a fade
     will cut from the student during the heal (it counts as that much smaller)."""
+    from ..quantize.api import is_quantized_model
+
+    for role, m in (("student", student), ("teacher", teacher)):
+        if is_quantized_model(m):
+            raise InvalidSetting(f"the {role} is quantized: healing trains (and distills from) floating-point "
+                                 "weights; heal the contracted floating-point model from its floating-point source, "
+                                 "then quantize the healed model")
     adapter = adapter_for(student)
     if adapter.kind != "decoder":
         raise InvalidSetting(f"healing trains next-token prediction, so it needs a decoder; {adapter.name} is an encoder")

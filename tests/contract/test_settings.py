@@ -5,7 +5,7 @@ import pytest
 import pyshrink
 from pyshrink.arch import UnsupportedArchitecture
 from pyshrink.errors import DataError, InvalidSetting
-from pyshrink.models import fingerprint
+from pyshrink.models import fingerprint, save
 
 TEXT = "The quick brown fox jumps over the lazy dog.\n" * 80
 
@@ -87,3 +87,15 @@ def test_heal_tokens_needs_a_decoder(tiny_folder, tmp_path):
     with pytest.raises(InvalidSetting, match="healing trains next-token prediction, so it needs a decoder"):
         _contract(tiny_folder("bert"), tmp_path / "out", heal_tokens=256)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_quantized_source_is_refused(tiny_folder, tmp_path):
+    src = tmp_path / "q4"
+    model, tok = pyshrink.load_model(tiny_folder("llama"))
+    pyshrink.quantize(model, bits=4, group_size=32, method="rtn")
+    save(model, tok, src)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidSetting, match="is quantized: .*contract the floating-point model first"):
+        _contract(str(src), out)
+    assert not out.exists()
+

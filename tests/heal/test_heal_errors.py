@@ -37,6 +37,16 @@ def test_same_size_but_different_tokenizers_are_refused(student, teacher, tokeni
         heal((student, tokenizer), (teacher, word_tokenizer("v")), texts["train"], **TINY)
 
 
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_a_quantized_model_is_refused(student, teacher, tokenizer, texts, role):
+    from pyshrink import quantize
+
+    pair = {"student": copy.deepcopy(student), "teacher": copy.deepcopy(teacher)}
+    quantize(pair[role], bits=4, group_size=32, method="rtn")
+    with pytest.raises(InvalidSetting, match=f"the {role} is quantized"):
+        heal((pair["student"], tokenizer), (pair["teacher"], tokenizer), texts["train"], **TINY)
+
+
 def test_a_student_that_is_not_smaller_is_refused(teacher, tokenizer, texts):
     with pytest.raises(IncompatibleModels, match="not smaller"):
         heal((copy.deepcopy(teacher), tokenizer), (teacher, tokenizer), texts["train"], **TINY)
