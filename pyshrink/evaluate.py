@@ -6,7 +6,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, models
+from .errors import InvalidSetting
 
 
 @torch.no_grad()
@@ -17,6 +18,7 @@ def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = N
     Every window is scored independently (the first token of a window has no context and is not scored),
     so results are comparable across models that see the same windows.
     """
+    models.check_seq_len(model, seq_len)
     if ids is None:
         ids = data.tokenize(tokenizer, data.read_texts(text))
     win = data.windows(ids, seq_len, max_tokens, what="evaluation text")
@@ -24,7 +26,11 @@ def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = N
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(win), batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = win[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
+        out = model(input_ids=batch, use_cache=False)
+        if getattr(out, "logits", None) is None:
+            raise InvalidSetting(f"perplexity needs next-token logits, and {type(model).__name__} returns none: "
+                                 "it is an encoder or a model without its language-model head")
+        logits = out.logits.float()
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         nll += loss.item()

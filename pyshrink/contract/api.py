@@ -143,14 +143,6 @@ class ContractionResult:
         return models.save(self.model, self.tokenizer, out, metadata=meta, overwrite=overwrite)
 
 
-def _max_len(config) -> int:
-    for attr in ("max_position_embeddings", "n_positions"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 1 << 30
-
-
 def _windows(ids: torch.Tensor, seq_len: int, max_tokens: int, what: str) -> torch.Tensor:
     if ids.numel() < 16:
         raise DataError(f"the {what} has {ids.numel()} tokens; at least 16 are needed")
@@ -271,7 +263,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     torch.manual_seed(seed)
 
     # ---- data ------------------------------------------------------------------------------------------
-    L = min(seq_len, _max_len(model.config))
+    L = min(seq_len, models.max_positions(model.config) or seq_len)
     if cal_text is not None:
         ids = data.tokenize(tok, cal_text)
         if eval_str is None:

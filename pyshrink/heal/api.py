@@ -262,6 +262,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         raise InvalidSetting("the fade's hooks are on another model than the student")
     adapter = check_pair(s_model, t_model, s_tok, t_tok, hidden_weight=hidden_weight,
                          pending=fade.removed_params() if fade is not None else 0)
+    models.check_seq_len(s_model, seq_len)
     tok = tokenizer or s_tok or t_tok
     train, held = split_data(_ids(text, tok, "healing text"),
                              None if eval_text is None else _ids(eval_text, tok, "held-out evaluation text"),

@@ -29,7 +29,7 @@ from .. import data
 from ..arch import adapter_for, get_path
 from ..arch.linears import in_features, is_projection, out_features, weight_out_in
 from ..errors import DataError, InvalidSetting
-from ..models import record_transform, structure_handler, transforms_of
+from ..models import max_positions, record_transform, structure_handler, transforms_of
 from . import awq
 from .calib import collect_stats, discover_groups, find_fold, first_batch, scale_inputs, scale_outputs
 from .config import QuantConfig
@@ -108,10 +108,7 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
     """Token windows ``[batch, seq_len]`` for calibration (checked: enough tokens, a tokenizer for text)."""
     if calibration is None:
         return []
-    seq_len = cfg.seq_len
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if max_pos:
-        seq_len = min(seq_len, int(max_pos))
+    seq_len = min(cfg.seq_len, max_positions(model.config) or cfg.seq_len)
     if isinstance(calibration, torch.Tensor):
         ids = calibration.long()
         if ids.dim() == 2:

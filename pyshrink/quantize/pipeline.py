@@ -15,7 +15,7 @@ import torch
 from .. import data
 from ..arch import adapter_for
 from ..errors import DataError
-from ..models import CACHE_DIR, load_model, resolve, save
+from ..models import CACHE_DIR, load_model, max_positions, resolve, save
 from .api import QuantReport, quantize_model
 from .config import QuantConfig
 
@@ -113,7 +113,7 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     eval_ids = eval_ids[:eval_tokens]
 
     seq_len = config.seq_len
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_pos = max_positions(model.config)
     if adapter.kind == "decoder":
         metric = "perplexity"
         measure = lambda m: perplexity(m, ids=eval_ids, seq_len=min(seq_len, max_pos or seq_len),  # noqa: E731

@@ -98,7 +98,8 @@ def test_criterion_and_refit_reach_contraction(tiny_folder, domain, tmp_path, ca
     (["--refit", "mean", "--heal-schedule", "fade", "--heal-tokens", "1000", "--calibration", "{domain}"],
      "--refit does not apply"),
 ])
-def test_user_errors_exit_2_and_write_nothing(tiny_folder, domain, tmp_path, capsys, args, message):
+def test_user_errors_exit_2_and_write_nothing(tiny_folder, domain, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("COLUMNS", "400")  # click's own errors come in a rich box, which would wrap a long path
     out = tmp_path / "out"
     args = [a.replace("{domain}", str(domain)) for a in args]
     assert main(["contract", str(tiny_folder("gpt2")), "-o", str(out), *args]) == 2

@@ -18,7 +18,8 @@ def test_a_budget_that_is_not_a_positive_integer_is_refused(student, teacher, to
 
 
 @pytest.mark.parametrize("setting", [{"alpha": 1.5}, {"temperature": 0}, {"lr": -1.0}, {"schedule": "step"},
-                                     {"trainable": "attention"}, {"seq_len": 1}, {"grad_accum": 0}])
+                                     {"trainable": "attention"}, {"seq_len": 1}, {"seq_len": 1 << 19},
+                                     {"grad_accum": 0}])
 def test_bad_settings_are_refused(student, teacher, tokenizer, texts, setting):
     with pytest.raises(InvalidSetting):
         heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**TINY, **setting})
