@@ -248,12 +248,10 @@ class _Stage:
     # ---- the output head -------------------------------------------------------------------------------
     def head(self) -> bool:
         """Quantize the output head unless skipped; returns whether a tied head was untied."""
-        head = self.adapter.output_head(self.model)
-        if head is None or not is_projection(head):
+        found = head_to_quantize(self.model, self.adapter, self.cfg.skip)
+        if found is None:
             return False
-        name = _module_name(self.model, head)
-        if name is None or _skipped(name, self.cfg.skip):
-            return False
+        head, name = found
         emb = self.adapter.embedding(self.model)
         tied = emb is not None and head.weight is emb.weight
         method = self.method if self.head_H is not None else METHODS["rtn"]
@@ -261,6 +259,20 @@ class _Stage:
         if tied:
             _untie(self.model)
         return tied
+
+
+def head_to_quantize(model, adapter, skip):
+    """``(head, name)`` of the output head if the settings quantize it, else None. A head that is asked for but is
+    not a Linear is an error, checked before anything is quantized, rather than left in float unasked."""
+    head = adapter.output_head(model)
+    name = None if head is None else _module_name(model, head)
+    if name is None or _skipped(name, skip):
+        return None
+    if not is_projection(head):
+        raise InvalidSetting(f"the output head {name} is a {type(head).__name__} (e.g. the vocabulary-pruned head of "
+                             "`contract --prune-vocab`), which the quantizer cannot pack; keep it in float: leave "
+                             f"{name} in skip (the default) and head_bits / --head-bits unset")
+    return head, name
 
 
 def _untie(model) -> None:
@@ -277,6 +289,7 @@ def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None)
     if is_quantized_model(model):
         raise InvalidSetting("the model is already quantized (it holds QuantLinear layers / its pyshrink.json "
                              "records a quantize step); quantize the floating-point model instead")
+    head_to_quantize(model, adapter, cfg.skip)  # a head that cannot be packed fails here, before any change
     method = METHODS[cfg.method].resolve(calibration is not None)
     if method.needs_data and calibration is None:
         raise DataError(f"method {cfg.method!r} needs calibration text (at least {cfg.min_calib_tokens} tokens; "

@@ -24,6 +24,20 @@ def test_bad_settings(kw, match):
         quantize(tiny_model("llama"), **kw)
 
 
+def test_a_vocabulary_pruned_head_that_is_asked_for_is_refused_before_any_change():
+    from pyshrink.contract import vocab
+
+    model = tiny_model("llama")
+    vocab.apply(model, vocab.kept_ids(torch.arange(5, 200), None, model.config))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InvalidSetting, match="output head lm_head is a CompactHead.*keep it in float"):
+        quantize(model, bits=4, head_bits=4, skip=(), method="rtn")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    quantize(model, bits=4, method="rtn")  # the default skips the head: the blocks quantize, the head stays float
+    assert type(model.lm_head).__name__ == "CompactHead"
+
+
 def test_settings_fail_before_any_work():
     model = tiny_model("llama")
     with pytest.raises(InvalidSetting):
