@@ -176,14 +176,25 @@ def _validate(cfg: HealConfig, eval_tokens: int):
         raise InvalidSetting(f"trainable must be one of {', '.join(TRAINABLE)}, got {cfg.trainable!r}")
 
 
-def _prepare_out(out, *, resume: bool, overwrite: bool) -> Path | None:
+def _prepare_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | None:
+    """The run's output folder, checked (``sources``: the student's and teacher's folders, which it must not
+    overlap: --overwrite would delete them, or the run would write into a source) and emptied if asked."""
     if out is None:
         if resume:
             raise InvalidSetting("resume=True needs the output folder of the run to resume (out=)")
         return None
     out = Path(out).expanduser().resolve()
+    for src in sources:
+        p = Path(src).expanduser().resolve() if src else None
+        if p is not None and p.exists() and (p == out or out in p.parents or p in out.parents):
+            raise InvalidSetting(f"output {out} overlaps the model folder {p}: write the healed model somewhere "
+                                 "outside the student's and teacher's folders")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
+    if resume and not ckpt.has_resumable(out):
+        raise InvalidSetting(f"nothing to resume in {out}: it holds no {ckpt.LAST}/{ckpt.STATE_FILE}, which a run "
+                             "writes at its first evaluation; start the run without resume=True / --resume "
+                             "(with overwrite=True / --overwrite if the folder is not empty)")
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise FileExistsError(f"output {out} already exists (pass resume=True / --resume to continue the run in "
@@ -267,10 +278,9 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     train, held = split_data(_ids(text, tok, "healing text"),
                              None if eval_text is None else _ids(eval_text, tok, "held-out evaluation text"),
                              seq_len, eval_tokens)
-    out = _prepare_out(out, resume=resume, overwrite=overwrite)
-
     metadata = {k: v for k, v in (models.read_metadata(s_src) if s_src and Path(s_src).is_dir() else {}).items()
                 if k not in ("transforms", "pyshrink_version", "heal")}
+    out = _prepare_out(out, resume=resume, overwrite=overwrite, sources=(s_src, t_src))
     metadata["healed_from"] = {"student": s_src, "teacher": t_src}
     old_threads = torch.get_num_threads()
     t_flags = {p: p.requires_grad for p in t_model.parameters()}
@@ -282,7 +292,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         t_model.requires_grad_(False)
         trainer = Trainer(s_model, t_model, tok, train, held, cfg, adapter, out=out, metadata=metadata,
                           progress=progress, callback=callback, teacher_cache=teacher_cache, fade=fade)
-        if resume and ckpt.has_resumable(out):
+        if resume:
             trainer.resume_from(out / ckpt.LAST)
         elif teacher_ppl is not None:
             trainer.state.teacher_ppl = float(teacher_ppl)

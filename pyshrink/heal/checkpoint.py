@@ -80,4 +80,12 @@ def load_state(folder: Path, device) -> tuple[dict, dict]:
 
 
 def has_resumable(out: Path) -> bool:
-    return (Path(out) / LAST / STATE_FILE).is_file()
+    """Does ``out`` hold a run to resume? A checkpoint is replaced by two renames (models.atomic_output_dir: the old
+    folder aside, the new one in place); a kill between them leaves only the set-aside copy, which is put back."""
+    last = Path(out) / LAST
+    if not (last / STATE_FILE).is_file() and not last.exists():
+        for old in sorted(last.parent.glob(f".{LAST}.old-*")):
+            if (old / STATE_FILE).is_file():
+                os.replace(old, last)
+                break
+    return (last / STATE_FILE).is_file()

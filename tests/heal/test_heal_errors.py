@@ -70,3 +70,17 @@ def test_encoders_and_resume_without_output_are_refused(student, teacher, tokeni
     with pytest.raises(InvalidSetting, match="resume"):
         heal((student, tokenizer), (teacher, tokenizer), texts["train"], resume=True, **TINY)
     assert issubclass(IncompatibleModels, PyshrinkError)
+
+
+def test_an_output_that_overlaps_a_model_folder_is_refused_before_anything_is_deleted(student, teacher, tokenizer,
+                                                                                         texts, tmp_path):
+    from pyshrink import models
+
+    src = tmp_path / "runs" / "contracted"
+    models.save(student, tokenizer, src)
+    files = sorted(p.name for p in src.iterdir())
+    for out in (tmp_path / "runs", src, src / "healed"):
+        with pytest.raises(InvalidSetting, match="overlaps the model folder"):
+            heal(str(src), (teacher, tokenizer), texts["train"], out=out, overwrite=True, **TINY)
+    assert sorted(p.name for p in src.iterdir()) == files
+

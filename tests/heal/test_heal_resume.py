@@ -88,3 +88,24 @@ def test_resume_refuses_changed_settings_and_existing_outputs(trained_teacher, t
     assert r.steps == 8
     r = _run(trained_teacher, tokenizer, texts, tmp_path / "run", overwrite=True, tokens=2 * 256)
     assert r.steps == 2
+
+
+def test_resume_with_nothing_to_resume_is_an_error(trained_teacher, tokenizer, texts, tmp_path):
+    from pyshrink.errors import InvalidSetting
+
+    for out in (tmp_path / "typo", tmp_path / "no-checkpoint"):
+        if out.name == "no-checkpoint":
+            out.mkdir()
+            (out / "notes.txt").write_text("a crash before the first checkpoint leaves a folder like this")
+        with pytest.raises(InvalidSetting, match="nothing to resume in .*checkpoint-last/trainer_state.json"):
+            _run(trained_teacher, tokenizer, texts, out, resume=True)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_kill_between_the_two_renames_of_a_checkpoint_still_resumes(trained_teacher, tokenizer, texts, tmp_path):
+    out = tmp_path / "run"
+    _run(trained_teacher, tokenizer, texts, out, tokens=4 * 256)
+    (out / "checkpoint-last").rename(out / ".checkpoint-last.old-12345")  # the old one set aside, the new not in
+    r = _run(trained_teacher, tokenizer, texts, out, resume=True, tokens=8 * 256)
+    assert r.steps == 8 and (out / "checkpoint-last" / "trainer_state.json").is_file()
+
