@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ..errors import PyshrinkError
 from .generate import OnnxLM, Sampling
 
 
@@ -184,7 +185,10 @@ def make_server(folder_or_lm, host: str = "127.0.0.1", port: int = 8000, *, limi
                 threads: int | None = None, verbose: bool = False) -> ThreadingHTTPServer:
     """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address[1]``)."""
     lm = folder_or_lm if isinstance(folder_or_lm, OnnxLM) else OnnxLM(folder_or_lm, threads=threads)
-    server = ThreadingHTTPServer((host, port), make_handler(CompletionService(lm, limits)))
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(CompletionService(lm, limits)))
+    except OSError as exc:  # port taken, no permission, unknown host: the user's to fix, so one line, not a traceback
+        raise PyshrinkError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     server.daemon_threads = True
     server.verbose = verbose
     return server

@@ -107,3 +107,12 @@ def test_body_limits_and_routes(server):
     assert _request(port, "POST", "/v1/chat/nope", {"prompt": "w5"})[0] == 404
     # the server still answers after the errors
     assert _post(port, {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0})[0] == 200
+
+
+def test_a_port_in_use_is_a_one_line_error(server):
+    from pyshrink.errors import PyshrinkError
+
+    lm, port = server
+    with pytest.raises(PyshrinkError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+        make_server(lm, "127.0.0.1", port)
+
