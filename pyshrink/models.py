@@ -216,6 +216,16 @@ def read_state_dict(path: Path) -> dict:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} holds no .safetensors weights (pyshrink never unpickles .bin files)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # a sharded save: every shard the index names must be there
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"shard index {index} is corrupt: {exc}") from exc
+        absent = sorted(shards - {f.name for f in files})
+        if absent:
+            raise ModelLoadError(f"{path} is incomplete: its shard index names {', '.join(absent[:3])}, "
+                                 "which is not there")
     sd = {}
     for f in files:
         try:
@@ -249,13 +259,29 @@ def _load_transformed(path, config, cls, transforms, dtype):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if tied:  # tied heads are not stored; the skeleton's tie is restored below
         missing = [k for k in missing if not k.endswith("lm_head.weight") and "decoder.weight" not in k]
-    missing = [k for k in missing if k in dict(model.named_parameters())]  # buffers rebuilt by the model
+    missing = required(model, missing)
     if missing or unexpected:
         raise ModelLoadError(f"weights in {path} do not fit the model described by its config and "
                              f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         model.tie_weights()
     return model
+
+
+def required(model, missing_keys) -> list:
+    """The keys among ``missing_keys`` that a saved model must hold: every parameter, and every buffer of
+    pyshrink's own modules (packed codes, scales, vocabulary maps: without them the layer would run on zeros).
+    Buffers of transformers' modules may be left out of a file, as the model rebuilds them."""
+    params = dict(model.named_parameters())
+
+    def ours(key):
+        owner = key.rpartition(".")[0]
+        try:
+            return type(model.get_submodule(owner)).__module__.startswith("pyshrink.")
+        except AttributeError:
+            return False
+
+    return [k for k in missing_keys if k in params or ours(k)]
 
 
 @contextlib.contextmanager

@@ -83,6 +83,36 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, transformed):
         models.load_model(out, with_tokenizer=False)
 
 
+def test_a_quantized_checkpoint_missing_its_packed_codes_is_an_error(tmp_path):
+    """The codes and scales of a quantized layer are buffers; a file without them must not load as zeros."""
+    from safetensors.torch import load_file, save_file
+
+    from pyshrink.quantize import quantize
+
+    model = quantize(tiny_model("llama"), bits=4, group_size=32, method="rtn")
+    out = models.save(model, None, tmp_path / "q")
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    gone = next(k for k in sd if k.endswith(".packed"))
+    save_file({k: v for k, v in sd.items() if k != gone}, f, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"missing \['{gone}'\]"):
+        models.load_model(out, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("transformed", [False, True])  # transformers' loader, pyshrink's own (read_state_dict)
+def test_a_sharded_checkpoint_missing_a_shard_is_an_error(tmp_path, transformed):
+    model = tiny_model("llama")
+    if transformed:
+        models.structure_handler("test-noop3")(lambda m, rec: None)
+        models.record_transform(model, "test-noop3")
+    out = models.save(model, None, tmp_path / "m")
+    (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors"):
+        models.load_model(out, with_tokenizer=False)
+
+
 def test_unknown_architecture_is_named(tmp_path):
     cfg = {"model_type": "mamba", "architectures": ["MambaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
            "num_hidden_layers": 1}

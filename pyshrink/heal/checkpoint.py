@@ -54,7 +54,7 @@ def load_weights(model, folder: Path) -> None:
     own = model.state_dict()
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in own if k not in sd and not (tied and k.endswith("lm_head.weight"))]
-    missing = [k for k in missing if k in dict(model.named_parameters())]
+    missing = models.required(model, missing)
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if missing or unexpected or wrong:
