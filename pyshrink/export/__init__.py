@@ -67,6 +67,10 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     if max_length is not None:
         check_range("max_length", max_length, 16, 1 << 20, integer=True)
 
+    from ..models import check_output
+
+    check_output(out_dir, overwrite=overwrite,  # before the model loads and the graph is built
+                 sources=() if isinstance(model_or_path, torch.nn.Module) else (model_or_path,))
     source_meta: dict = {}
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path

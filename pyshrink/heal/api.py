@@ -183,12 +183,7 @@ def _prepare_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | No
         if resume:
             raise InvalidSetting("resume=True needs the output folder of the run to resume (out=)")
         return None
-    out = Path(out).expanduser().resolve()
-    for src in sources:
-        p = Path(src).expanduser().resolve() if src else None
-        if p is not None and p.exists() and (p == out or out in p.parents or p in out.parents):
-            raise InvalidSetting(f"output {out} overlaps the model folder {p}: write the healed model somewhere "
-                                 "outside the student's and teacher's folders")
+    out = models.check_output(out, sources=sources, exists_ok=True)  # resume / overwrite: decided below
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
     if resume and not ckpt.has_resumable(out):

@@ -15,7 +15,7 @@ import torch
 from .. import data
 from ..arch import adapter_for
 from ..errors import DataError
-from ..models import CACHE_DIR, load_model, max_positions, resolve, save
+from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save
 from .api import QuantReport, quantize_model
 from .config import QuantConfig
 
@@ -94,9 +94,8 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     from ..evaluate import perplexity
 
     t0 = time.perf_counter()
+    check_output(out, overwrite=overwrite, sources=(source,))  # fail before the expensive part
     out = Path(out)
-    if out.exists() and not overwrite:  # fail before the expensive part
-        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
     model, tok = load_model(source)
     adapter = adapter_for(model)
     calib_ids = eval_ids = None

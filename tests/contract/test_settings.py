@@ -99,3 +99,20 @@ def test_a_quantized_source_is_refused(tiny_folder, tmp_path):
         _contract(str(src), out)
     assert not out.exists()
 
+
+def test_no_stage_writes_over_its_source(tiny_folder):
+    """contract, quantize and export refuse an output that is, holds or lies in the source, before any work."""
+    src = tiny_folder("llama")
+    before = fingerprint(src)
+    with pytest.raises(InvalidSetting, match="overlaps the source"):
+        _contract(str(src), src, overwrite=True)
+    from pyshrink.export import export_onnx
+    from pyshrink.quantize import QuantConfig
+    from pyshrink.quantize.pipeline import quantize_to_folder
+
+    with pytest.raises(InvalidSetting, match="overlaps the source"):
+        quantize_to_folder(str(src), src, QuantConfig(method="rtn"), overwrite=True, progress=False)
+    with pytest.raises(InvalidSetting, match="overlaps the source"):
+        export_onnx(str(src), src.parent, overwrite=True)
+    assert fingerprint(src) == before
+

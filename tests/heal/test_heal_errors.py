@@ -80,7 +80,7 @@ def test_an_output_that_overlaps_a_model_folder_is_refused_before_anything_is_de
     models.save(student, tokenizer, src)
     files = sorted(p.name for p in src.iterdir())
     for out in (tmp_path / "runs", src, src / "healed"):
-        with pytest.raises(InvalidSetting, match="overlaps the model folder"):
+        with pytest.raises(InvalidSetting, match="overlaps the source"):
             heal(str(src), (teacher, tokenizer), texts["train"], out=out, overwrite=True, **TINY)
     assert sorted(p.name for p in src.iterdir()) == files
 
