@@ -35,18 +35,24 @@ def read_texts(sources) -> str:
     return text
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".json", ".jsonl", ".csv", ".tsv", ".py", ".html", ".xml", ".log")
+
+
 def _is_literal(s) -> bool:
     """Is ``s`` text rather than a file name? A ``Path`` is always a file. A string is text unless it reads like a
-    file name: one line of no whitespace with a folder separator or a suffix (``corpus.csv``, ``data/wiki``), or an
-    existing file or folder. So a misspelt path is reported as missing instead of being read as a few words of text."""
+    file name: an existing file or folder, or one line of no whitespace with a folder separator or a text file's
+    suffix (``data/wiki``, ``corpus.csv``). So a misspelt path is reported as missing instead of being read as a
+    few words of text, while "3.14" or "e.g." stay text."""
     if not isinstance(s, str):
         return False
     if "\n" in s or len(s) > 1024:
         return True
-    if Path(s).exists():
-        return False
-    looks_like_path = not any(c.isspace() for c in s) and ("/" in s or "\\" in s or Path(s).suffix != "")
-    return not looks_like_path
+    try:
+        if Path(s).exists():
+            return False
+    except OSError:  # longer than a file name may be (ENAMETOOLONG): not a file
+        return True
+    return any(c.isspace() for c in s) or not ("/" in s or "\\" in s or Path(s).suffix.lower() in TEXT_SUFFIXES)
 
 
 def builtin_text(name: str = "pydoc") -> str:

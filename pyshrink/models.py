@@ -224,8 +224,9 @@ def read_state_dict(path: Path) -> dict:
             raise ModelLoadError(f"shard index {index} is corrupt: {exc}") from exc
         absent = sorted(shards - {f.name for f in files})
         if absent:
-            raise ModelLoadError(f"{path} is incomplete: its shard index names {', '.join(absent[:3])}, "
-                                 "which is not there")
+            more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+            raise ModelLoadError(f"{path} is incomplete: shard(s) named in its index are missing: "
+                                 f"{', '.join(absent[:3])}{more}")
     sd = {}
     for f in files:
         try:
@@ -317,12 +318,15 @@ def fingerprint(path) -> str:
 
 def check_output(out, *, overwrite: bool = False, sources=(), exists_ok: bool = False) -> Path:
     """Check an output folder before any expensive work: it must not exist unless ``overwrite`` (or ``exists_ok``:
-    the caller decides), and it must not overlap a source (``sources``: paths or names; those that are not on
-    disk are ignored): the source is never modified, and --overwrite must not delete it."""
+    the caller decides), and it must not overlap a source (``sources``: what load_model takes; embedded names and
+    hub ids are not on disk): the source is never modified, and --overwrite must not delete it."""
     out = Path(out).expanduser().resolve()
     for src in sources:
-        p = Path(str(src)).expanduser() if src is not None else None
-        if p is None or not p.exists():
+        try:  # as load_model reads it: an embedded name or a hub id is not a folder here, even if one has its name
+            kind, p = resolve(src) if isinstance(src, (str, Path)) else (None, None)
+        except ModelLoadError:
+            continue
+        if p is None:
             continue
         p = p.resolve()
         if p == out or out in p.parents or p in out.parents:

@@ -45,8 +45,9 @@ def test_a_folder_is_an_error(tmp_path):
         data.read_texts(str(tmp_path))
 
 
-def test_a_one_line_sentence_is_text():
-    assert data.read_texts("The cat sat on the mat.") == "The cat sat on the mat."
+@pytest.mark.parametrize("literal", ["The cat sat on the mat.", "3.14", "e.g.", "word " * 100])
+def test_one_line_texts_that_read_as_no_file_name_are_text(literal):
+    assert data.read_texts(literal) == literal
 
 
 def test_windows_and_their_error():

@@ -109,7 +109,7 @@ def test_a_sharded_checkpoint_missing_a_shard_is_an_error(tmp_path, transformed)
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
     weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors"):
+    with pytest.raises(ModelLoadError, match=("missing: " if transformed else "") + "model-00002-of-00002.safetensors"):
         models.load_model(out, with_tokenizer=False)
 
 
@@ -123,6 +123,14 @@ def test_check_output_refuses_an_existing_output_and_any_overlap_with_a_source(t
     with pytest.raises(FileExistsError, match="already exists"):
         models.check_output(tmp_path / "runs", sources=[tmp_path / "elsewhere"])
     assert models.check_output(tmp_path / "new", sources=[src]) == (tmp_path / "new").resolve()
+
+
+def test_check_output_reads_a_source_name_as_load_model_does(tmp_path, monkeypatch):
+    """A folder that happens to bear an embedded model's name is not that source."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()
+    out = models.check_output("smollm2-135m/q4", sources=["smollm2-135m"])
+    assert out == (tmp_path / "smollm2-135m" / "q4").resolve()
 
 
 def test_unknown_architecture_is_named(tmp_path):

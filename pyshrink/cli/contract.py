@@ -98,9 +98,9 @@ def register(app: typer.Typer) -> None:
     ):
         from ..contract import contract
         from ..contract.summary import render, render_schedule
+        from ..models import check_output
 
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+        check_output(out, overwrite=overwrite, sources=(source,))
         pinned = parse_layers(layers)
         if pinned is not None and num_layers_to_contract is not None:
             raise InvalidSetting("--layers names the blocks to contract; leave out --num-layers-to-contract")

@@ -13,16 +13,19 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         model: str = typer.Argument(..., help="Model folder, .gguf file, hub id or embedded name (smollm2-135m)."),
         text: List[Path] = typer.Option(..., "--text", exists=True, dir_okay=False, readable=True, help="Text file(s) to measure perplexity on."),
-        seq_len: int = typer.Option(512, help="Window length in tokens (non-overlapping windows)."),
+        seq_len: Optional[int] = typer.Option(None, help="Window length in tokens (non-overlapping windows); default "
+                                              "512, or the model's position limit if that is shorter."),
         max_tokens: Optional[int] = typer.Option(None, help="Use at most this many tokens of the text."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ):
         """Perplexity of MODEL on the given text."""
         from .. import data
         from ..evaluate import perplexity
-        from ..models import load_model
+        from ..models import load_model, max_positions
 
         m, tok = load_model(model)
+        if seq_len is None:
+            seq_len = min(512, max_positions(m.config) or 512)
         ppl = perplexity(m, ids=data.tokenize(tok, data.read_texts(text)), seq_len=seq_len, max_tokens=max_tokens)
         if as_json:
             typer.echo(json.dumps({"model": model, "perplexity": ppl, "seq_len": seq_len}))

@@ -186,6 +186,8 @@ def _prepare_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | No
     out = models.check_output(out, sources=sources, exists_ok=True)  # resume / overwrite: decided below
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
+    if resume and out.is_dir():
+        ckpt.recover_checkpoints(out)
     if resume and not ckpt.has_resumable(out):
         raise InvalidSetting(f"nothing to resume in {out}: it holds no {ckpt.LAST}/{ckpt.STATE_FILE}, which a run "
                              "writes at its first evaluation; start the run without resume=True / --resume "

@@ -80,12 +80,21 @@ def load_state(folder: Path, device) -> tuple[dict, dict]:
 
 
 def has_resumable(out: Path) -> bool:
-    """Does ``out`` hold a run to resume? A checkpoint is replaced by two renames (models.atomic_output_dir: the old
-    folder aside, the new one in place); a kill between them leaves only the set-aside copy, which is put back."""
-    last = Path(out) / LAST
-    if not (last / STATE_FILE).is_file() and not last.exists():
-        for old in sorted(last.parent.glob(f".{LAST}.old-*")):
-            if (old / STATE_FILE).is_file():
-                os.replace(old, last)
-                break
-    return (last / STATE_FILE).is_file()
+    return (Path(out) / LAST / STATE_FILE).is_file()
+
+
+def recover_checkpoints(out: Path) -> list:
+    """Put back checkpoints that a kill interrupted mid-replacement; returns the names put back.
+
+    A checkpoint is replaced by two renames (models.atomic_output_dir: the old folder aside as ``.NAME.old-PID``,
+    then the new one in place). A kill between them leaves only the set-aside copy; the newest such copy of a
+    missing checkpoint is the last one written, so it goes back in place."""
+    restored = []
+    for name in (BEST, LAST):
+        target = Path(out) / name
+        olds = [p for p in Path(out).glob(f".{name}.old-*") if p.is_dir()]
+        if target.exists() or not olds:
+            continue
+        os.replace(max(olds, key=lambda p: p.stat().st_mtime_ns), target)
+        restored.append(name)
+    return restored

@@ -230,9 +230,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if (layers is not None or by_blocks) and not _accepts(contract_fn, "layers"):
         raise InvalidSetting(f"{'layers=' if layers is not None else f'slices={slices!r}'} needs a contraction function "
                              "that takes a layers= argument")
-    out = None if out is None else Path(out).expanduser().resolve()
-    if out is not None and out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    out = None if out is None else models.check_output(out, overwrite=overwrite, sources=(source,))
     if teacher is None:
         teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
     t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)

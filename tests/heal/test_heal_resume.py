@@ -103,9 +103,19 @@ def test_resume_with_nothing_to_resume_is_an_error(trained_teacher, tokenizer, t
 
 
 def test_a_kill_between_the_two_renames_of_a_checkpoint_still_resumes(trained_teacher, tokenizer, texts, tmp_path):
+    import os
+    import shutil
+
     out = tmp_path / "run"
     _run(trained_teacher, tokenizer, texts, out, tokens=4 * 256)
-    (out / "checkpoint-last").rename(out / ".checkpoint-last.old-12345")  # the old one set aside, the new not in
+    for name in ("checkpoint-best", "checkpoint-last"):  # the old one set aside, the new one not yet in place
+        stale = out / f".{name}.old-99999"  # an older leftover (by time; its pid sorts last) must not win
+        shutil.copytree(out / name, stale)
+        os.utime(stale, ns=(1, 1))
+        (out / name).rename(out / f".{name}.old-12345")
     r = _run(trained_teacher, tokenizer, texts, out, resume=True, tokens=8 * 256)
     assert r.steps == 8 and (out / "checkpoint-last" / "trainer_state.json").is_file()
+    assert r.path == out / "checkpoint-best" and r.path.is_dir()
+    assert sorted(p.name for p in out.glob(".checkpoint-*")) == [".checkpoint-best.old-99999",
+                                                                 ".checkpoint-last.old-99999"]
 

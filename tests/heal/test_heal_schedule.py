@@ -155,3 +155,15 @@ def test_block_slices_are_checked(trained_teacher, tokenizer, texts):
         iterative_contract(source, steps=1, slices="blocks", **kw)
     with pytest.raises(InvalidSetting, match="more than once"):
         iterative_contract(source, steps=2, slices="blocks", layers=[0, 0], **kw)
+
+
+def test_an_output_over_the_source_folder_is_refused_before_any_work(trained_teacher, tokenizer, texts, tmp_path):
+    src = models.save(trained_teacher, tokenizer, tmp_path / "runs" / "base")
+    before = models.fingerprint(src)
+    calls = []
+    for out in (src, src.parent):
+        with pytest.raises(InvalidSetting, match="overlaps the source"):
+            iterative_contract(str(src), steps=2, heal_tokens=1024, calibration=texts["train"], out=out,
+                               overwrite=True, contract_fn=fake_contract(calls), progress=False, **HEAL)
+    assert calls == [] and models.fingerprint(src) == before
+
