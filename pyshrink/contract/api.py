@@ -245,6 +245,9 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         raise InvalidSetting(f"{source_name} is quantized: contraction removes rows and columns of floating-point "
                              "weights; contract the floating-point model first, then quantize the result")
     adapter = adapter_for(model)
+    if prune_vocab and any(isinstance(m, (vocab.CompactEmbedding, vocab.CompactHead)) for m in model.modules()):
+        raise InvalidSetting(f"{source_name} has a pruned vocabulary already; contract it again without "
+                             "prune_vocab / --prune-vocab (its kept ids stay as they are)")
     depth = adapter.depth(model)
     if layers is None:
         check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
@@ -372,15 +375,22 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             heal_info["ppl_after"] = quality.measure(model)
             eval_time += time.perf_counter() - t_eval
 
-    vocab_info = None
-    if prune_vocab:
-        used = torch.cat([cal_ids, held]).unique()
-        vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config))
-
     # ---- result ------------------------------------------------------------------------------------------
     t_eval = time.perf_counter()
     q_final = quality.measure(model)
     eval_time += time.perf_counter() - t_eval
+    vocab_info = None
+    if prune_vocab:
+        used = torch.cat([cal_ids, held]).unique()
+        vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config))
+        if quality.metric == "perplexity":
+            # The kept ids include every id of the evaluation text (so none of it scores -inf), and dropping the
+            # others renormalises the softmax over them: a perplexity measured now would be flattered by the test
+            # text's own vocabulary. ppl_final is therefore the one measured above, before the drop (the kept
+            # logits are unchanged by it); the renormalised figure is recorded here, marked as such.
+            t_eval = time.perf_counter()
+            vocab_info["ppl_renormalised_over_kept_ids"] = quality.measure(model)
+            eval_time += time.perf_counter() - t_eval
     if heal_info is not None and heal_info["ppl_after"] is None:
         heal_info["ppl_after"] = q_final
     params_after = models.num_params(model)

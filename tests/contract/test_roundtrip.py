@@ -96,3 +96,24 @@ def test_tied_embeddings_stay_tied(contracted):
     res, out = contracted("llama")  # the tiny llama ties its head to the embedding
     for model in (res.model, load_model(out, with_tokenizer=False)):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_ppl_final_is_not_flattered_by_the_pruned_vocabulary(tiny_folder):
+    """The kept vocabulary holds the evaluation text's ids, so after the drop the softmax is renormalised over them;
+    ppl_final must be the full-vocabulary figure: the same as the same contraction without vocabulary pruning."""
+    kw = dict(calibration=TEXT, seq_len=64, calibration_tokens=1024, eval_tokens=256, progress=False)
+    plain = pyshrink.contract(tiny_folder("llama"), 0.5, 2, **kw).summary
+    pruned = pyshrink.contract(tiny_folder("llama"), 0.5, 2, prune_vocab=True, **kw).summary
+    assert pruned["vocab"]["vocab_after"] < pruned["vocab"]["vocab_before"]
+    assert pruned["ppl_final"] == plain["ppl_final"]
+    assert pruned["vocab"]["ppl_renormalised_over_kept_ids"] < pruned["ppl_final"]
+
+
+def test_a_pruned_vocabulary_is_not_pruned_again(contracted):
+    from pyshrink.errors import InvalidSetting
+
+    res, _ = contracted("llama")
+    with pytest.raises(InvalidSetting, match="has a pruned vocabulary already"):
+        pyshrink.contract((res.model, res.tokenizer), 0.5, 1, calibration=TEXT, prune_vocab=True, seq_len=64,
+                          calibration_tokens=1024, eval_tokens=256, progress=False)
+
