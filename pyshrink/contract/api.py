@@ -192,7 +192,8 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             Ignored when ``layers`` is given (the count is then ``len(layers)``; the default 8 cannot be told
             apart from an explicit 8, so a mismatch is not an error here; the CLI refuses both together).
         calibration: text file(s) or string(s) from your domain. None: data-free (decoders calibrate on text
-            they sample themselves, seeded; encoders on built-in text).
+            they sample themselves, seeded; encoders on built-in text): ``min(datafree_tokens,
+            calibration_tokens)`` tokens of it.
         eval_text: text to measure quality on. None: the held-out last 10% of ``calibration``, or built-in
             text (CPython's pydoc topics, held-out windows) in data-free mode.
         prune_heads: also remove attention heads (``head_ratio`` of them, default ``contraction_ratio``),
@@ -284,12 +285,15 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             builtin = data.tokenize(tok, data.builtin_text("pydoc"))
             held = builtin[-min(eval_tokens, builtin.numel() // 2):]
             eval_desc = "built-in text: CPython pydoc topics (held-out last windows)"
+        # calibration_tokens caps calibration in both modes ("use at most this many"); data-free sampling is the
+        # costly step, and datafree_tokens (8,192) is its default budget
+        n_free = min(datafree_tokens, calibration_tokens)
         if adapter.kind == "decoder":
             dl = min(128, L)
-            cal_win = datafree.sample_ids(model, tok, tokens=datafree_tokens, seq_len=dl, seed=seed, progress=progress)
+            cal_win = datafree.sample_ids(model, tok, tokens=n_free, seq_len=dl, seed=seed, progress=progress)
             cal_desc = f"data-free: {cal_win.numel()} tokens sampled from the source model (seed {seed}, temperature 1)"
         else:
-            cal_win = datafree.encoder_ids(tok, tokens=datafree_tokens, seq_len=min(128, L))
+            cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L))
             cal_desc = "data-free: built-in text (CPython pydoc topics, first windows)"
         if threshold is not None:
             mode = "threshold (data-free)"

@@ -27,6 +27,13 @@ def test_datafree_contract_says_which_text_it_used(tiny_folder):
     assert s["params_after"] < s["params_before"] and s["ppl_final"] > 0
 
 
+def test_calibration_tokens_caps_the_sampled_text_too(tiny_folder):
+    kw = dict(seq_len=64, eval_tokens=256, progress=False)
+    capped = pyshrink.contract(tiny_folder("llama"), 0.5, 1, datafree_tokens=512, calibration_tokens=128, **kw)
+    full = pyshrink.contract(tiny_folder("llama"), 0.5, 1, datafree_tokens=512, **kw)
+    assert capped.summary["calibration"]["tokens"] == 128 and full.summary["calibration"]["tokens"] == 512
+
+
 def test_encoder_datafree_uses_builtin_text_and_reports_cosine(tiny_folder):
     res = pyshrink.contract(tiny_folder("bert"), 0.3, 1, seq_len=64, datafree_tokens=256, eval_tokens=256,
                             progress=False)
