@@ -111,7 +111,7 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
             for rt, path, label in jobs:
                 if progress:
                     progress(f"measuring {path} on {rt}")
-                opts = {"compile": True, "fuse": True} if compile and rt == "torch" else None
+                opts = {"compile": True, "fuse": "auto"} if compile and rt == "torch" else None
                 if opts:
                     label = (label or Path(str(path)).name) + " (compiled)"
                 rows.append(run_one(rt, path, label=label, options=opts, **kw))

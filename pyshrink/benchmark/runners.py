@@ -37,13 +37,13 @@ class TorchRunner:
 
     With ``compile`` given (True or False) or ``fuse`` the model runs through
     :class:`pyshrink.runtime.torch_decoder.TorchDecoder` instead (static KV cache; ``fuse``: q|k|v and gate|up
-    as one projection each; ``compile``: the step through ``torch.compile``, whose compilation happens in the
+    as one projection each, ``"auto"`` where the architecture's adapter can fuse them; ``compile``: the step through ``torch.compile``, whose compilation happens in the
     warm-up and is reported as ``compile_s``; ``cpp_wrapper``: inductor's C++ wrapper; ``torch_threads``:
     torch's threads during a step, TorchDecoder's ``torch_threads``).
     """
 
     def __init__(self, model: str, threads: int | None, capacity: int, *, compile: bool | None = None,
-                 fuse: bool = False, cpp_wrapper: bool = False, torch_threads: int | None = None):
+                 fuse: bool | str = False, cpp_wrapper: bool = False, torch_threads: int | None = None):
         self.source, self.threads, self.capacity = model, threads, capacity
         options = {"cpp_wrapper": True} if cpp_wrapper else None
         # compile=False without fuse: the static cache alone (for measuring each part on its own)
@@ -70,9 +70,13 @@ class TorchRunner:
             self.model.get_output_embeddings(), "out_features") else self.model.config.vocab_size
         self.decoder = None
         if self.decoder_kw is not None:
+            from ..arch import adapter_for
             from ..runtime.torch_decoder import TorchDecoder
 
-            self.decoder = TorchDecoder(self.model, self.capacity + 1, **self.decoder_kw)
+            kw = dict(self.decoder_kw)
+            if kw["fuse"] == "auto":  # GPT-2, OPT, Phi: pyshrink has no fused projections for them
+                kw["fuse"] = adapter_for(self.model).fuse is not None
+            self.decoder = TorchDecoder(self.model, self.capacity + 1, **kw)
             self.compile_s = 0.0
 
     def _run(self, ids, past):

@@ -82,10 +82,11 @@ def test_ort_genai_peer_runner(tiny_folder, tmp_path):
     assert row["decode_tokens_per_s"] > 0 and row["disk_mb"] > 0
 
 
-def test_compiled_torch_rows(tiny_folder):
-    rows = bench([str(tiny_folder)], runtime="torch", compile=True, prompt_tokens=8, new_tokens=4, repeats=1,
-                 threads=1)
-    (r,) = rows
-    assert "error" not in r, r
-    assert r["label"] == "tiny-llama (compiled)" and r["options"] == {"compile": True, "fuse": True}
-    assert r["compile_s"] > 0 and all(r[k] > 0 for k in KEYS)
+def test_compiled_torch_rows(tiny_folder, tmp_path):
+    gpt2 = models.save(tiny_model("gpt2"), word_tokenizer(), tmp_path / "tiny-gpt2")  # no fused projections
+    rows = bench([str(tiny_folder), str(gpt2)], runtime="torch", compile=True, prompt_tokens=8, new_tokens=4,
+                 repeats=1, threads=1)
+    for r, name in zip(rows, ("tiny-llama", "tiny-gpt2")):
+        assert "error" not in r, r
+        assert r["label"] == f"{name} (compiled)" and r["options"] == {"compile": True, "fuse": "auto"}
+        assert r["compile_s"] > 0 and all(r[k] > 0 for k in KEYS)
