@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(3, "--repeats", help="Timed repeats after one warm-up."),
         int4: bool = typer.Option(False, "--int4", help="On-the-fly exports (--runtime both) with 4-bit weights."),
         compile: bool = typer.Option(False, "--compile", help="PyTorch rows: static KV cache, q|k|v and gate|up fused "
-                                     "(Llama-family; not GPT-2, OPT, Phi), decode step through torch.compile (compile time reported apart)."),
+                                     "(Llama-family; not GPT-2, OPT, Phi), decode step through torch.compile "
+                                     "(compile time reported apart)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
         chart_out: Optional[Path] = typer.Option(None, "--chart", help="Write a PNG bar chart here (needs matplotlib)."),
     ):
