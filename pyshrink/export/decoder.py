@@ -192,8 +192,9 @@ class _Builder:
             self.cos = g.initializer("cos_cache", to_numpy(s.rotary[0]))
             self.sin = g.initializer("sin_cache", to_numpy(s.rotary[1]))
             half = s.rotary[0].shape[1]
-            # GroupQueryAttention rotates inside when the rotary half-width is a multiple of 8
-            self.fused_rotary = half % 8 == 0 and 2 * half <= s.head_dim
+            # GroupQueryAttention rotates inside when the rotary half-width is a multiple of 8 and the head size one
+            # of 16 (ONNX Runtime refuses other head sizes with do_rotary); otherwise plain operators rotate
+            self.fused_rotary = half % 8 == 0 and 2 * half <= s.head_dim and s.head_dim % 16 == 0
             if not self.fused_rotary:
                 pos = self.positions(ids, mask)
                 unsq = g.const([2])

@@ -129,6 +129,20 @@ def test_contracted_model_with_per_layer_widths_and_heads(tmp_path):
     assert _steps_parity(tmp_path / "c", model) < 1e-4
 
 
+def test_partial_rotary_with_a_head_size_gqa_cannot_rotate(tmp_path):
+    """Phi with head size 40 (not a multiple of 16, which GroupQueryAttention needs to rotate inside) and a rotary
+    half-width of 8: the rotation runs in plain operators, and the export matches PyTorch."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.PhiConfig(vocab_size=VOCAB, hidden_size=80, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, partial_rotary_factor=0.4,
+                       max_position_embeddings=64)
+    model = tf.PhiForCausalLM(cfg).eval()
+    export_onnx(model, tmp_path / "phi")
+    assert _steps_parity(tmp_path / "phi", model) < 1e-4
+
+
 def test_contracted_vocabulary_maps_ids_and_logits(tmp_path):
     keep = list(range(0, VOCAB, 2))  # even ids only
     model = vocab_contracted(tiny_model("llama"), keep)
