@@ -207,10 +207,16 @@ def _validate(path: Path, model, meta, policy, tolerance, quantized: bool) -> di
     any4 = quantized and any(v == 4 for v in levels_of(onnx.load(str(path), load_external_data=False)).values())
     tol = tolerance if tolerance is not None else (INT4_RTOL if any4 else FLOAT_RTOL)
     with apply_substitutions(model, policy.substitutions), exact_quantized(model):
-        if meta["kind"] == "decoder":
-            v = validate_decoder(path, model, meta, tol_rel=tol, torch_logits=_torch_logits(model))
-        else:
-            v = validate_encoder(path, model, tol_rel=tol)
+        try:
+            if meta["kind"] == "decoder":
+                v = validate_decoder(path, model, meta, tol_rel=tol, torch_logits=_torch_logits(model))
+            else:
+                v = validate_encoder(path, model, tol_rel=tol)
+        except Exception as exc:  # ONNX Runtime's own errors (plain Exception subclasses) are a failed validation
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise ExportValidationError(f"validation failed: ONNX Runtime could not run the exported graph: {exc}") \
+                from exc
     return {**v.to_dict(), "relative_tolerance": tol}
 
 

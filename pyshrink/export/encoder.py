@@ -23,6 +23,10 @@ def build_encoder(model, policy: WeightPolicy, *, opset: int, accuracy_level: in
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         raise InvalidSetting("only absolute position embeddings are exportable for BERT")
     base = model.base_model
+    if base is not model:
+        raise InvalidSetting(f"the encoder export builds BERT's hidden states (and pooler); {type(model).__name__} "
+                             "adds a task head it does not build: export model.base_model, or save the model and "
+                             "export the folder (which loads as the base model)")
     g = Graph("pyshrink_bert_encoder", opset)
     D = adapter.head_dim(cfg)
     act = _act(cfg.hidden_act)
@@ -31,7 +35,12 @@ def build_encoder(model, policy: WeightPolicy, *, opset: int, accuracy_level: in
     types = g.input("token_type_ids", INT64, ["batch_size", "sequence_length"])
 
     emb = base.embeddings
-    h = g.node("Gather", [g.initializer("word_embeddings", to_numpy(emb.word_embeddings.weight.float())), ids], "emb/word")
+    rows = ids
+    if hasattr(emb.word_embeddings, "row_of_id"):  # contracted vocabulary: tokenizer id -> kept row, as in PyTorch
+        remap = to_numpy(emb.word_embeddings.row_of_id).astype(np.int64)
+        rows = g.node("Gather", [g.initializer("vocab_remap", remap), ids], "emb/Remap", axis=0)
+    h = g.node("Gather", [g.initializer("word_embeddings", to_numpy(emb.word_embeddings.weight.float())), rows],
+               "emb/word")
     seq = g.node("Shape", [ids], "emb/SeqLen", start=1, end=2)
     pe = g.node("Slice", [g.initializer("position_embeddings", to_numpy(emb.position_embeddings.weight.float())),
                           g.const([0]), seq, g.const([0])], "emb/pos")  # positions 0..S-1

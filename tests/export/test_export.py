@@ -11,6 +11,7 @@ from onnx_helpers import (DECODERS, VOCAB, contracted_llama, outlier_llama, quan
                           vocab_contracted)
 from pyshrink import export_onnx
 from pyshrink.arch import adapter_for
+from pyshrink.errors import InvalidSetting
 from pyshrink.export import ExportValidationError
 from pyshrink.export.validate import INT4_RTOL
 from pyshrink.export.weights import WeightPolicy, apply_substitutions
@@ -72,6 +73,28 @@ def test_encoder_export_matches_pytorch(exported):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     assert np.abs(got - ref)[0, :8].max() < 1e-4
+
+
+def test_encoder_with_a_contracted_vocabulary_reads_original_ids(tmp_path):
+    model = vocab_contracted(tiny_model("bert"), list(range(0, VOCAB, 3)))
+    export_onnx(model, tmp_path / "bert")
+    ids = torch.tensor([[i * 3 for i in random_prompt(9, 5)]]) % (VOCAB - VOCAB % 3)  # kept ids, the high ones too
+    sess = ort.InferenceSession(str(tmp_path / "bert" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy(),
+                                           "token_type_ids": torch.zeros_like(ids).numpy()})[0]
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state.numpy()
+    assert ids.max() >= model.embeddings.word_embeddings.weight.shape[0]  # an id past the kept rows' count
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_encoder_with_a_task_head_is_refused(tmp_path):
+    import transformers as tf
+
+    model = tf.BertForSequenceClassification(tiny_model("bert").config).eval()
+    with pytest.raises(InvalidSetting, match="BertForSequenceClassification adds a task head"):
+        export_onnx(model, tmp_path / "cls")
+    assert not (tmp_path / "cls").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -166,6 +189,20 @@ def test_failed_validation_leaves_nothing_behind(tmp_path):
         export_onnx(tiny_model("llama"), out, tolerance=0.0)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder either
+
+
+def test_an_onnx_runtime_error_in_validation_is_a_failed_validation(tmp_path, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    import pyshrink.export.validate as validate
+
+    def refuse(*args, **kwargs):
+        raise InvalidArgument("idx=13550 must be within the inclusive range [-793,792]")
+
+    monkeypatch.setattr(validate, "validate_decoder", refuse)
+    with pytest.raises(ExportValidationError, match="ONNX Runtime could not run the exported graph: idx=13550"):
+        export_onnx(tiny_model("llama"), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_not_replaced_without_overwrite(exported):
