@@ -107,8 +107,10 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     meta.update({
         "format": "pyshrink-onnx", "format_version": 1, "model_file": MODEL_FILE,
         "external_data": f"{MODEL_FILE}.data" if external else None, "opset": opset, "ir_version": proto.ir_version,
-        "weights": {"int4": int4, "group_size": group_size if int4 else None, "symmetric": symmetric,
-                    "accuracy_level": accuracy_level, "projections": dict(policy.counts)},
+        # group_size: the exporter's own rounding (--int4); block_sizes: every MatMulNBits block size in the graph,
+        # which also holds the group sizes of projections pyshrink quantized before (their bytes are copied)
+        "weights": {"int4": int4, "group_size": group_size if int4 else None, "block_sizes": _block_sizes(proto),
+                    "symmetric": symmetric, "accuracy_level": accuracy_level, "projections": dict(policy.counts)},
         "source": source, "transforms": [r.get("kind") for r in (source_meta.get("transforms") or transforms_of(model))],
         "pyshrink_version": __import__("pyshrink").__version__,
     })
@@ -218,6 +220,13 @@ def _validate(path: Path, model, meta, policy, tolerance, quantized: bool) -> di
             raise ExportValidationError(f"validation failed: ONNX Runtime could not run the exported graph: {exc}") \
                 from exc
     return {**v.to_dict(), "relative_tolerance": tol}
+
+
+def _block_sizes(proto) -> list:
+    import onnx
+
+    return sorted({onnx.helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "MatMulNBits"
+                   for a in n.attribute if a.name == "block_size"})
 
 
 def _save(proto, path: Path, external: bool):

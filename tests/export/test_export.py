@@ -109,6 +109,7 @@ def test_int4_export_matches_the_dequantized_pytorch_model(family, tmp_path):
     assert _steps_parity(tmp_path / "o", model, substitutions=policy.substitutions) < 1e-4
     meta = json.loads((tmp_path / "o" / "pyshrink_onnx.json").read_text())
     assert meta["weights"]["projections"]["rtn"] > 0 and meta["weights"]["projections"]["float"] == 0
+    assert meta["weights"]["group_size"] == 32 and meta["weights"]["block_sizes"] == [32]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops
 
@@ -132,6 +133,7 @@ def test_quantized_model_is_exported_by_byte_copy(tmp_path):
     assert np.array_equal(inits["layers.0.attn.qkv.qzeros"], zps.reshape(-1))
     meta = json.loads((tmp_path / "q" / "pyshrink_onnx.json").read_text())
     assert meta["weights"]["projections"]["copied"] == 3 * 7 and meta["weights"]["projections"]["rtn"] == 0
+    assert meta["weights"]["group_size"] is None and meta["weights"]["block_sizes"] == [32]  # what the graph holds
     assert _steps_parity(tmp_path / "q", model) < 1e-4
 
 
