@@ -70,13 +70,19 @@ def test_unknown_transform_is_an_error(tmp_path):
         models.load_model(out, with_tokenizer=False)
 
 
-@pytest.mark.parametrize("transformed", [False, True])
-def test_truncated_checkpoint_is_a_clear_error(tmp_path, transformed):
+def _saved(folder, transformed: bool):
+    """A tiny model saved to ``folder``; ``transformed`` records a no-op transform, so that loading takes
+    pyshrink's own path (read_state_dict) instead of transformers' from_pretrained."""
     model = tiny_model("llama")
     if transformed:
         models.structure_handler("test-noop2")(lambda m, rec: None)
         models.record_transform(model, "test-noop2")
-    out = models.save(model, None, tmp_path / "m")
+    return models.save(model, None, folder)
+
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, transformed):
+    out = _saved(tmp_path / "m", transformed)
     f = out / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="model.safetensors|weights"):
@@ -99,13 +105,9 @@ def test_a_quantized_checkpoint_missing_its_packed_codes_is_an_error(tmp_path):
         models.load_model(out, with_tokenizer=False)
 
 
-@pytest.mark.parametrize("transformed", [False, True])  # transformers' loader, pyshrink's own (read_state_dict)
+@pytest.mark.parametrize("transformed", [False, True])
 def test_a_sharded_checkpoint_missing_a_shard_is_an_error(tmp_path, transformed):
-    model = tiny_model("llama")
-    if transformed:
-        models.structure_handler("test-noop3")(lambda m, rec: None)
-        models.record_transform(model, "test-noop3")
-    out = models.save(model, None, tmp_path / "m")
+    out = _saved(tmp_path / "m", transformed)
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
     weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
