@@ -76,7 +76,8 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
     """Benchmark each model on the chosen runtime(s); ``both`` exports non-ONNX models on the fly.
 
     ``compile``: PyTorch rows decode through :class:`pyshrink.runtime.torch_decoder.TorchDecoder` (static
-    KV cache, fused projections, ``torch.compile``); the compilation is timed apart (``compile_s``).
+    KV cache, projections fused where the architecture allows (``fused_groups`` in the row), ``torch.compile``);
+    the compilation is timed apart (``compile_s``).
     """
     if runtime not in RUNTIMES:
         raise InvalidSetting(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")

@@ -253,4 +253,6 @@ def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: i
         "loadavg_1min": round(os.getloadavg()[0], 2),  # other work on the machine while this ran
         **({"options": options} if options else {}),
         **({"compile_s": round(r.compile_s, 2)} if getattr(r, "compile_s", None) else {}),
+        # what fuse="auto" came to: projection groups run as one call (0: none fused)
+        **({"fused_groups": r.decoder.fused_groups} if getattr(r, "decoder", None) is not None else {}),
     }

@@ -374,10 +374,6 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
                      "held_out": {k: h[k] for k in ("ppl_initial", "ppl_best", "ppl_teacher", "until_ppl",
                                                     "best_tokens")},
                      "curve": h["curve"], "options": heal_opts}
-        if prune_vocab:
-            t_eval = time.perf_counter()
-            heal_info["ppl_after"] = quality.measure(model)
-            eval_time += time.perf_counter() - t_eval
 
     # ---- result ------------------------------------------------------------------------------------------
     t_eval = time.perf_counter()

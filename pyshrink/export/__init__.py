@@ -29,7 +29,7 @@ import torch
 from ..errors import InvalidSetting, check_range
 from ..models import atomic_output_dir, read_metadata, transforms_of
 from .graph import DEFAULT_OPSET
-from .validate import FLOAT_RTOL, INT4_RTOL, ExportValidationError
+from .validate import FLOAT_RTOL, INT4_RTOL, ExportValidationError, OnnxRuntimeFailure
 from .weights import WeightPolicy, apply_substitutions
 
 MODEL_FILE = "model.onnx"
@@ -89,6 +89,8 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     from ..arch import adapter_for
 
     adapter = adapter_for(model)
+    if adapter.kind == "encoder" and not isinstance(model_or_path, torch.nn.Module):
+        model = model.base_model  # a checkpoint saved with a task head (BertForMaskedLM): its encoder is what we build
     policy = WeightPolicy(int4=int4, group_size=group_size, symmetric=symmetric)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -137,7 +139,7 @@ def _fixed_level(accuracy_level, check) -> dict:
     try:
         return check()
     except ExportValidationError as exc:
-        if accuracy_level in (0, "auto"):
+        if accuracy_level in (0, "auto") or isinstance(exc, OnnxRuntimeFailure):
             raise
         raise ExportValidationError(f"{exc}; int8 activations (accuracy_level {accuracy_level}) may be too coarse for "
                                     "this model: try accuracy_level='auto' (per projection) or 0") from None
@@ -158,6 +160,8 @@ def _auto_levels(tmp: Path, model, meta: dict, tolerance, check) -> dict:
     failures = []
     try:
         return check()
+    except OnnxRuntimeFailure:
+        raise
     except ExportValidationError as exc:
         failures.append(f"accuracy_level 4 on every projection: {exc}")
     tol = tolerance if tolerance is not None else INT4_RTOL
@@ -217,7 +221,7 @@ def _validate(path: Path, model, meta, policy, tolerance, quantized: bool) -> di
         except Exception as exc:  # ONNX Runtime's own errors (plain Exception subclasses) are a failed validation
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise
-            raise ExportValidationError(f"validation failed: ONNX Runtime could not run the exported graph: {exc}") \
+            raise OnnxRuntimeFailure(f"validation failed: ONNX Runtime could not run the exported graph: {exc}") \
                 from exc
     return {**v.to_dict(), "relative_tolerance": tol}
 

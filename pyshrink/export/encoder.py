@@ -25,8 +25,7 @@ def build_encoder(model, policy: WeightPolicy, *, opset: int, accuracy_level: in
     base = model.base_model
     if base is not model:
         raise InvalidSetting(f"the encoder export builds BERT's hidden states (and pooler); {type(model).__name__} "
-                             "adds a task head it does not build: export model.base_model, or save the model and "
-                             "export the folder (which loads as the base model)")
+                             "adds a task head it does not build: export model.base_model")
     g = Graph("pyshrink_bert_encoder", opset)
     D = adapter.head_dim(cfg)
     act = _act(cfg.hidden_act)

@@ -27,6 +27,10 @@ class ExportValidationError(PyshrinkError):
     pass
 
 
+class OnnxRuntimeFailure(ExportValidationError):
+    """ONNX Runtime could not run the graph at all: no accuracy level helps, so none is tried."""
+
+
 @dataclass
 class Validation:
     max_abs_diff: float = 0.0

@@ -90,3 +90,4 @@ def test_compiled_torch_rows(tiny_folder, tmp_path):
         assert "error" not in r, r
         assert r["label"] == f"{name} (compiled)" and r["options"] == {"compile": True, "fuse": "auto"}
         assert r["compile_s"] > 0 and all(r[k] > 0 for k in KEYS)
+    assert rows[0]["fused_groups"] > 0 and rows[1]["fused_groups"] == 0  # Llama fuses q|k|v and gate|up

@@ -88,13 +88,19 @@ def test_encoder_with_a_contracted_vocabulary_reads_original_ids(tmp_path):
     assert np.abs(got - ref).max() < 1e-4
 
 
-def test_encoder_with_a_task_head_is_refused(tmp_path):
+def test_encoder_with_a_task_head_is_refused_in_memory_and_exported_from_a_folder(tmp_path):
     import transformers as tf
 
+    from pyshrink import models
+
     model = tf.BertForSequenceClassification(tiny_model("bert").config).eval()
-    with pytest.raises(InvalidSetting, match="BertForSequenceClassification adds a task head"):
+    with pytest.raises(InvalidSetting, match="BertForSequenceClassification adds a task head.*model.base_model"):
         export_onnx(model, tmp_path / "cls")
     assert not (tmp_path / "cls").exists()
+    src = models.save(model, None, tmp_path / "saved")  # config.architectures names the task class
+    export_onnx(str(src), tmp_path / "from-folder")  # loads it, exports (and validates) its encoder
+    meta = json.loads((tmp_path / "from-folder" / "pyshrink_onnx.json").read_text())
+    assert meta["kind"] == "encoder" and meta["validation"]["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -165,7 +171,18 @@ def test_partial_rotary_with_a_head_size_gqa_cannot_rotate(tmp_path):
                        max_position_embeddings=64)
     model = tf.PhiForCausalLM(cfg).eval()
     export_onnx(model, tmp_path / "phi")
+    assert _gqa_rotary(tmp_path / "phi") == {0}
     assert _steps_parity(tmp_path / "phi", model) < 1e-4
+
+
+def _gqa_rotary(folder) -> set:
+    """The do_rotary attributes of the graph's GroupQueryAttention nodes."""
+    return {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "do_rotary"), 0)
+            for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"}
+
+
+def test_gqa_rotates_inside_where_onnx_runtime_can(exported):
+    assert _gqa_rotary(exported("llama")) == {1}  # head size 16, rotary half-width 8
 
 
 def test_contracted_vocabulary_maps_ids_and_logits(tmp_path):
@@ -202,9 +219,11 @@ def test_an_onnx_runtime_error_in_validation_is_a_failed_validation(tmp_path, mo
         raise InvalidArgument("idx=13550 must be within the inclusive range [-793,792]")
 
     monkeypatch.setattr(validate, "validate_decoder", refuse)
-    with pytest.raises(ExportValidationError, match="ONNX Runtime could not run the exported graph: idx=13550"):
-        export_onnx(tiny_model("llama"), tmp_path / "x")
-    assert list(tmp_path.iterdir()) == []
+    for kw in (dict(), dict(int4=True, accuracy_level="auto")):  # no accuracy level is advised or tried
+        with pytest.raises(ExportValidationError, match=r"ONNX Runtime could not run the exported graph: idx=13550"
+                                                        r"[^;]*$"):
+            export_onnx(tiny_model("llama"), tmp_path / "x", **kw)
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_not_replaced_without_overwrite(exported):
