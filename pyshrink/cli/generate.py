@@ -22,11 +22,15 @@ def register(app: typer.Typer) -> None:
         stats: bool = typer.Option(False, "--stats", help="Print timing to stderr."),
     ):
         """Generate a continuation of PROMPT with the KV cache on ONNX Runtime; prints the text."""
-        from ..errors import InvalidSetting
+        from ..errors import InvalidSetting, check_range
         from ..runtime import OnnxLM, Sampling
 
         if max_new_tokens < 1:
             raise InvalidSetting(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if threads is not None:
+            check_range("--threads", threads, 1, 1024, integer=True)
+        if seed is not None:
+            check_range("--seed", seed, 0, 2**63 - 1, integer=True)  # numpy's generators take non-negative seeds
         try:
             sampling = Sampling(temperature, top_p, seed)
         except ValueError as exc:

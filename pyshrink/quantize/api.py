@@ -113,6 +113,14 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
         ids = calibration.long()
         if ids.dim() == 2:
             seq_len, ids = ids.shape[1], ids.reshape(-1)
+            limit = max_positions(model.config)
+            if limit and seq_len > limit:
+                raise DataError(f"calibration windows of {seq_len} tokens are longer than the model's {limit} "
+                                "positions: pass shorter windows, or a 1-D tensor of ids to be cut at seq_len")
+        vocab = getattr(model.config, "vocab_size", None)
+        if ids.numel() and (int(ids.min()) < 0 or (vocab and int(ids.max()) >= vocab)):
+            raise DataError(f"calibration ids must be token ids in 0..{vocab - 1 if vocab else '?'}, got "
+                            f"{int(ids.min())}..{int(ids.max())}")
     else:
         if tokenizer is None:
             raise DataError("calibration text needs the model's tokenizer (pass tokenizer=...)")
@@ -224,11 +232,15 @@ class _Stage:
             self.head_H = self._head_hessian(inputs, block)
 
     def _head_hessian(self, inputs, block):
-        """``H`` of the output head's input: the last block's outputs through the final norm."""
-        head = self.adapter.output_head(self.model)
-        if head is None or self.adapter.final_norm is None or not is_projection(head):
+        """``H`` of the output head's input: the last block's outputs through the final norm (None when the head is
+        not quantized, or its input is not the final norm's output: e.g. post-norm OPT has no final norm)."""
+        found = head_to_quantize(self.model, self.adapter, self.cfg.skip)
+        if found is None or self.adapter.final_norm is None:
             return None
+        head = found[0]
         norm = get_path(self.model.base_model, self.adapter.final_norm)
+        if norm is None:
+            return None
         K = in_features(head)
         H = None
         with torch.no_grad():

@@ -92,8 +92,11 @@ class QuantConfig:
                 raise InvalidSetting(f"{name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 < self.clip_min <= 1.0:
             raise InvalidSetting(f"clip_min must be in (0, 1], got {self.clip_min!r}")
-        if not 0.0 <= self.damp < 1.0:
-            raise InvalidSetting(f"damp must be in [0, 1), got {self.damp!r}")
+        if not 0.0 < self.damp < 1.0:  # 0 leaves a rank-deficient Hessian (few tokens, wide layer) unfactorable
+            raise InvalidSetting(f"damp must be in (0, 1), got {self.damp!r}")
+        if self.head_bits is not None and "lm_head" in self.skip:
+            raise InvalidSetting("head_bits sets the output head's bits, but skip keeps lm_head in float: "
+                                 "remove 'lm_head' from skip (the CLI's --head-bits does)")
         return self
 
     def to_dict(self) -> dict:

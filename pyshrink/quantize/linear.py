@@ -11,6 +11,7 @@ from torch import nn
 
 from ..arch.linears import in_features as _in_features
 from ..arch.linears import weight_out_in
+from ..ops.q4 import GROUP_SIZES
 from .grid import dequantize_buffers
 
 
@@ -33,6 +34,15 @@ class _QuantBase(nn.Module):
         finally:
             moved = fn(scales.view(torch.uint8))
             self._buffers["scales"] = moved.view(torch.float32) if moved.dtype == torch.uint8 else scales
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked against the layer's width (the 4-bit op sees only whole groups, so a wrong width that
+        fills the same groups would pass it unnoticed) and scaled by ``input_scale`` in ``x``'s own dtype (a
+        float32 scale on a bfloat16 model would promote the output and break the next layer)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, the layer takes "
+                             f"{self.in_features}")
+        return x if self.input_scale is None else x * self.input_scale.to(x.dtype)
 
     def buffers_dict(self) -> dict:
         raise NotImplementedError
@@ -117,6 +127,9 @@ class QuantLinear(_QuantBase):
                  symmetric: bool = True, input_scale: bool = False, fast: bool = True, device=None,
                  dtype=torch.float32):
         super().__init__()
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"QuantLinear: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                             f"got {group_size!r}")
         self._init_common(in_features, out_features, bias, input_scale, device, dtype)
         self.group_size, self.symmetric, self.fast = group_size, symmetric, fast
         nb = -(-in_features // group_size)
@@ -126,9 +139,8 @@ class QuantLinear(_QuantBase):
         self.register_buffer("zero_points", torch.zeros(zp_shape, dtype=torch.uint8, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x * self.input_scale
-        return torch.ops.pyshrink.linear_q4(x, self.packed, self.scales, self.zero_points, self.bias, self.fast)
+        return torch.ops.pyshrink.linear_q4(self._input(x), self.packed, self.scales, self.zero_points, self.bias,
+                                            self.fast)
 
     def buffers_dict(self) -> dict:
         return {"packed": self.packed, "scales": self.scales, "zero_points": self.zero_points}
@@ -182,9 +194,7 @@ class QuantLinear8(_QuantBase):
         self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = x * self.input_scale
-        return torch.ops.pyshrink.linear_q8(x, self.q, self.scales, self.bias)
+        return torch.ops.pyshrink.linear_q8(self._input(x), self.q, self.scales, self.bias)
 
     def buffers_dict(self) -> dict:
         return {"q": self.q, "scales": self.scales}

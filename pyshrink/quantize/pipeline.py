@@ -14,7 +14,7 @@ import torch
 
 from .. import data
 from ..arch import adapter_for
-from ..errors import DataError
+from ..errors import DataError, InvalidSetting, is_int
 from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save
 from .api import QuantReport, quantize_model
 from .config import QuantConfig
@@ -95,6 +95,13 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
 
     t0 = time.perf_counter()
     check_output(out, overwrite=overwrite, sources=(source,))  # fail before the expensive part
+    if not is_int(eval_tokens) or eval_tokens < 2:
+        raise InvalidSetting(f"eval_tokens must be an integer >= 2 (at least one window), got {eval_tokens!r}")
+    from .methods import METHODS
+
+    if METHODS[config.method].resolve(bool(calibration)).needs_data and not calibration:
+        raise DataError(f"method {config.method!r} needs calibration text (--calibration FILE); use method 'rtn' "
+                        "to quantize without data")
     out = Path(out)
     model, tok = load_model(source)
     adapter = adapter_for(model)
@@ -115,8 +122,10 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     max_pos = max_positions(model.config)
     if adapter.kind == "decoder":
         metric = "perplexity"
-        measure = lambda m: perplexity(m, ids=eval_ids, seq_len=min(seq_len, max_pos or seq_len),  # noqa: E731
-                                        progress=progress)
+        window = min(seq_len, max_pos or seq_len)
+        if eval_tokens < window:
+            raise InvalidSetting(f"eval_tokens ({eval_tokens}) must be at least one {window}-token window")
+        measure = lambda m: perplexity(m, ids=eval_ids, seq_len=window, progress=progress)  # noqa: E731
         before = measure(model)
     else:
         metric = "embedding cosine similarity"

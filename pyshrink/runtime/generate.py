@@ -34,7 +34,8 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if s.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         csum = np.cumsum(p[order])
-        n = int(np.searchsorted(csum, s.top_p, side="left")) + 1  # smallest prefix with mass >= top_p
+        # smallest prefix with mass >= top_p; rounding can leave the whole sum a hair below a top_p near 1
+        n = min(int(np.searchsorted(csum, s.top_p, side="left")) + 1, p.size)
         keep = order[:n]
         q = p[keep] / p[keep].sum()
         return int(keep[rng.choice(n, p=q)])

@@ -49,10 +49,22 @@ def test_cli_quantize_table(source, capsys):
     (["--group-size", "100"], "group_size must be one of 32, 64, 128"),
     (["--method", "magic"], "unknown quantization method"),
     (["--bits", "8", "--asymmetric"], "symmetric"),
+    (["--method", "gptq"], "method 'gptq' needs calibration text"),
 ])
 def test_cli_bad_settings_exit_2(source, capsys, args, needle):
     rc, cap = _main(["quantize", str(source / "src"), "-o", str(source / "bad"), *args], capsys)
     assert rc == 2 and needle in cap.err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--eval-tokens", "-5"], "eval_tokens must be an integer >= 2"),
+    (["--seq-len", "64", "--eval-tokens", "32"], "must be at least one 64-token window"),
+])
+def test_cli_bad_eval_tokens_exit_2(source, capsys, args, needle):
+    from pyshrink.cli import main
+
+    assert main(["quantize", str(source / "src"), "-o", str(source / "bad"), "--method", "rtn", *args]) == 2
+    assert needle in capsys.readouterr().err and not (source / "bad").exists()
 
 
 def test_cli_refuses_existing_output_and_quantized_input(source, capsys):

@@ -18,6 +18,8 @@ SMALL = dict(seq_len=64, min_calib_tokens=256, progress=False)
     (dict(method="fancy"), "unknown quantization method 'fancy'.*rtn, awq, gptq, auto"),
     (dict(bits=8, symmetric=False), "8-bit weights are symmetric"),
     (dict(clip_min=0.0), "clip_min"),
+    (dict(damp=0.0), r"damp must be in \(0, 1\)"),
+    (dict(head_bits=4), "remove 'lm_head' from skip"),
 ])
 def test_bad_settings(kw, match):
     with pytest.raises(InvalidSetting, match=match):
@@ -97,3 +99,13 @@ def test_text_calibration_works(tmp_path):
     f.write_text(word_text(3000))
     model = quantize(tiny_model("llama"), calibration=str(f), tokenizer=word_tokenizer(), **SMALL)
     assert model.model.layers[0].mlp.down_proj.__class__.__name__ == "QuantLinear"
+
+
+def test_calibration_ids_out_of_range_or_too_long_windows_are_refused():
+    model = tiny_model("gpt2")
+    limit = model.config.n_positions
+    with pytest.raises(DataError, match=f"longer than the model's {limit} positions"):
+        quantize(model, calibration=torch.randint(0, 100, (2, limit + 1)), **SMALL)
+    with pytest.raises(DataError, match=r"token ids in 0\.\."):
+        quantize(tiny_model("gpt2"), calibration=torch.full((2048,), model.config.vocab_size), **SMALL)
+

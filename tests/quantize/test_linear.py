@@ -115,3 +115,18 @@ def test_concat_outputs_refuses_layers_that_cannot_share_a_call():
         QuantLinear.concat_outputs([a, QuantLinear8.from_float(torch.nn.Linear(64, 8))])
     with pytest.raises(ValueError, match="bias"):
         QuantLinear.concat_outputs([a, QuantLinear.from_float(torch.nn.Linear(64, 8, bias=False), group_size=32)])
+
+
+@pytest.mark.parametrize("cls", [QuantLinear, QuantLinear8])
+def test_an_input_of_the_wrong_width_is_refused(cls):
+    """100 and 120 inputs fill the same 4 groups of 32: the 4-bit op alone would not notice."""
+    layer = cls.from_float(torch.nn.Linear(100, 8), **({"group_size": 32} if cls is QuantLinear else {}))
+    layer(torch.randn(2, 100))
+    with pytest.raises(ValueError, match="input has 120 features, the layer takes 100"):
+        layer(torch.randn(2, 120))
+
+
+def test_a_group_size_the_kernels_lack_is_refused():
+    with pytest.raises(ValueError, match="group_size must be one of 32, 64, 128, got 33"):
+        QuantLinear(64, 8, group_size=33)
+

@@ -122,3 +122,28 @@ def test_save_load_identical_and_generate(tmp_path, family, kw):
         assert gen.shape == (1, 11)
         # a loaded model generates exactly what the in-memory quantized one does
         torch.testing.assert_close(gen, model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=1))
+
+
+def test_post_norm_opt_quantizes_with_calibration():
+    """OPT with do_layer_norm_before=False has no final norm: the head's statistics are not needed (it is skipped)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128, do_layer_norm_before=False, word_embed_proj_dim=32)
+    model = tf.OPTForCausalLM(cfg).eval()
+    ref = model_output(model, random_ids())
+    quantize_model(model, QuantConfig(method="awq", bits=8, **SMALL), calibration=calib_ids())
+    assert _rel(model_output(model, random_ids()), ref) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_gqa_model_keeps_its_dtype_through_awq(dtype):
+    """o_proj's unfoldable AWQ scale (GQA) must not promote a 16-bit model's activations to float32."""
+    model = tiny_model("llama").to(dtype)
+    ref = model_output(model, random_ids()).float()
+    quantize_model(model, QuantConfig(method="awq", group_size=32, **SMALL), calibration=calib_ids())
+    assert any(getattr(m, "input_scale", None) is not None for m in model.modules())  # the case in question
+    out = model_output(model, random_ids())
+    assert out.dtype == dtype and _rel(out.float(), ref) < 0.3
+

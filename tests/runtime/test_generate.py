@@ -75,6 +75,20 @@ def test_generate_cli_errors(tiny_onnx, tmp_path):
     assert r.returncode == 2 and "pyshrink: error:" in r.stderr and "pyshrink_onnx.json" in r.stderr
     r = _cli("generate", str(tiny_onnx("llama")), "w5", "--top-p", "1.5")
     assert r.returncode == 2 and "top_p" in r.stderr and "Traceback" not in r.stderr
+    for option, value in (("--threads", "0"), ("--threads", "-3"), ("--seed", "-1")):
+        r = _cli("generate", str(tiny_onnx("llama")), "w5", option, value)
+        assert r.returncode == 2 and f"{option} must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_top_p_a_hair_below_one_keeps_every_token():
+    """Rounding can leave the cumulative mass below a top_p near 1; the nucleus is then the whole vocabulary."""
+    from pyshrink.runtime.generate import Sampling, sample
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(49152).astype(np.float32)
+    for top_p in (0.99999999999999, 0.999999999999999):
+        draws = [sample(logits, Sampling(1.0, top_p, None), np.random.default_rng(i)) for i in range(200)]
+        assert all(0 <= d < logits.size for d in draws)
 
 
 _NO_TORCH = r"""
