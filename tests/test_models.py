@@ -115,6 +115,13 @@ def test_a_sharded_checkpoint_missing_a_shard_is_an_error(tmp_path, transformed)
         models.load_model(out, with_tokenizer=False)
 
 
+def test_a_corrupt_shard_index_is_an_error(tmp_path):
+    out = _saved(tmp_path / "m", transformed=True)
+    (out / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="shard index .* is corrupt"):
+        models.load_model(out, with_tokenizer=False)
+
+
 def test_check_output_refuses_an_existing_output_and_any_overlap_with_a_source(tmp_path):
     from pyshrink.errors import InvalidSetting
 

@@ -226,9 +226,17 @@ def test_an_onnx_runtime_error_in_validation_is_a_failed_validation(tmp_path, mo
         assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_not_replaced_without_overwrite(exported):
+def test_existing_output_is_not_replaced_without_overwrite(exported, monkeypatch):
+    import pyshrink.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(pyshrink.models, "load_model", no_loading)
     with pytest.raises(FileExistsError):
         export_onnx(tiny_model("llama"), exported("llama"))
+    with pytest.raises(FileExistsError):  # from a path: refused before the model loads
+        export_onnx(str(exported("gpt2")), exported("llama"))
 
 
 def test_external_data(tmp_path):
