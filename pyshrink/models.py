@@ -323,7 +323,7 @@ def check_output(out, *, overwrite: bool = False, sources=(), exists_ok: bool = 
     out = Path(out).expanduser().resolve()
     for src in sources:
         try:  # as load_model reads it: an embedded name or a hub id is not a folder here, even if one has its name
-            kind, p = resolve(src) if isinstance(src, (str, Path)) else (None, None)
+            p = resolve(src)[1] if isinstance(src, (str, Path)) else None
         except ModelLoadError:
             continue
         if p is None:

@@ -108,12 +108,12 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
     """Token windows ``[batch, seq_len]`` for calibration (checked: enough tokens, a tokenizer for text)."""
     if calibration is None:
         return []
-    seq_len = min(cfg.seq_len, max_positions(model.config) or cfg.seq_len)
+    limit = max_positions(model.config)
+    seq_len = min(cfg.seq_len, limit or cfg.seq_len)
     if isinstance(calibration, torch.Tensor):
         ids = calibration.long()
         if ids.dim() == 2:
             seq_len, ids = ids.shape[1], ids.reshape(-1)
-            limit = max_positions(model.config)
             if limit and seq_len > limit:
                 raise DataError(f"calibration windows of {seq_len} tokens are longer than the model's {limit} "
                                 "positions: pass shorter windows, or a 1-D tensor of ids to be cut at seq_len")
@@ -287,6 +287,16 @@ def head_to_quantize(model, adapter, skip):
     return head, name
 
 
+def method_for(cfg: QuantConfig, has_data: bool):
+    """The method ``cfg.method`` resolves to with or without calibration data; one that needs data it was not
+    given is an error (callers check this before loading or measuring anything)."""
+    method = METHODS[cfg.method].resolve(has_data)
+    if method.needs_data and not has_data:
+        raise DataError(f"method {cfg.method!r} needs calibration text (at least {cfg.min_calib_tokens} tokens; "
+                        f"{cfg.calib_tokens} are used when available); use method='rtn' to quantize without data")
+    return method
+
+
 def _untie(model) -> None:
     """The head is quantized now, the embedding is not: the config must not tie them on reload."""
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
@@ -302,10 +312,7 @@ def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None)
         raise InvalidSetting("the model is already quantized (it holds QuantLinear layers / its pyshrink.json "
                              "records a quantize step); quantize the floating-point model instead")
     head_to_quantize(model, adapter, cfg.skip)  # a head that cannot be packed fails here, before any change
-    method = METHODS[cfg.method].resolve(calibration is not None)
-    if method.needs_data and calibration is None:
-        raise DataError(f"method {cfg.method!r} needs calibration text (at least {cfg.min_calib_tokens} tokens; "
-                        f"{cfg.calib_tokens} are used when available); use method='rtn' to quantize without data")
+    method = method_for(cfg, calibration is not None)
     t0 = time.perf_counter()
     model.eval()
     batches = calibration_batches(model, cfg, calibration, tokenizer, adapter) if method.needs_data or (

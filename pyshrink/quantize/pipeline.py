@@ -16,7 +16,7 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save
-from .api import QuantReport, quantize_model
+from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
 
@@ -97,11 +97,7 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     check_output(out, overwrite=overwrite, sources=(source,))  # fail before the expensive part
     if not is_int(eval_tokens) or eval_tokens < 2:
         raise InvalidSetting(f"eval_tokens must be an integer >= 2 (at least one window), got {eval_tokens!r}")
-    from .methods import METHODS
-
-    if METHODS[config.method].resolve(bool(calibration)).needs_data and not calibration:
-        raise DataError(f"method {config.method!r} needs calibration text (--calibration FILE); use method 'rtn' "
-                        "to quantize without data")
+    method_for(config, bool(calibration))
     out = Path(out)
     model, tok = load_model(source)
     adapter = adapter_for(model)
