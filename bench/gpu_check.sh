@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One-shot verification of pyshrink's CUDA kernels on a GPU machine with a CUDA build of torch:
 #   1. build the extension with CUDA (editable install, no dependency resolution: nothing is fetched),
-#   2. run the CUDA tests (tests/ops/test_cuda_ops.py) and the nvcc compile test,
+#   2. run the CUDA tests (tests/ops/test_cuda_ops.py, tests/test_cuda_pipeline.py) and the nvcc compile test,
 #   3. run a few kernels under compute-sanitizer (memcheck) when it is on PATH,
-#   4. run the benchmark (bench/cuda_kernels.py).
+#   4. run the benchmark (bench/cuda_kernels.py),
+#   5. (only when asked for: `profile`) time linear_q4 by graph replay and profile it with Nsight Compute.
 # Everything is tee'd to $OUT/gpu_check.log when $OUT is set, else to ${TMPDIR:-/tmp}/pyshrink_gpu_check.log.
 # Exit status: non-zero if the build, the tests or the sanitizer failed (the benchmark reports its own
 # PASS/FAIL targets and does not change the status).
@@ -35,6 +36,19 @@ if want build; then
   if ! "$PY" -m pip install --no-build-isolation --no-deps -v -e . ; then
     echo "BUILD FAILED"; exit 1
   fi
+  # A compiler wrapper that links libstdc++ statically into the extension (seen: the CUDA image's
+  # CC/CXX=/opt/gcc/bin/g{cc,++}) gives it a private iostream whose locale is never set up: the first
+  # formatted error message segfaults. Exported std::ostream symbols give it away; rebuild with the
+  # system compiler then.
+  so=$(ls pyshrink/_C*.so | head -1)
+  if nm -D --defined-only "$so" 2>/dev/null | grep -q ' _ZNSo'; then
+    echo "pyshrink._C carries its own libstdc++ (CC=${CC:-} CXX=${CXX:-}); rebuilding with /usr/bin/gcc, /usr/bin/g++"
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++
+    "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { echo "BUILD FAILED"; exit 1; }
+    if nm -D --defined-only "$(ls pyshrink/_C*.so | head -1)" | grep -q ' _ZNSo'; then
+      echo "BUILD FAILED: pyshrink._C still links libstdc++ statically"; exit 1
+    fi
+  fi
 fi
 step "import"
 "$PY" - <<'EOF' || { echo "IMPORT FAILED"; exit 1; }
@@ -48,7 +62,7 @@ EOF
 
 if want test; then
   step "CUDA tests"
-  "$PY" -m pytest -q -ra tests/ops/test_cuda_ops.py tests/test_cuda_compile.py || { echo "TESTS FAILED"; status=1; }
+  "$PY" -m pytest -q -ra tests/ops/test_cuda_ops.py tests/test_cuda_pipeline.py tests/test_cuda_compile.py || { echo "TESTS FAILED"; status=1; }
 fi
 
 if want sanitize && command -v compute-sanitizer >/dev/null 2>&1; then
@@ -81,6 +95,18 @@ fi
 if want bench; then
   step "benchmark"
   "$PY" bench/cuda_kernels.py || echo "BENCHMARK FAILED (exit $?)"
+fi
+
+if want profile; then
+  step "profile (bench/cuda_profile.py; Nsight Compute when ncu is on PATH)"
+  for M in 1 16; do
+    "$PY" bench/cuda_profile.py --m $M || echo "PROFILE FAILED"
+    if command -v ncu >/dev/null 2>&1; then
+      timeout 300 ncu --kernel-name regex:linear_q4_mma --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SourceCounters "$PY" bench/cuda_profile.py --m $M || echo "NCU FAILED"
+    fi
+  done
 fi
 
 step "done: status $status, log at $LOG"

@@ -37,9 +37,11 @@
 //   (32 k, one group) costs per 16 weight rows one ldmatrix.x2, 2 x (lop3 x4 + 4 half ops) and 2 mma.
 //
 // * Pipelining (Ampere-style): a k-tile of BK weights per row is moved global -> shared with cp.async
-//   (16 B, L1 bypassed, L2 evict_first for the weights, which are read once; x keeps the default policy
-//   because every block re-reads it), STAGES - 1 tiles in flight ahead of the one being multiplied, one
-//   __syncthreads per tile. Scales (and zero points) of the tile travel in the same cp.async groups.
+//   (16 B, L1 bypassed), STAGES - 1 tiles in flight ahead of the one being multiplied, one
+//   __syncthreads per tile. Scales (and zero points) of the tile travel in the same cp.async groups. (An
+//   L2 evict_first hint on the weight copies, cp.async...L2::cache_hint with a createpolicy descriptor,
+//   raised "illegal instruction" on an H100 with CUDA 13.0 / driver 580 under compute-sanitizer, so the
+//   copies carry no hint.)
 //   Rows of shared memory are padded so that ldmatrix (16-byte rows, stride = 16 mod 128 B) and the
 //   16-byte x loads (2 rows per quarter-warp, stride = 64 mod 128 B) hit distinct banks.
 //
@@ -112,12 +114,6 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte async copy, bypassing L1, with an L2 cache policy; src_bytes < 16 zero-fills the rest.
-__device__ __forceinline__ void cp_async16_policy(uint32_t dst, const void* src, int src_bytes, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes), "l"(policy));
-}
-
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
@@ -131,14 +127,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Weights are streamed exactly once per block row-set: evict them first so that x (re-read by every
-// block) and the scales stay in L2.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-  return p;
 }
 
 // Two 8x8 b16 matrices: thread (g = lane/4, t = lane%4) gets 32-bit word t of row g of each. Lanes 0-7
@@ -293,8 +281,6 @@ __global__ void __launch_bounds__(C::THREADS) linear_q4_mma_kernel(const Args ar
     }
   }
 
-  const uint64_t policy = evict_first_policy();
-
   auto load_tile = [&](int stage, int kt) {
     unsigned char* sb = smem + stage * stage_bytes;
     const int kbase = kt * C::BK;
@@ -304,8 +290,8 @@ __global__ void __launch_bounds__(C::THREADS) linear_q4_mma_kernel(const Args ar
       const int r = i / C::SPANS, c = i % C::SPANS;
       const int n = n0 + r;
       if (n < N && c < spans_here) {
-        cp_async16_policy(smem_addr(sb + L::W_OFF + r * L::W_ROW + c * 16),
-                          args.packed + n * wrow + kbase / 2 + c * 16, 16, policy);
+        cp_async16(smem_addr(sb + L::W_OFF + r * L::W_ROW + c * 16), args.packed + n * wrow + kbase / 2 + c * 16,
+                   16);
       }
     }
     // scales: BN rows x GT groups

@@ -68,9 +68,12 @@ Tensor contiguous_aligned(const Tensor& t) {
   return c;
 }
 
-void check_status(pc::Status st, const char* op, const std::string& what) {
-  TORCH_CHECK(st == pc::Status::kOk, "pyshrink.", op, ": CUDA kernel failed: ", pc::status_string(st), " (", what,
-              ")");
+// `what` describes the call for the message; it is only evaluated on failure, so that the hot path
+// (one call per linear layer per decoded token) formats no strings.
+template <class What>
+void check_status(pc::Status st, const char* op, What&& what) {
+  if (st == pc::Status::kOk) return;
+  TORCH_CHECK(false, "pyshrink.", op, ": CUDA kernel failed: ", pc::status_string(st), " (", what(), ")");
 }
 
 void check_on_cuda(const char* op, const Tensor& t, const char* name, const at::Device& dev) {
@@ -132,7 +135,7 @@ std::string q4_shapes(const Tensor& x, const Tensor& packed, const Tensor& scale
 // ------------------------------------------------------------------------------------------------------
 // act_stats_
 
-void act_stats_cuda(const Tensor& x, Tensor& acc, Tensor& count) {
+void act_stats_cuda(const Tensor& x, const Tensor& acc, const Tensor& count) {
   constexpr const char* op = "act_stats_";
   TORCH_CHECK(x.dim() >= 1, "pyshrink.act_stats_: x must have at least 1 dimension, got shape ", x.sizes());
   TORCH_CHECK(is_float(x.scalar_type()), "pyshrink.act_stats_: x must be float32, float16 or bfloat16, got ",
@@ -163,10 +166,12 @@ void act_stats_cuda(const Tensor& x, Tensor& acc, Tensor& count) {
   const pc::Status st = pc::act_stats_launch(x2.data_ptr(), to_dtype(x2.scalar_type()), rows, C, x2.stride(0),
                                              acc.data_ptr<double>(), count.data_ptr<double>(),
                                              at::cuda::getCurrentCUDAStream());
-  std::ostringstream what;
-  what << "x " << x.sizes() << " " << x.scalar_type() << " viewed as [" << rows << ", " << C << "] with row stride "
-       << x2.stride(0);
-  check_status(st, op, what.str());
+  check_status(st, op, [&] {
+    std::ostringstream what;
+    what << "x " << x.sizes() << " " << x.scalar_type() << " viewed as [" << rows << ", " << C
+         << "] with row stride " << x2.stride(0);
+    return what.str();
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -184,10 +189,12 @@ Tensor dequantize_into(const char* op, const Tensor& packed, const Tensor& scale
                                                  z.defined() ? z.data_ptr<uint8_t>() : nullptr, out.data_ptr(),
                                                  to_dtype(out_dtype), static_cast<int>(N), static_cast<int>(K),
                                                  static_cast<int>(g), at::cuda::getCurrentCUDAStream());
-  std::ostringstream what;
-  what << "packed " << packed.sizes() << ", scales " << scales.sizes() << ", zero_points " << zp.sizes() << ", K=" << K
-       << ", out " << out_dtype;
-  check_status(st, op, what.str());
+  check_status(st, op, [&] {
+    std::ostringstream what;
+    what << "packed " << packed.sizes() << ", scales " << scales.sizes() << ", zero_points " << zp.sizes()
+         << ", K=" << K << ", out " << out_dtype;
+    return what.str();
+  });
   return out;
 }
 
@@ -245,7 +252,7 @@ Tensor linear_q4_cuda(const Tensor& x, const Tensor& packed, const Tensor& scale
       z.defined() ? z.data_ptr<uint8_t>() : nullptr, b.defined() ? b.data_ptr() : nullptr,
       b.defined() ? to_dtype(b.scalar_type()) : pc::DType::kFloat32, y.data_ptr(), static_cast<int>(M),
       static_cast<int>(N), static_cast<int>(K), static_cast<int>(g), at::cuda::getCurrentCUDAStream());
-  check_status(st, op, q4_shapes(x, packed, scales, zero_points));
+  check_status(st, op, [&] { return q4_shapes(x, packed, scales, zero_points); });
   return y.view(out_sizes);
 }
 

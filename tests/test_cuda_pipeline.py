@@ -1,0 +1,100 @@
+"""The Python stages on CUDA with no change to their code: a quantized model saved, reloaded and run with
+``generate()`` on the GPU's kernels, calibrated quantization (activation statistics on the GPU), and a
+healing run. Skipped without a CUDA device (bench/gpu_check.sh runs it on one).
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "heal"))  # heal_helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny
+
+from pyshrink import models  # noqa: E402
+from pyshrink.quantize import QuantLinear, quantize_model  # noqa: E402
+from pyshrink.quantize.config import QuantConfig  # noqa: E402
+from tiny import VOCAB, random_ids, tiny_model  # noqa: E402
+
+SMALL = dict(seq_len=64, min_calib_tokens=256, progress=False)
+
+
+def _calib(n=2048, seed=1):
+    return torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def _kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_saved_quantized_model_generates_on_cuda(tmp_path, dtype):
+    model = tiny_model("llama")
+    quantize_model(model, QuantConfig(method="rtn", group_size=32, **SMALL))
+    from heal_helpers import word_tokenizer
+
+    models.save(model, word_tokenizer(), tmp_path / "q")
+    cpu, _ = models.load_model(tmp_path / "q")
+    gpu, _ = models.load_model(tmp_path / "q")
+    gpu = gpu.to("cuda", dtype)
+    assert any(isinstance(m, QuantLinear) and m.packed.is_cuda for m in gpu.modules())
+    ids = random_ids()
+    with torch.no_grad():
+        ref = cpu(ids).logits  # float32 activations on the CPU kernels
+        names = _kernel_names(lambda: gpu(ids.cuda()))
+        out = gpu(ids.cuda()).logits
+    assert any("linear_q4_mma_kernel" in n for n in names), sorted(names)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # the same packed weights: only the 16-bit activations differ (bf16 keeps 8 bits of mantissa)
+    assert _rel(out, ref) < (0.01 if dtype == torch.float16 else 0.05)
+    gen = gpu.generate(ids[:1, :5].cuda(), max_new_tokens=8, do_sample=False, pad_token_id=1)
+    assert gen.is_cuda and gen.shape == (1, 13) and torch.equal(gen[0, :5].cpu(), ids[0, :5])
+
+
+def test_calibrated_quantization_on_cuda_matches_cpu():
+    ids = random_ids()
+    ref = tiny_model("llama")
+    with torch.no_grad():
+        ref_out = ref(ids).logits
+    on_cpu = tiny_model("llama")
+    quantize_model(on_cpu, QuantConfig(method="awq", group_size=32, **SMALL), calibration=_calib())
+    on_gpu = tiny_model("llama").cuda()
+    names = _kernel_names(lambda: quantize_model(on_gpu, QuantConfig(method="awq", group_size=32, **SMALL),
+                                                 calibration=_calib()))
+    assert any("act_stats_kernel" in n for n in names), sorted(names)
+    with torch.no_grad():
+        err_cpu = _rel(on_cpu(ids).logits, ref_out)
+        err_gpu = _rel(on_gpu(ids.cuda()).logits, ref_out)
+    # the same method on the same data: the searched scales may differ by float rounding, not in quality
+    assert err_gpu < 1.25 * err_cpu + 1e-3, (err_gpu, err_cpu)
+
+
+def test_heal_runs_on_cuda():
+    from heal_helpers import contract_mlp, markov_text, word_tokenizer
+
+    import pyshrink
+
+    teacher = tiny_model("llama").cuda()
+    student = tiny_model("llama")
+    contract_mlp(student, keep=48)
+    student = student.cuda()
+    tok = word_tokenizer()
+    res = pyshrink.heal(student, teacher, markov_text(6000), tokenizer=tok, tokens=4096, seq_len=32, lr=3e-3,
+                        eval_text=markov_text(2000, seed=1), eval_tokens=1024, progress=False, plot=False)
+    assert next(student.parameters()).is_cuda
+    assert res.ppl_best < res.ppl_initial, (res.ppl_initial, res.ppl_best)
