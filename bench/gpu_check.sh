@@ -24,6 +24,13 @@ status=0
 STEPS="${*:-build test sanitize bench}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "==== $* ($(date +%H:%M:%S))"; }
+# Does the built extension export std::ostream's symbols (libstdc++ linked into it)? grep -c reads all of
+# nm's output: `grep -q` would close the pipe early and, under pipefail, turn a match into a failure.
+static_libstdcxx() {
+  local so
+  so=$(ls pyshrink/_C*.so 2>/dev/null | head -1)
+  [ -n "$so" ] && [ "$(nm -D --defined-only "$so" 2>/dev/null | grep -c ' _ZNSo')" -gt 0 ]
+}
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv || true
@@ -40,14 +47,11 @@ if want build; then
   # CC/CXX=/opt/gcc/bin/g{cc,++}) gives it a private iostream whose locale is never set up: the first
   # formatted error message segfaults. Exported std::ostream symbols give it away; rebuild with the
   # system compiler then.
-  so=$(ls pyshrink/_C*.so | head -1)
-  if nm -D --defined-only "$so" 2>/dev/null | grep -q ' _ZNSo'; then
+  if static_libstdcxx; then
     echo "pyshrink._C carries its own libstdc++ (CC=${CC:-} CXX=${CXX:-}); rebuilding with /usr/bin/gcc, /usr/bin/g++"
     export CC=/usr/bin/gcc CXX=/usr/bin/g++
     "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { echo "BUILD FAILED"; exit 1; }
-    if nm -D --defined-only "$(ls pyshrink/_C*.so | head -1)" | grep -q ' _ZNSo'; then
-      echo "BUILD FAILED: pyshrink._C still links libstdc++ statically"; exit 1
-    fi
+    if static_libstdcxx; then echo "BUILD FAILED: pyshrink._C still links libstdc++ statically"; exit 1; fi
   fi
 fi
 step "import"
