@@ -36,3 +36,17 @@ def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = N
         nll += loss.item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def embeddings(model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Mean-pooled last hidden states ``[n, hidden]`` of an encoder on token windows ``[n, L]`` (sentence
+    embeddings, the quality measure of encoders), float32 on the model's device."""
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(windows), batch_size), desc="embeddings", disable=not progress, leave=False):
+        res = model(input_ids=windows[i:i + batch_size].to(device), output_hidden_states=True)
+        # a task head (BertForSequenceClassification ...) has no last_hidden_state, only hidden_states
+        h = res.hidden_states[-1] if getattr(res, "hidden_states", None) else res.last_hidden_state
+        out.append(h.float().mean(1))
+    return torch.cat(out)

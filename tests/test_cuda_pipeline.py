@@ -1,6 +1,6 @@
 """The Python stages on CUDA with no change to their code: a quantized model saved, reloaded and run with
-``generate()`` on the GPU's kernels, calibrated quantization (activation statistics on the GPU), and a
-healing run. Skipped without a CUDA device (bench/gpu_check.sh runs it on one).
+``generate()`` and TorchDecoder on the GPU's kernels, calibrated quantization and contraction (activation
+statistics on the GPU), and a healing run. Skipped without a CUDA device (bench/gpu_check.sh runs it on one).
 """
 import sys
 from pathlib import Path
@@ -98,3 +98,39 @@ def test_heal_runs_on_cuda():
                         eval_text=markov_text(2000, seed=1), eval_tokens=1024, progress=False, plot=False)
     assert next(student.parameters()).is_cuda
     assert res.ppl_best < res.ppl_initial, (res.ppl_initial, res.ppl_best)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_calibrated_contraction_of_a_cuda_model_matches_the_cpu(family):
+    import pyshrink
+    from pyshrink.data import builtin_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
+    from pyshrink_tiny_models import tiny_model as arch_model, tiny_tokenizer
+
+    kw = dict(calibration=builtin_text("pydoc")[:12000], prune_heads=True, seq_len=64, calibration_tokens=1024,
+              eval_tokens=256, progress=False)
+    tok = tiny_tokenizer()
+    on_cpu = pyshrink.contract((arch_model(family), tok), 0.5, 2, **kw).summary
+    res = pyshrink.contract((arch_model(family).cuda(), tok), 0.5, 2, **kw)
+    assert next(res.model.parameters()).is_cuda
+    on_gpu = res.summary
+    assert on_gpu["params_after"] == on_cpu["params_after"] < on_gpu["params_before"]
+    # the same statistics up to float rounding (a near-tie may still pick another neuron): the same quality
+    key = "ppl_final" if family == "llama" else "embedding_cosine"
+    assert on_gpu[key] == pytest.approx(on_cpu[key], rel=0.05)
+
+
+def test_torch_decoder_runs_a_quantized_model_on_cuda():
+    from pyshrink.runtime.torch_decoder import TorchDecoder
+
+    model = tiny_model("llama")
+    quantize_model(model, QuantConfig(method="rtn", group_size=32, **SMALL))
+    ids = random_ids()[0, :6]
+    ref = TorchDecoder(model, max_length=16)
+    gpu = TorchDecoder(model.to("cuda", torch.float16), max_length=16)
+    a, b = ref.prefill(ids), gpu.prefill(ids)
+    assert b.is_cuda and _rel(b, a) < 0.01
+    for t in (5, 9, 17):
+        a, b = ref.step(t), gpu.step(t)
+        assert _rel(b, a) < 0.01

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         grad_accum: int = typer.Option(4, help="Forward passes per optimizer step."),
         trainable: str = typer.Option("all", help="Which weights train: all, or contracted (MLPs of contracted "
                                       "blocks and norms)."),
-        max_minutes: Optional[float] = typer.Option(None, help="Stop (and keep the best) after this much time."),
+        max_minutes: Optional[float] = typer.Option(None, help="Stop (and keep the best) after this much time in this invocation (--resume gets it again)."),
         seed: int = typer.Option(0, help="Seed of the window order."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from checkpoint-last."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),

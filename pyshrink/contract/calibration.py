@@ -29,8 +29,18 @@ class ChannelStats:
         self.acc, self.count = new_accumulators(channels)
         self.gram = torch.zeros(channels, channels, dtype=torch.float64) if gram else None
 
+    def to(self, device) -> "ChannelStats":
+        """Move the sums (and Gram matrix) to ``device``, in place; returns self."""
+        self.acc, self.count = self.acc.to(device), self.count.to(device)
+        if self.gram is not None:
+            self.gram = self.gram.to(device)
+        return self
+
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        # Sum where the activations are (act_stats_ needs one device); the first call moves the zeros there.
+        if self.acc.device != x.device:
+            self.to(x.device)
         act_stats_(x.detach(), self.acc, self.count)
         if self.gram is not None:
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
@@ -111,6 +121,11 @@ class _Observer:
         for h in handles:
             h.remove()
         self.current = None
+        # Planning (scores, least-squares refits, head choices) is float64 work on the CPU, whatever device
+        # the model runs on; the chosen weights are moved back to the model's device when applied.
+        obs.mlp.to("cpu")
+        if obs.attn is not None:
+            obs.attn.to("cpu")
         self.consume(i, block, obs)
 
 

@@ -2,20 +2,8 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
-from ..evaluate import perplexity
-
-
-@torch.no_grad()
-def embeddings(model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
-    """Mean-pooled last hidden states ``[n, hidden]`` of an encoder on token windows."""
-    out = []
-    for i in tqdm(range(0, len(windows), batch_size), desc="embeddings", disable=not progress, leave=False):
-        res = model(input_ids=windows[i:i + batch_size], output_hidden_states=True)
-        h = res.hidden_states[-1] if getattr(res, "hidden_states", None) else res.last_hidden_state
-        out.append(h.float().mean(1))
-    return torch.cat(out)
+from ..evaluate import embeddings, perplexity
 
 
 class Quality:

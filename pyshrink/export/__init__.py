@@ -75,6 +75,12 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
         source = {"object": type(model).__name__}
+        # The graph is built from CPU copies of the weights and validated by ONNX Runtime on the CPU against
+        # the model's own outputs: a model elsewhere (CUDA, meta) would fail only after the whole build.
+        where = sorted({t.device.type for t in (*model.parameters(), *model.buffers())} - {"cpu"})
+        if where:
+            raise InvalidSetting(f"export_onnx needs the model on the CPU, but it has tensors on {', '.join(where)}: "
+                                 "pass model.cpu(), or the folder it was saved to")
     else:
         from ..models import load_model, resolve
 

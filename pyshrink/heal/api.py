@@ -95,6 +95,11 @@ def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pe
             raise InvalidSetting(f"the {role} is quantized: healing trains (and distills from) floating-point "
                                  "weights; heal the contracted floating-point model from its floating-point source, "
                                  "then quantize the healed model")
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in student.parameters()
+                  if p.is_floating_point() and p.dtype != torch.float32})
+    if low:  # AdamW has no master copy: its 1e-8 epsilon is 0 in float16 (0/0 = NaN), bf16 drops small updates
+        raise InvalidSetting(f"healing trains the student in float32, but its weights are {', '.join(low)}: pass "
+                             "student.float() (the teacher may stay 16-bit)")
     adapter = adapter_for(student)
     if adapter.kind != "decoder":
         raise InvalidSetting(f"healing trains next-token prediction, so it needs a decoder; {adapter.name} is an encoder")
@@ -169,6 +174,11 @@ def _validate(cfg: HealConfig, eval_tokens: int):
         check_range("eval_every", cfg.eval_every, 1, 1 << 62, integer=True)
     if cfg.teacher_topk is not None:
         check_range("teacher_topk", cfg.teacher_topk, 1, 1 << 24, integer=True)
+        if cfg.hidden_weight > 0:  # the hidden-state loss needs the full teacher forward the cache saves
+            raise InvalidSetting("teacher_topk caches the teacher's top logits, but hidden_weight > 0 needs its hidden "
+                                 "states at every step: use one or the other")
+    if cfg.max_grad_norm is not None:
+        check_range("max_grad_norm", cfg.max_grad_norm, 0.0, 1e6)  # 0: no clipping
     check_range("data_offset", cfg.data_offset, 0, 1 << 62, integer=True)
     if cfg.schedule not in SCHEDULES:
         raise InvalidSetting(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
@@ -221,7 +231,8 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     budget) the student's perplexity on held-out windows is measured (``eval_text``, or else the end of ``text``,
     at most ``eval_tokens`` tokens, never trained on); training stops once it is ``<= until_ppl`` (default: the
     teacher's perplexity on the same windows; 0 disables the early stop), when ``tokens`` training tokens are
-    spent, or after ``max_seconds``. The returned model holds the best weights seen.
+    spent, or after ``max_seconds`` (of this call: a resumed run gets them again). The returned model holds the
+    best weights seen.
 
     ``student``/``teacher``: model sources (folders, names), ``(model, tokenizer)`` pairs, a
     ``ContractionResult``, or models (then pass ``tokenizer=`` unless ``text`` is pre-tokenized ids).
@@ -277,6 +288,8 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
                              seq_len, eval_tokens)
     metadata = {k: v for k, v in (models.read_metadata(s_src) if s_src and Path(s_src).is_dir() else {}).items()
                 if k not in ("transforms", "pyshrink_version", "heal")}
+    # what trains is decided now, so that a choice that selects nothing fails before --overwrite empties `out`
+    TRAINABLE[trainable](s_model, t_model, adapter, fading=fade.blocks if fade is not None else ())
     out = _prepare_out(out, resume=resume, overwrite=overwrite, sources=(s_src, t_src))
     metadata["healed_from"] = {"student": s_src, "teacher": t_src}
     old_threads = torch.get_num_threads()

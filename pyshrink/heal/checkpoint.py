@@ -34,12 +34,13 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def save_checkpoint(folder: Path, model, tokenizer, *, metadata: dict, state: dict | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write the model (and, for ``checkpoint-last``, the trainer and optimizer state) as one atomic folder."""
+                    optimizer: torch.optim.Optimizer | None = None, rng: dict | None = None) -> Path:
+    """Write the model (and, for ``checkpoint-last``, the trainer and optimizer state) as one atomic folder.
+    ``rng``: the random state to save with the optimizer (default: the current one, see :func:`rng_state`)."""
     with models.atomic_output_dir(folder, overwrite=True) as tmp:
         models.save(model, tokenizer, tmp, metadata=metadata, overwrite=True)
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / OPTIMIZER_FILE)
+            torch.save({"optimizer": optimizer.state_dict(), **(rng or rng_state())}, tmp / OPTIMIZER_FILE)
         if state is not None:  # written last: its presence marks a complete resumable checkpoint
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
     return folder
@@ -66,14 +67,31 @@ def load_weights(model, folder: Path) -> None:
             own[k].copy_(v)
 
 
-def load_state(folder: Path, device) -> tuple[dict, dict]:
-    """(trainer state, {"optimizer": ..., "rng": ...}) of a resumable checkpoint."""
+def rng_state() -> dict:
+    """The random state a resumed run needs to draw what the uninterrupted run would have drawn (dropout
+    masks on a GPU come from the CUDA generators)."""
+    state = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(blob: dict) -> None:
+    torch.set_rng_state(blob["rng"].cpu())
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
+
+
+def load_state(folder: Path) -> tuple[dict, dict]:
+    """(trainer state, {"optimizer": ..., "rng": ..., ["cuda_rng": ...]}) of a resumable checkpoint. Loaded
+    on the CPU: ``Optimizer.load_state_dict`` moves the moments to each parameter's device, while AdamW's
+    step counters must stay CPU scalars (on a GPU, every step would read each one back with a sync)."""
     state_file, opt_file = Path(folder) / STATE_FILE, Path(folder) / OPTIMIZER_FILE
     if not state_file.is_file() or not opt_file.is_file():
         raise CheckpointError(f"{folder} is not a resumable checkpoint (it lacks {STATE_FILE} or {OPTIMIZER_FILE})")
     try:
         state = json.loads(state_file.read_text())
-        blob = torch.load(opt_file, map_location=device, weights_only=True)
+        blob = torch.load(opt_file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read the checkpoint state in {folder}: {exc}") from exc
     return state, blob

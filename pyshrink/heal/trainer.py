@@ -161,6 +161,7 @@ class Trainer:
         self.order = WindowOrder(len(train_windows), cfg.seed)
         self.state = RunState(config=asdict(cfg))
         self.best_weights = None  # in-memory copy when there is no output folder
+        self.resumed_rng = None  # the random state of a checkpoint being resumed
         self.last_loss = math.nan
         # a fade (:class:`~pyshrink.heal.fade.Fade`) ramps its factor from 1 to 0 over the steps of run()
         self.fade, self.fade_steps = fade, None
@@ -217,13 +218,14 @@ class Trainer:
         if self.out is not None:
             ckpt.save_checkpoint(self.out / ckpt.BEST, self.student, self.tokenizer, metadata=self._meta())
         else:
-            self.best_weights = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+            # on the CPU: a GPU copy would double the student's device memory next to the teacher and AdamW
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
 
-    def _save_last(self):
+    def _save_last(self, rng: dict | None = None):
         if self.out is None:
             return
         ckpt.save_checkpoint(self.out / ckpt.LAST, self.student, self.tokenizer, metadata=self._meta(),
-                             state=asdict(self.state), optimizer=self.optimizer)
+                             state=asdict(self.state), optimizer=self.optimizer, rng=rng)
         self._write_report()
 
     def _write_report(self):
@@ -253,7 +255,7 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------------------
     def resume_from(self, folder: Path):
-        state, blob = ckpt.load_state(folder, self.device)
+        state, blob = ckpt.load_state(folder)
         saved = state.get("config", {})
         changed = [k for k in HealConfig.RESUME_KEYS if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
@@ -265,7 +267,7 @@ class Trainer:
             self.optimizer.load_state_dict(blob["optimizer"])
         except (ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"the optimizer state in {folder} does not fit this student: {exc}") from exc
-        torch.set_rng_state(blob["rng"].cpu())
+        self.resumed_rng = blob  # restored when run() starts
         fields = RunState.__dataclass_fields__
         self.state = RunState(**{k: v for k, v in state.items() if k in fields})
         self.state.config = asdict(self.cfg)
@@ -345,10 +347,21 @@ class Trainer:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         bar = tqdm(total=cfg.total_steps * cfg.tokens_per_step, initial=s.tokens_seen, unit="tok", unit_scale=True,
                    desc="heal", disable=not self.progress, dynamic_ncols=True)
+        # Dropout (GPT-2, OPT, Phi train with it) draws from the global generators: seed them for this run so
+        # that a seed repeats a run and a resumed run draws what the uninterrupted one did; the caller's
+        # generators are given back afterwards.
+        outer_rng = ckpt.rng_state()
+        if self.resumed_rng is not None:
+            ckpt.restore_rng(self.resumed_rng)
+            self.resumed_rng = None
+        else:
+            torch.manual_seed(cfg.seed + s.step)
+        step_rng = outer_rng
         last_saved = s.step
         try:
             while s.stopped is None and s.step < end:
                 t0 = time.perf_counter()
+                step_rng = ckpt.rng_state()  # what a resume from the last completed step must draw next
                 parts = self._train_step()
                 s.train_seconds += time.perf_counter() - t0
                 self.last_loss = parts["loss"]
@@ -358,7 +371,8 @@ class Trainer:
                                 ppl=f"{s.curve[-1]['ppl']:.2f}", refresh=False)
                 if self.callback is not None:
                     self.callback({"step": s.step, "tokens_seen": s.tokens_seen, **parts})
-                over_time = cfg.max_seconds is not None and s.seconds >= cfg.max_seconds
+                # per invocation: a resumed run gets max_seconds again (the total would stop it at once)
+                over_time = cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds
                 if s.step % cfg.eval_every_steps == 0 or s.step == end or over_time:
                     reached = self._record_eval(self.evaluate(self.student))
                     tick()
@@ -377,11 +391,12 @@ class Trainer:
             s.stopped = "interrupted"
             tick()
             if s.step != last_saved:
-                self._save_last()
+                self._save_last(rng=step_rng)
             else:
                 self._write_report()
             raise
         finally:
+            ckpt.restore_rng(outer_rng)
             bar.close()
             if cfg.gradient_checkpointing:
                 self.student.gradient_checkpointing_disable()

@@ -15,6 +15,7 @@ import torch
 from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
+from ..evaluate import embeddings
 from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
@@ -78,15 +79,6 @@ def represented_params(model) -> int:
     return n + sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))
 
 
-@torch.no_grad()
-def embeddings(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Mean-pooled last hidden states ``[n, H]`` of token windows (an encoder's sentence embeddings)."""
-    outs = []
-    for i in range(0, len(windows), batch_size):
-        outs.append(model(input_ids=windows[i:i + batch_size]).last_hidden_state.float().mean(1))
-    return torch.cat(outs)
-
-
 def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, eval_text=None,
                        eval_tokens: int = 16384, held_out: float = 0.1, overwrite: bool = False,
                        progress: bool = True) -> QuantRun:
@@ -145,4 +137,4 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
                     seconds=time.perf_counter() - t0)
 
 
-__all__ = ["quantize_to_folder", "QuantRun", "embeddings", "weights_bytes"]
+__all__ = ["quantize_to_folder", "QuantRun", "weights_bytes"]

@@ -61,6 +61,7 @@ class TorchDecoder:
         if adapter.kind != "decoder":
             raise InvalidSetting(f"TorchDecoder needs a causal LM; {adapter.name} models are encoders")
         self.model, self.max_length, self.length = model.eval(), int(max_length), 0
+        self.device = next(model.parameters()).device  # ids and positions are made where the model runs
         self.threads = check_range("threads", threads if threads is not None else torch.get_num_threads(), 1, 1024,
                                    integer=True)
         quantized = any(is_quantized(m) for m in model.modules())
@@ -82,14 +83,14 @@ class TorchDecoder:
 
     def prefill(self, ids) -> torch.Tensor:
         """Start a new sequence with the prompt ``ids``; returns the logits after its last token."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.device)
         n = ids.shape[1]
         if not 1 <= n < self.max_length:
             raise InvalidSetting(f"the prompt has {n} tokens; it must have 1..{self.max_length - 1} "
                                  f"(max_length={self.max_length})")
         with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in that mode too
             self.cache.reset()
-            logits = self._forward(ids, torch.arange(n))
+            logits = self._forward(ids, torch.arange(n, device=self.device))
         self.length = n
         return logits
 
@@ -100,6 +101,7 @@ class TorchDecoder:
         if self.length >= self.max_length:
             raise InvalidSetting(f"the KV cache is full (max_length={self.max_length})")
         with torch.inference_mode(), kernel_threads(self.threads, torch_threads=self.torch_threads):
-            logits = self._compiled(torch.tensor([[int(token)]]), torch.tensor([self.length]))
+            logits = self._compiled(torch.tensor([[int(token)]], device=self.device),
+                                    torch.tensor([self.length], device=self.device))
         self.length += 1
         return logits

@@ -88,6 +88,14 @@ def test_encoder_with_a_contracted_vocabulary_reads_original_ids(tmp_path):
     assert np.abs(got - ref).max() < 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_model_off_the_cpu_is_refused_before_any_work(tmp_path, family):
+    model = tiny_model(family).to("meta")  # stands in for a CUDA model on this CPU-only machine
+    with pytest.raises(InvalidSetting, match="needs the model on the CPU.*tensors on meta.*model.cpu"):
+        export_onnx(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_encoder_with_a_task_head_is_refused_in_memory_and_exported_from_a_folder(tmp_path):
     import transformers as tf
 

@@ -1,6 +1,8 @@
 import copy
+import math
 
 import pytest
+import torch
 import transformers as tf
 
 from heal_helpers import SEQ, word_tokenizer
@@ -48,6 +50,16 @@ def test_a_quantized_model_is_refused(student, teacher, tokenizer, texts, role):
         heal((pair["student"], tokenizer), (pair["teacher"], tokenizer), texts["train"], **TINY)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_student_is_refused_but_a_16_bit_teacher_is_not(student, teacher, tokenizer, texts, dtype):
+    low = copy.deepcopy(student).to(dtype)
+    with pytest.raises(InvalidSetting, match=f"float32, but its weights are {str(dtype)[6:]}.*student.float"):
+        heal((low, tokenizer), (teacher, tokenizer), texts["train"], **TINY)
+    res = heal((copy.deepcopy(student), tokenizer), (copy.deepcopy(teacher).to(dtype), tokenizer), texts["train"],
+               **TINY)
+    assert math.isfinite(res.ppl_best)
+
+
 def test_a_student_that_is_not_smaller_is_refused(teacher, tokenizer, texts):
     with pytest.raises(IncompatibleModels, match="not smaller"):
         heal((copy.deepcopy(teacher), tokenizer), (teacher, tokenizer), texts["train"], **TINY)
@@ -83,4 +95,16 @@ def test_an_output_that_overlaps_a_model_folder_is_refused_before_anything_is_de
         with pytest.raises(InvalidSetting, match="overlaps the source"):
             heal(str(src), (teacher, tokenizer), texts["train"], out=out, overwrite=True, **TINY)
     assert sorted(p.name for p in src.iterdir()) == files
+
+
+
+def test_teacher_topk_with_a_hidden_state_loss_is_refused(student, teacher, tokenizer, texts):
+    with pytest.raises(InvalidSetting, match="teacher_topk.*hidden_weight"):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], teacher_topk=8, hidden_weight=0.1, **TINY)
+
+
+@pytest.mark.parametrize("norm", [-1.0, float("nan")])
+def test_a_bad_max_grad_norm_is_refused(student, teacher, tokenizer, texts, norm):
+    with pytest.raises(InvalidSetting, match="max_grad_norm"):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], max_grad_norm=norm, **TINY)
 

@@ -40,7 +40,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_teacher, toke
     with pytest.raises(KeyboardInterrupt):
         heal((student, tokenizer), (trained_teacher, tokenizer), texts["train"], eval_text=texts["eval"],
              out=tmp_path / "cut", callback=cb, **TINY)
-    state, _ = load_state(tmp_path / "cut" / "checkpoint-last", "cpu")
+    state, _ = load_state(tmp_path / "cut" / "checkpoint-last")
     assert state["step"] == 6 and state["tokens_seen"] == 6 * 256  # the half-done 7th step is discarded
     assert json.loads((tmp_path / "cut" / "heal.json").read_text())["stopped"] == "interrupted"
     models.load_model(tmp_path / "cut" / "checkpoint-best")  # consistent and loadable
@@ -69,7 +69,7 @@ def test_a_crash_keeps_the_last_good_checkpoint(trained_teacher, tokenizer, text
     with pytest.raises(RuntimeError, match="out of memory"):
         heal((student, tokenizer), (trained_teacher, tokenizer), texts["train"], eval_text=texts["eval"],
              out=tmp_path / "run", callback=crash, **TINY)
-    state, _ = load_state(tmp_path / "run" / "checkpoint-last", "cpu")
+    state, _ = load_state(tmp_path / "run" / "checkpoint-last")
     assert state["step"] == 4  # the last evaluation point, written before the crash
     resumed = _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True)
     assert resumed.steps == 12 and resumed.stopped == "budget"
@@ -119,3 +119,60 @@ def test_a_kill_between_the_two_renames_of_a_checkpoint_still_resumes(trained_te
     assert sorted(p.name for p in out.glob(".checkpoint-*")) == [".checkpoint-best.old-99999",
                                                                  ".checkpoint-last.old-99999"]
 
+
+
+def _dropout_pair():
+    """A GPT-2 teacher and its contracted student: GPT-2 trains with dropout (0.1), so the random state matters."""
+    from tiny import tiny_model
+
+    teacher = tiny_model("gpt2")
+    assert teacher.config.resid_pdrop > 0
+    return contract_mlp(copy.deepcopy(teacher), keep=48), teacher
+
+
+def test_a_seed_repeats_a_run_with_dropout_and_leaves_the_callers_generator_alone(tokenizer, texts):
+    runs = []
+    for seed in (0, 0, 1):
+        student, teacher = _dropout_pair()
+        torch.manual_seed(123)
+        r = heal((student, tokenizer), (teacher, tokenizer), texts["train"], eval_text=texts["eval"], seed=seed,
+                 **{**TINY, "tokens": 4 * 256})
+        after = torch.rand(4)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(4))  # the run drew from its own seeded state, then gave it back
+        runs.append(r.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # the seed reaches the dropout masks
+
+
+def test_interrupt_then_resume_with_dropout_equals_an_uninterrupted_run(tokenizer, texts, tmp_path):
+    kw = dict(eval_text=texts["eval"], **{**TINY, "tokens": 8 * 256, "eval_every": 2 * 256})
+    student, teacher = _dropout_pair()
+    full = heal((student, tokenizer), (teacher, tokenizer), texts["train"], out=tmp_path / "full", **kw)
+
+    student, teacher = _dropout_pair()
+    cb = _interrupt_during_step(5)  # mid-step: dropout has already drawn for the discarded half step
+    cb.model = student
+    with pytest.raises(KeyboardInterrupt):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], out=tmp_path / "cut", callback=cb, **kw)
+    student, teacher = _dropout_pair()
+    resumed = heal((student, tokenizer), (teacher, tokenizer), texts["train"], out=tmp_path / "cut", resume=True,
+                   **kw)
+    assert resumed.steps == full.steps == 8
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_max_seconds_counts_this_invocation_only(trained_teacher, tokenizer, texts, tmp_path):
+    def crash(info):
+        if info["step"] == 6:  # after the checkpoint of step 4
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(trained_teacher, tokenizer, texts, tmp_path / "run", callback=crash)
+    state_file = tmp_path / "run" / "checkpoint-last" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["seconds"] = 1e6  # as if the earlier invocations had run for days
+    state_file.write_text(json.dumps(state))
+    resumed = _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True, max_seconds=3600)
+    assert resumed.stopped == "budget" and resumed.steps == 12
