@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,7 +73,18 @@ SCHEDULES = {
 }
 
 
-def lr_at(cfg: HealConfig, step: int) -> float:
+def lr_at(cfg: HealConfig, step: int, extension: list | None = None) -> float:
+    """The learning rate of optimizer step ``step``. ``extension``: ``[step e, fraction f of the peak there]``
+    when a resumed run changed the budget: from step e on, the rate decays from f to the schedule's floor
+    over the new remaining steps with the schedule's shape (no jump back up, no second warm-up)."""
+    if extension is not None and step >= extension[0]:
+        start, f0 = extension
+        shape = SCHEDULES[cfg.schedule]
+        floor, top = shape(1.0), shape(0.0)
+        if top == floor:  # constant
+            return cfg.lr * f0
+        p = min(1.0, (step - start) / max(1, cfg.total_steps - start))
+        return cfg.lr * (floor + (f0 - floor) * (shape(p) - floor) / (top - floor))
     warm = max(1, round(cfg.warmup * cfg.total_steps)) if cfg.warmup > 0 else 0
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -142,6 +153,7 @@ class RunState:
     until_ppl: float | None = None
     stopped: str | None = None
     config: dict = field(default_factory=dict)
+    lr_extension: list | None = None  # see lr_at: set when a resumed run changed the token budget
 
 
 class Trainer:
@@ -270,6 +282,11 @@ class Trainer:
         self.resumed_rng = blob  # restored when run() starts
         fields = RunState.__dataclass_fields__
         self.state = RunState(**{k: v for k, v in state.items() if k in fields})
+        if "tokens" in saved and saved["tokens"] != self.cfg.tokens:
+            # a new budget: decay from the rate the old schedule had reached instead of jumping to the new one's
+            old = replace(self.cfg, tokens=saved["tokens"])
+            lr_then = lr_at(old, self.state.step, self.state.lr_extension)
+            self.state.lr_extension = [self.state.step, lr_then / self.cfg.lr]
         self.state.config = asdict(self.cfg)
         self.state.stopped = None
         if self.state.curve:
@@ -294,7 +311,7 @@ class Trainer:
 
     def _train_step(self) -> dict:
         cfg, s = self.cfg, self.state
-        lr = lr_at(cfg, s.step)
+        lr = lr_at(cfg, s.step, s.lr_extension)
         if self.fade is not None:
             self.fade.set_factor(fade_factor(s.step, *self.fade_steps))
         for g in self.optimizer.param_groups:

@@ -176,3 +176,20 @@ def test_max_seconds_counts_this_invocation_only(trained_teacher, tokenizer, tex
     state_file.write_text(json.dumps(state))
     resumed = _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True, max_seconds=3600)
     assert resumed.stopped == "budget" and resumed.steps == 12
+
+
+def test_a_larger_budget_on_resume_continues_the_decay_instead_of_jumping_back_up(trained_teacher, tokenizer,
+                                                                                 texts, tmp_path):
+    from pyshrink.heal.trainer import HealConfig, lr_at
+
+    first, second = [], []
+    _run(trained_teacher, tokenizer, texts, tmp_path / "run", tokens=6 * 256, eval_every=2 * 256,
+         callback=lambda info: first.append(info["lr"]))
+    # extend a run that finished its 6 steps: the 4 new steps continue from the rate it ended at
+    _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True, tokens=10 * 256, eval_every=2 * 256,
+         callback=lambda info: second.append(info["lr"]))
+    lr, floor = TINY["lr"], 0.1 * TINY["lr"]  # the cosine schedule ends at a tenth of the peak
+    assert first == [lr_at(HealConfig(tokens=6 * 256, lr=lr, seq_len=TINY["seq_len"], batch_size=4, grad_accum=2), i)
+                     for i in range(6)]
+    assert len(second) == 4 and all(floor - 1e-12 <= x <= first[-1] + 1e-12 for x in second)
+    assert all(a >= b - 1e-12 for a, b in zip(second, second[1:]))
