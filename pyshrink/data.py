@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, InvalidSetting
 
 
 def read_texts(sources) -> str:
@@ -81,7 +81,10 @@ def windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None, *, m
     """Non-overlapping ``[n, seq_len]`` windows from a 1-D id tensor, at most ``max_tokens`` tokens in all."""
     n = ids.numel() // seq_len
     if max_tokens is not None:
-        n = min(n, max(1, max_tokens // seq_len))
+        if max_tokens < seq_len:  # rounding up to a whole window would use more tokens than asked for
+            raise InvalidSetting(f"at most {max_tokens} tokens of the {what} were asked for, less than one window of "
+                                 f"{seq_len}: ask for at least {seq_len} tokens, or use a shorter window")
+        n = min(n, max_tokens // seq_len)
     if n < min_windows:
         raise DataError(f"the {what} has {ids.numel()} tokens; at least {min_windows * seq_len} are needed "
                         f"({min_windows} window(s) of {seq_len})")

@@ -257,14 +257,18 @@ def _load_transformed(path, config, cls, transforms, dtype):
         transforms_of(model).append(rec)
     sd = read_state_dict(path)
     tied = getattr(config, "tie_word_embeddings", False)
+    # what transformers ties (and so saves once): the head tied to the embeddings, and other shared parameters
+    # (a tied BertForMaskedLM's decoder.bias is cls.predictions.bias, not an embedding)
+    tied_keys = set(getattr(model, "all_tied_weights_keys", None) or ())
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in tied_keys]
     if tied:  # tied heads are not stored; the skeleton's tie is restored below
         missing = [k for k in missing if not k.endswith("lm_head.weight") and "decoder.weight" not in k]
     missing = required(model, missing)
     if missing or unexpected:
         raise ModelLoadError(f"weights in {path} do not fit the model described by its config and "
                              f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
+    if tied or tied_keys:
         model.tie_weights()
     return model
 

@@ -49,3 +49,9 @@ def test_usage_error_exits_non_zero():
 def test_each_command_has_help(cmd):
     r = run_cli(cmd, "--help")
     assert r.returncode == 0 and "--help" in r.stdout
+
+
+@pytest.mark.parametrize("opt", ["--max-body-bytes", "--max-prompt-tokens", "--max-tokens", "--max-concurrency"])
+def test_serve_refuses_limits_that_would_reject_every_request(tmp_path, opt):
+    r = run_cli("serve", str(tmp_path), opt, "0")  # checked before the folder is even looked at
+    assert r.returncode == 2 and opt in r.stderr and "Traceback" not in r.stderr

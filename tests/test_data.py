@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyshrink import data
-from pyshrink.errors import DataError
+from pyshrink.errors import DataError, InvalidSetting
 
 
 def test_read_texts_joins_files_and_strings(tmp_path):
@@ -57,6 +57,9 @@ def test_windows_and_their_error():
     assert data.windows(ids, 32, max_tokens=40).shape == (1, 32)
     with pytest.raises(DataError, match="at least 256"):
         data.windows(ids, 128, min_windows=2)
+    for few in (0, -5, 31):  # fewer tokens than one window: an error, not a silently larger window
+        with pytest.raises(InvalidSetting, match=f"at most {few} tokens of the text .* one window of 32"):
+            data.windows(ids, 32, max_tokens=few)
 
 
 def test_builtin_texts_are_real_text():

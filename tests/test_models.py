@@ -62,6 +62,26 @@ def test_transforms_are_replayed_on_load(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_transformed_masked_lm_reloads_with_its_shared_decoder_bias(tmp_path, tie):
+    import transformers as tf
+
+    # a tied BertForMaskedLM shares decoder.bias with cls.predictions.bias (stored once, and not a head tied to
+    # the embeddings); a transformed model is rebuilt from its config, so the loader must know that tie too
+    model = tf.BertForMaskedLM(tiny_model("bert").config.__class__(**{**tiny_model("bert").config.to_dict(),
+                                                                       "tie_word_embeddings": tie})).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()
+    models.record_transform(model, "test-noop2", value=1)
+    models.structure_handler("test-noop2")(lambda m, rec: None)
+    out = models.save(model, None, tmp_path / "m")
+    loaded = models.load_model(out, with_tokenizer=False)
+    shared = model.cls.predictions.decoder.bias is model.cls.predictions.bias
+    assert shared == tie and (loaded.cls.predictions.decoder.bias is loaded.cls.predictions.bias) == shared
+    ids = random_ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_unknown_transform_is_an_error(tmp_path):
     model = tiny_model("opt")
     models.record_transform(model, "teleport")

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Argument(..., help="Model folder, .gguf file, hub id, or embedded name (smollm2-135m)."),
         out: Path = typer.Option(..., "-o", "--out", help="Output folder (written atomically)."),
         contraction_ratio: float = typer.Option(0.5, "--contraction-ratio", help="Fraction of each contracted layer's MLP neurons to remove (0.1-0.9)."),
-        num_layers_to_contract: Optional[int] = typer.Option(None, "--num-layers-to-contract", show_default=False, help="How many layers to contract (1..depth); the cheapest ones are chosen (default 8)."),
+        num_layers_to_contract: Optional[int] = typer.Option(None, "--num-layers-to-contract", show_default=False, help="How many layers to contract (1..depth); the cheapest ones are chosen (default 8, or all layers of a model with fewer)."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Contract exactly these blocks (comma-separated indices, 0-based, e.g. 3,4,5) instead of the cheapest; excludes --num-layers-to-contract."),
         calibration: Optional[List[Path]] = typer.Option(None, "--calibration", exists=True, dir_okay=False, readable=True, help="Domain text file(s) to calibrate on (repeatable). Omit for data-free."),
         eval_text: Optional[List[Path]] = typer.Option(None, "--eval", exists=True, dir_okay=False, readable=True, help="Text file(s) to measure quality on."),
@@ -131,12 +131,12 @@ def register(app: typer.Typer) -> None:
                         prune_vocab=prune_vocab, threshold=threshold, calibration_tokens=calibration_tokens,
                         eval_tokens=eval_tokens, seed=seed)
         settings.update({k: v for k, v in (("criterion", criterion), ("refit", refit)) if v is not None})
-        n_layers = 8 if num_layers_to_contract is None else num_layers_to_contract
+        n_layers = num_layers_to_contract  # None: contract() takes 8, or the depth of a shallower model
         if steps >= 2 or fading:
             from ..heal import iterative_contract
 
             result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
-                                        num_layers_to_contract=n_layers, calibration=cal, heal_tokens=heal_tokens,
+                                        num_layers_to_contract=8 if n_layers is None else n_layers, calibration=cal, heal_tokens=heal_tokens,
                                         layers=pinned, contract_kwargs=settings, seed=seed, out=out,
                                         heal_schedule=heal_schedule, heal_split=split, fade_share=fade_share,
                                         slices=slices,

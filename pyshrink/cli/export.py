@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
                                  "genai_config.json)."),
         int4: bool = typer.Option(False, "--int4", help="4-bit MatMulNBits for float projections and the LM head "
                                   "(round-to-nearest); pyshrink-quantized layers are always copied byte for byte."),
-        accuracy_level: str = typer.Option("4", "--accuracy-level", help="MatMulNBits compute for every projection: "
+        accuracy_level: str = typer.Option("4", "--accuracy-level", help="MatMulNBits compute for every 4-bit projection "
+                                           "(none without --int4 or a pyshrink-quantized model): "
                                            "4 = int8 activations (fastest on CPU), 0 = float; auto = 4 where validation "
                                            "allows, 0 only on the projections whose int8 activations move the logits "
                                            "(measured; recorded in pyshrink_onnx.json)."),

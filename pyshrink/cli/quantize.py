@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("auto", help="rtn, awq, gptq or auto (best the calibration data allows; "
                                    "rtn without data)."),
         calibration: Optional[List[Path]] = typer.Option(None, "--calibration", exists=True, dir_okay=False, readable=True, help="Calibration text file(s); "
-                                                         "the last 10% is held out for the before/after numbers."),
+                                                         "without --eval, the last 10% is held out for the before/after numbers."),
         eval_text: Optional[List[Path]] = typer.Option(None, "--eval", exists=True, dir_okay=False, readable=True, help="Evaluation text file(s) (default: "
                                                        "held-out calibration text, else the built-in pydoc text)."),
         symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="4-bit zero point fixed at 8, or "

@@ -26,12 +26,13 @@ from . import datafree, heads, layer_selection, neurons, scores, vocab
 from .quality import Quality
 
 RATIO_RANGE = (0.1, 0.9)
+DEFAULT_LAYERS = 8  # blocks contracted when num_layers_to_contract is not given (fewer if the model has fewer)
 
 
 @dataclass
 class ContractionSettings:
     contraction_ratio: float = 0.5
-    num_layers_to_contract: int = 8
+    num_layers_to_contract: int | None = None  # None: DEFAULT_LAYERS, or the model's depth if it has fewer
     threshold: float | None = None
     prune_heads: bool = False
     head_ratio: float | None = None  # fraction of heads removed in contracted layers (default: contraction_ratio)
@@ -51,8 +52,9 @@ class ContractionSettings:
         """Check everything that does not need the model; raises :class:`InvalidSetting` naming the range."""
         _number("contraction_ratio", self.contraction_ratio)
         check_range("contraction_ratio", self.contraction_ratio, *RATIO_RANGE)
-        _integer("num_layers_to_contract", self.num_layers_to_contract)
-        if self.num_layers_to_contract < 1:
+        if self.num_layers_to_contract is not None:
+            _integer("num_layers_to_contract", self.num_layers_to_contract)
+        if self.num_layers_to_contract is not None and self.num_layers_to_contract < 1:
             raise InvalidSetting(f"num_layers_to_contract must be in 1..depth of the model, got {self.num_layers_to_contract!r}")
         if self.head_ratio is not None:
             _number("head_ratio", self.head_ratio)
@@ -175,7 +177,7 @@ def _load(source):
     return model, tok, str(source), fp
 
 
-def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int = 8, calibration=None,
+def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int | None = None, calibration=None,
              eval_text=None, *, prune_heads: bool = False, prune_vocab: bool = False, threshold: float | None = None,
              head_ratio: float | None = None, criterion: str = "fluctuation", refit: str = "lstsq", seq_len: int = 512,
              calibration_tokens: int = 32768, eval_tokens: int = 16384, datafree_tokens: int = 8192,
@@ -189,6 +191,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             ``(model, tokenizer)`` pair (copied, not changed).
         contraction_ratio: fraction of each contracted block's MLP neurons to remove (0.1-0.9).
         num_layers_to_contract: how many blocks to contract (1..depth); the cheapest by measurement are chosen.
+            Default (None): 8, or every block of a model with fewer.
             Ignored when ``layers`` is given (the count is then ``len(layers)``; the default 8 cannot be told
             apart from an explicit 8, so a mismatch is not an error here; the CLI refuses both together).
         calibration: text file(s) or string(s) from your domain. None: data-free (decoders calibrate on text
@@ -251,6 +254,8 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
                              "prune_vocab / --prune-vocab (its kept ids stay as they are)")
     depth = adapter.depth(model)
     if layers is None:
+        if num_layers_to_contract is None:
+            num_layers_to_contract = st.num_layers_to_contract = min(DEFAULT_LAYERS, depth)
         check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
     elif max(layers) >= depth:
         raise InvalidSetting(f"layers must be block indices in 0..{depth - 1} (the model has {depth} blocks), "

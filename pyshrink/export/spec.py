@@ -110,7 +110,13 @@ def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) 
     if adapter.name == "phi" and getattr(cfg, "qk_layernorm", False):
         raise InvalidSetting("Phi models with qk_layernorm are not exportable")
     head_dim = adapter.head_dim(cfg)
+    if head_dim % 8:  # the decoder graph's attention is com.microsoft::GroupQueryAttention, which refuses others
+        raise InvalidSetting(f"the attention heads have {head_dim} dimensions; ONNX Runtime's GroupQueryAttention, "
+                             "which the exported decoder uses, needs a multiple of 8")
     max_pos = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+    if max_length is not None and max_length > max_pos:
+        raise InvalidSetting(f"max_length={max_length} is more than the model's {max_pos} positions; pass at most "
+                             f"{max_pos}")
     max_len = min(max_pos, max_length or max_pos)
 
     layers = []

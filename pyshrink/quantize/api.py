@@ -134,6 +134,9 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
     return [win[i:i + cfg.batch_size] for i in range(0, len(win), cfg.batch_size)]
 
 
+HEAD = "lm_head"  # the name skip uses for the output head (config.QuantConfig.skip)
+
+
 def _skipped(name: str, patterns) -> bool:
     last = name.rsplit(".", 1)[-1]
     return any(name == p or last == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p)
@@ -278,7 +281,8 @@ def head_to_quantize(model, adapter, skip):
     not a Linear is an error, checked before anything is quantized, rather than left in float unasked."""
     head = adapter.output_head(model)
     name = None if head is None else _module_name(model, head)
-    if name is None or _skipped(name, skip):
+    # "lm_head" in skip means the output head, whatever the architecture calls it (BERT: cls.predictions.decoder)
+    if name is None or _skipped(name, skip) or HEAD in skip:
         return None
     if not is_projection(head):
         raise InvalidSetting(f"the output head {name} is a {type(head).__name__} (e.g. the vocabulary-pruned head of "

@@ -25,7 +25,8 @@ class QuantConfig:
     symmetric       4-bit only: zero point fixed at 8 (True) or one 4-bit zero point per group (False).
     method          "rtn", "awq", "gptq" or "auto" (best the calibration data allows; "rtn" without data).
     skip            module names (fnmatch patterns, matched on the qualified name or its last part) to keep
-                    in floating point. The output head is skipped by default.
+                    in floating point. "lm_head" names the output head whatever the model calls it (BERT's
+                    cls.predictions.decoder); it is skipped by default.
     head_bits       bits for the output head when it is not skipped (None: ``bits``). A tied head is
                     untied: the embedding stays in floating point.
     fast            4-bit layers' ``linear_q4`` mode: True (default) = activations quantized to int8 per

@@ -16,6 +16,12 @@ def _contract(src, out, **kw):
                              calibration_tokens=256, eval_tokens=64, progress=False, **kw)
 
 
+def test_the_default_layer_count_is_8_or_every_block_of_a_shallower_model(tiny_folder):
+    res = pyshrink.contract(tiny_folder("llama"), calibration=TEXT, seq_len=32, calibration_tokens=256,
+                            eval_tokens=64, progress=False)  # 3 blocks, no num_layers_to_contract
+    assert res.summary["settings"]["num_layers_to_contract"] == 3 and len(res.summary["layers"]) == 3
+
+
 @pytest.mark.parametrize("ratio", [0.05, 0.95, 1.5, -0.5])
 def test_ratio_out_of_range(tiny_folder, tmp_path, ratio):
     out = tmp_path / "out"

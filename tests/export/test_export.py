@@ -96,6 +96,23 @@ def test_a_model_off_the_cpu_is_refused_before_any_work(tmp_path, family):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_head_size_that_is_not_a_multiple_of_8_is_refused_before_any_work(tmp_path):
+    import transformers as tf
+
+    cfg = tf.PhiConfig(vocab_size=128, hidden_size=80, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, partial_rotary_factor=0.4, max_position_embeddings=256)
+    with pytest.raises(InvalidSetting, match="heads have 20 dimensions.*multiple of 8"):
+        export_onnx(tf.PhiForCausalLM(cfg).eval(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path):
+    model = tiny_model("llama")  # 256 positions
+    with pytest.raises(InvalidSetting, match="max_length=1000 is more than the model's 256 positions"):
+        export_onnx(model, tmp_path / "x", max_length=1000)
+    assert not (tmp_path / "x").exists()
+
+
 def test_encoder_with_a_task_head_is_refused_in_memory_and_exported_from_a_folder(tmp_path):
     import transformers as tf
 

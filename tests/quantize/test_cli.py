@@ -76,3 +76,15 @@ def test_cli_refuses_existing_output_and_quantized_input(source, capsys):
     assert _main(["quantize", str(source / "src"), "-o", str(q), "--method", "rtn", "--json"], capsys)[0] == 0
     rc, cap = _main(["quantize", str(q), "-o", str(source / "twice"), "--method", "rtn"], capsys)
     assert rc == 2 and "already quantized" in cap.err
+
+
+def test_cli_quantizes_an_encoder_with_a_task_head(source, capsys):
+    import transformers as tf
+
+    model = tf.BertForSequenceClassification(tiny_model("bert").config).eval()  # no last_hidden_state output
+    models.save(model, word_tokenizer(), source / "cls")
+    rc, cap = _main(["quantize", str(source / "cls"), "-o", str(source / "cls-q"), "--method", "rtn",
+                     "--group-size", "32", "--seq-len", "64", "--eval", str(source / "calib.txt"), "--json"], capsys)
+    assert rc == 0, cap.err
+    s = json.loads(cap.out.strip().splitlines()[-1])
+    assert s["metric"] != "perplexity" and 0.9 < s["after"] <= 1.0 + 1e-6

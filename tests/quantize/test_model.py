@@ -147,3 +147,16 @@ def test_a_16_bit_gqa_model_keeps_its_dtype_through_awq(dtype):
     out = model_output(model, random_ids())
     assert out.dtype == dtype and _rel(out.float(), ref) < 0.3
 
+
+
+def test_the_output_head_is_skipped_by_default_whatever_its_name():
+    import transformers as tf
+
+    model = tf.BertForMaskedLM(tiny_model("bert").config).eval()  # its head is cls.predictions.decoder
+    quantize(model, method="rtn", group_size=32)
+    assert type(model.cls.predictions.decoder) is torch.nn.Linear
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
+    assert any(isinstance(m, QuantLinear) for m in model.bert.encoder.modules())
+    model = tf.BertForMaskedLM(tiny_model("bert").config).eval()
+    quantize(model, method="rtn", group_size=32, skip=(), head_bits=8)
+    assert isinstance(model.cls.predictions.decoder, QuantLinear8)
