@@ -24,6 +24,7 @@ status=0
 STEPS="${*:-build test sanitize bench}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { echo; echo "==== $* ($(date +%H:%M:%S))"; }
+build_ext() { "$PY" -m pip install --no-build-isolation --no-deps -v -e . ; }
 # Does the built extension export std::ostream's symbols (libstdc++ linked into it)? grep -c reads all of
 # nm's output: `grep -q` would close the pipe early and, under pipefail, turn a match into a failure.
 static_libstdcxx() {
@@ -40,9 +41,7 @@ nvcc --version | tail -2 || true
 if want build; then
   step "build (pip install --no-build-isolation --no-deps -e .)"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  if ! "$PY" -m pip install --no-build-isolation --no-deps -v -e . ; then
-    echo "BUILD FAILED"; exit 1
-  fi
+  build_ext || { echo "BUILD FAILED"; exit 1; }
   # A compiler wrapper that links libstdc++ statically into the extension (seen: the CUDA image's
   # CC/CXX=/opt/gcc/bin/g{cc,++}) gives it a private iostream whose locale is never set up: the first
   # formatted error message segfaults. Exported std::ostream symbols give it away; rebuild with the
@@ -50,7 +49,7 @@ if want build; then
   if static_libstdcxx; then
     echo "pyshrink._C carries its own libstdc++ (CC=${CC:-} CXX=${CXX:-}); rebuilding with /usr/bin/gcc, /usr/bin/g++"
     export CC=/usr/bin/gcc CXX=/usr/bin/g++
-    "$PY" -m pip install --no-build-isolation --no-deps -v -e . || { echo "BUILD FAILED"; exit 1; }
+    build_ext || { echo "BUILD FAILED"; exit 1; }
     if static_libstdcxx; then echo "BUILD FAILED: pyshrink._C still links libstdc++ statically"; exit 1; fi
   fi
 fi

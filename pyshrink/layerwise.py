@@ -52,10 +52,7 @@ def capture_block_inputs(model, adapter, batches) -> BlockInputs:
         cache.kwargs.append(kwargs)
         raise _StopForward
 
-    # Calibration ids usually come from the CPU (a tokenizer, a file); the embeddings decide where they run.
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(emb, "weight", None)
-    device = weight.device if torch.is_tensor(weight) else next(model.parameters()).device
+    device = next(model.parameters()).device  # calibration ids usually come from the CPU (a tokenizer, a file)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:

@@ -2,9 +2,6 @@
 ``generate()`` and TorchDecoder on the GPU's kernels, calibrated quantization and contraction (activation
 statistics on the GPU), and a healing run. Skipped without a CUDA device (bench/gpu_check.sh runs it on one).
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,9 +10,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "heal"))  # heal_helpers
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny
-
+from _cudautil import kernel_names  # noqa: E402  (tests/conftest.py puts every test folder on sys.path)
 from pyshrink import models  # noqa: E402
 from pyshrink.quantize import QuantLinear, quantize_model  # noqa: E402
 from pyshrink.quantize.config import QuantConfig  # noqa: E402
@@ -33,15 +28,6 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def _kernel_names(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_saved_quantized_model_generates_on_cuda(tmp_path, dtype):
     model = tiny_model("llama")
@@ -56,7 +42,7 @@ def test_saved_quantized_model_generates_on_cuda(tmp_path, dtype):
     ids = random_ids()
     with torch.no_grad():
         ref = cpu(ids).logits  # float32 activations on the CPU kernels
-        names = _kernel_names(lambda: gpu(ids.cuda()))
+        names = kernel_names(lambda: gpu(ids.cuda()))
         out = gpu(ids.cuda()).logits
     assert any("linear_q4_mma_kernel" in n for n in names), sorted(names)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -74,7 +60,7 @@ def test_calibrated_quantization_on_cuda_matches_cpu():
     on_cpu = tiny_model("llama")
     quantize_model(on_cpu, QuantConfig(method="awq", group_size=32, **SMALL), calibration=_calib())
     on_gpu = tiny_model("llama").cuda()
-    names = _kernel_names(lambda: quantize_model(on_gpu, QuantConfig(method="awq", group_size=32, **SMALL),
+    names = kernel_names(lambda: quantize_model(on_gpu, QuantConfig(method="awq", group_size=32, **SMALL),
                                                  calibration=_calib()))
     assert any("act_stats_kernel" in n for n in names), sorted(names)
     with torch.no_grad():
@@ -105,7 +91,6 @@ def test_calibrated_contraction_of_a_cuda_model_matches_the_cpu(family):
     import pyshrink
     from pyshrink.data import builtin_text
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
     from pyshrink_tiny_models import tiny_model as arch_model, tiny_tokenizer
 
     kw = dict(calibration=builtin_text("pydoc")[:12000], prune_heads=True, seq_len=64, calibration_tokens=1024,

@@ -97,6 +97,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     ):
         from ..contract import contract
+        from ..contract.api import DEFAULT_LAYERS
         from ..contract.summary import render, render_schedule
         from ..models import check_output
 
@@ -131,12 +132,12 @@ def register(app: typer.Typer) -> None:
                         prune_vocab=prune_vocab, threshold=threshold, calibration_tokens=calibration_tokens,
                         eval_tokens=eval_tokens, seed=seed)
         settings.update({k: v for k, v in (("criterion", criterion), ("refit", refit)) if v is not None})
-        n_layers = num_layers_to_contract  # None: contract() takes 8, or the depth of a shallower model
         if steps >= 2 or fading:
             from ..heal import iterative_contract
 
             result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
-                                        num_layers_to_contract=8 if n_layers is None else n_layers, calibration=cal, heal_tokens=heal_tokens,
+                                        num_layers_to_contract=DEFAULT_LAYERS if num_layers_to_contract is None
+                                        else num_layers_to_contract, calibration=cal, heal_tokens=heal_tokens,
                                         layers=pinned, contract_kwargs=settings, seed=seed, out=out,
                                         heal_schedule=heal_schedule, heal_split=split, fade_share=fade_share,
                                         slices=slices,
@@ -146,7 +147,8 @@ def register(app: typer.Typer) -> None:
             else:
                 render_schedule(result.summary, out)
             return
-        result = contract(source, contraction_ratio=contraction_ratio, num_layers_to_contract=n_layers,
+        # None: contract() takes DEFAULT_LAYERS, or every block of a shallower model
+        result = contract(source, contraction_ratio=contraction_ratio, num_layers_to_contract=num_layers_to_contract,
                           calibration=cal, layers=pinned, heal_tokens=heal_tokens, out=out, overwrite=overwrite,
                           progress=True, **settings)
         if as_json:

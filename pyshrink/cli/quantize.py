@@ -38,9 +38,10 @@ def register(app: typer.Typer) -> None:
     ):
         """Quantize SOURCE's projections to 4 or 8 bits on pyshrink's kernels and save it to OUT."""
         from ..quantize import QuantConfig
+        from ..quantize.config import HEAD
         from ..quantize.pipeline import quantize_to_folder
 
-        skip = () if head_bits is not None else ("lm_head",)
+        skip = () if head_bits is not None else (HEAD,)
         config = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, method=method, skip=skip,
                              head_bits=head_bits, calib_tokens=calib_tokens, seq_len=seq_len, act_order=act_order,
                              progress=not as_json)

@@ -54,8 +54,9 @@ class ContractionSettings:
         check_range("contraction_ratio", self.contraction_ratio, *RATIO_RANGE)
         if self.num_layers_to_contract is not None:
             _integer("num_layers_to_contract", self.num_layers_to_contract)
-        if self.num_layers_to_contract is not None and self.num_layers_to_contract < 1:
-            raise InvalidSetting(f"num_layers_to_contract must be in 1..depth of the model, got {self.num_layers_to_contract!r}")
+            if self.num_layers_to_contract < 1:
+                raise InvalidSetting(f"num_layers_to_contract must be in 1..depth of the model, got "
+                                     f"{self.num_layers_to_contract!r}")
         if self.head_ratio is not None:
             _number("head_ratio", self.head_ratio)
             check_range("head_ratio", self.head_ratio, *RATIO_RANGE)
@@ -192,8 +193,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         contraction_ratio: fraction of each contracted block's MLP neurons to remove (0.1-0.9).
         num_layers_to_contract: how many blocks to contract (1..depth); the cheapest by measurement are chosen.
             Default (None): 8, or every block of a model with fewer.
-            Ignored when ``layers`` is given (the count is then ``len(layers)``; the default 8 cannot be told
-            apart from an explicit 8, so a mismatch is not an error here; the CLI refuses both together).
+            Ignored when ``layers`` is given (the count is then ``len(layers)``; the CLI refuses both together).
         calibration: text file(s) or string(s) from your domain. None: data-free (decoders calibrate on text
             they sample themselves, seeded; encoders on built-in text): ``min(datafree_tokens,
             calibration_tokens)`` tokens of it.

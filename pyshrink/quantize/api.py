@@ -32,7 +32,7 @@ from ..errors import DataError, InvalidSetting
 from ..models import max_positions, record_transform, structure_handler, transforms_of
 from . import awq
 from .calib import collect_stats, discover_groups, find_fold, first_batch, scale_inputs, scale_outputs
-from .config import QuantConfig
+from .config import HEAD, QuantConfig
 from .grid import Grid
 from .hessian import output_error
 from .linear import empty_layer, is_quantized, quant_layer
@@ -132,9 +132,6 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
                         f"{cfg.calib_tokens} are used when available")
     win = data.windows(ids, seq_len, cfg.calib_tokens, what="calibration text")
     return [win[i:i + cfg.batch_size] for i in range(0, len(win), cfg.batch_size)]
-
-
-HEAD = "lm_head"  # the name skip uses for the output head (config.QuantConfig.skip)
 
 
 def _skipped(name: str, patterns) -> bool:

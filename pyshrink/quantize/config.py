@@ -15,6 +15,9 @@ from ..ops.q4 import GROUP_SIZES
 BITS = (4, 8)
 
 
+HEAD = "lm_head"  # the name skip uses for the output head, whatever the model calls it
+
+
 @dataclass
 class QuantConfig:
     """Settings of :func:`pyshrink.quantize`.
@@ -50,7 +53,7 @@ class QuantConfig:
     group_size: int = 64
     symmetric: bool = True
     method: str = "auto"
-    skip: tuple = ("lm_head",)
+    skip: tuple = (HEAD,)
     head_bits: int | None = None
     fast: bool = True
     calib_tokens: int = 16384
@@ -95,7 +98,7 @@ class QuantConfig:
             raise InvalidSetting(f"clip_min must be in (0, 1], got {self.clip_min!r}")
         if not 0.0 < self.damp < 1.0:  # 0 leaves a rank-deficient Hessian (few tokens, wide layer) unfactorable
             raise InvalidSetting(f"damp must be in (0, 1), got {self.damp!r}")
-        if self.head_bits is not None and "lm_head" in self.skip:
+        if self.head_bits is not None and HEAD in self.skip:
             raise InvalidSetting("head_bits sets the output head's bits, but skip keeps lm_head in float: "
                                  "remove 'lm_head' from skip (the CLI's --head-bits does)")
         return self

@@ -26,6 +26,7 @@ import pyshrink  # noqa: E402  (loads pyshrink._C: registers the CPU and CUDA ke
 import pyshrink.ops as ops  # noqa: E402
 from pyshrink import _C  # noqa: E402
 from pyshrink.ops import act_stats, q4, q8  # noqa: E402
+from _cudautil import kernel_names  # noqa: E402
 
 U32 = 2.0 ** -24
 ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
@@ -99,26 +100,17 @@ def test_cuda_kernel_is_registered_from_ops_cuda(op):
     assert len(cuda) == 1 and "csrc/cuda/ops_cuda.cpp" in cuda[0].replace(os.sep, "/"), dump
 
 
-def _kernel_names(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def test_custom_kernels_run(gen, monkeypatch):
     packed, scales, zp = _weights(gen, 256, 512, 64, False)
     x = torch.randn(4, 512, generator=gen, device=DEV, dtype=torch.float16)
-    names = _kernel_names(lambda: ops.linear_q4(x, packed, scales, zp))
+    names = kernel_names(lambda: ops.linear_q4(x, packed, scales, zp))
     assert any("linear_q4_mma_kernel" in n for n in names), names
     monkeypatch.setenv(ENV_MIN_M, "1")
-    names = _kernel_names(lambda: ops.linear_q4(x, packed, scales, zp))
+    names = kernel_names(lambda: ops.linear_q4(x, packed, scales, zp))
     assert any("dequantize_q4_kernel" in n for n in names), names
     assert not any("linear_q4_mma_kernel" in n for n in names), names
     acc, cnt = ops.new_accumulators(512, device=DEV)
-    names = _kernel_names(lambda: ops.act_stats_(x, acc, cnt))
+    names = kernel_names(lambda: ops.act_stats_(x, acc, cnt))
     assert any("act_stats_kernel" in n for n in names), names
 
 
