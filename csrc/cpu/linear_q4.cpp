@@ -27,9 +27,10 @@
 //   exact with M >= 4 runs the GEMM on zmm.
 //
 // Tiling: RM rows of x by RN rows of W keep RM*RN accumulators in registers, so each weight block is loaded
-// and unpacked once per RM rows of x (M=1: RN=4 rows share the activation loads, and weights further on are
-// prefetched, see GemvRows). Tiles of N are shared out by the pool in parallel.h; each task walks all rows of x for its
-// weight rows, so weights come from memory once per call.
+// and unpacked once per RM rows of x. The M = 1 GEMVs are memory bound and prefetch the weights further on
+// (AVX2: one row at a time as one stream, see fast_gemv_row_avx2; AVX-512: see GemvRows). Tiles of N are
+// shared out by the pool in parallel.h; each task walks all rows of x for its weight rows (in cache-sized panels
+// and chunks at large M, see run_fast), so weights come from memory once per call.
 //
 // Accuracy (tests/ops/test_linear_q4.py checks these worst-case bounds): fast mode's activation codes equal
 // the reference's bit for bit (same IEEE division, round half to even), its integer dots are exact, and only
@@ -446,47 +447,50 @@ void fast_tile_scalar(const Q4Weights& W, const int64_t* nidx, const int8_t* x, 
 }
 
 #if PYSHRINK_X86
+// One block's packed codes as C = G / 32 vectors of 32 codes (0..15); vector c pairs with the block's
+// activations at 32 * c (the evens' low nibbles first, then the odds' high nibbles).
+template <int G>
+PYSHRINK_AVX2_INLINE void unpack_block_avx2(const uint8_t* p, __m256i* w) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  if (G == 32) {
+    // 16 bytes in both lanes; the low lane keeps the low nibbles, the high lane shifts the high ones down
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), mask);
+  } else {
+    for (int c = 0; c < G / 64; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
+      w[c] = _mm256_and_si256(v, mask);
+      w[G / 64 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+  }
+}
+
+// The integer dot of one unpacked block with its G int8 activations xb, as 8 float partial sums.
+template <int G>
+PYSHRINK_AVX2_INLINE __m256 block_dot_avx2(const __m256i* w, const int8_t* xb) {
+  __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+  for (int c = 1; c < G / 32; ++c)
+    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[c], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 * c))));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+}
+
 template <int G, int MT, int RM, int RN>
 PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx,
                                   float* raw) {
-  constexpr int C = G / 32;  // 32-byte chunks of codes per block
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   const int64_t nb = W.nb;
   TileState<RM, RN> t(W, nidx);
-  const uint8_t* const* wp = t.wp;
-  const float* const* ws = t.ws;
   auto& acc = t.acc;
   for (int64_t b = 0; b < nb; ++b) {
     if (RM == 1) t.template prefetch_next_tile<G>(nb, b);
-    __m256i w[RN][C];
-    for (int n = 0; n < RN; ++n) {
-      const uint8_t* p = wp[n] + b * (G / 2);
-      if (G == 32) {
-        // 16 bytes in both lanes; low lane keeps the low nibbles, high lane shifts the high ones down
-        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        w[n][0] = _mm256_and_si256(_mm256_srlv_epi32(v, shift), mask);
-      } else {
-        for (int c = 0; c < C / 2; ++c) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
-          w[n][c] = _mm256_and_si256(v, mask);
-          w[n][C / 2 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        }
-      }
-    }
+    __m256i w[RN][G / 32];
+    for (int n = 0; n < RN; ++n) unpack_block_avx2<G>(t.wp[n] + b * (G / 2), w[n]);
     __m256 wsv[RN];
-    for (int n = 0; n < RN; ++n) wsv[n] = _mm256_broadcast_ss(ws[n] + b);
+    for (int n = 0; n < RN; ++n) wsv[n] = _mm256_broadcast_ss(t.ws[n] + b);
     const int8_t* xb = x + b * MT * G;
     for (int m = 0; m < RM; ++m) {
       const __m256 sxv = _mm256_broadcast_ss(sx + b * MT + m);
-      for (int n = 0; n < RN; ++n) {
-        __m256i s16 = _mm256_maddubs_epi16(w[n][0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * G)));
-        for (int c = 1; c < C; ++c)
-          s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[n][c], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * G + 32 * c))));
-        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-        acc[m][n] = _mm256_fmadd_ps(d, _mm256_mul_ps(sxv, wsv[n]), acc[m][n]);
-      }
+      for (int n = 0; n < RN; ++n)
+        acc[m][n] = _mm256_fmadd_ps(block_dot_avx2<G>(w[n], xb + m * G), _mm256_mul_ps(sxv, wsv[n]), acc[m][n]);
     }
   }
   t.finish(raw);
@@ -900,6 +904,39 @@ float dot_f32(Isa isa, const float* a, const float* b, int64_t n) {
   return s;
 }
 
+#if PYSHRINK_X86
+// fast mode, M == 1, AVX2: one weight row at a time, so that a task's rows (contiguous in memory) are read as ONE
+// stream, with a software prefetch kAvx2GemvAhead bytes ahead of it. The general tile (4 rows side by side, which
+// share the activation loads) reads four interleaved streams, which the hardware prefetcher of the AVX2 machine
+// this was tuned on follows badly. Development measurements (a standalone harness of both loops, 2 threads,
+// rotated weights, variants interleaved in one process, on a 2-core AMD EPYC (Zen 3) VM; % of a bare AVX2 read
+// of the same bytes): 4096 x 4096 g64: 4 rows with the next-tile prefetch 72-75 %, the same loads without the
+// arithmetic 74-77 %, one row without a prefetch 73 %, one row prefetching 1 / 4 / 8 / 16 KiB ahead
+// 80 / 83 / 84-89 / 89 %; 1536 -> 576: 54-61 % against 82-88 %; 11008 -> 4096 (5.5 KB rows): 85-88 % against
+// 86-87 %. bench/RESULTS.md (CPU kernels) has the committed effect. The symmetric zero point 8 comes off per
+// row with one short dot product, 8 * sum_b scale_b * xsum_b, instead of the general tile's per-block loop.
+constexpr int64_t kAvx2GemvAhead = 8192;
+
+template <int G>
+PYSHRINK_AVX2 float fast_gemv_row_avx2(const Q4Weights& W, int64_t n, const int8_t* x, const float* sx,
+                                       const float* xsum) {
+  const uint8_t* p = W.row(n);
+  const float* ws = W.srow(n);
+  const int64_t nb = W.nb;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // two chains: the FMA's latency
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = p + b * (G / 2);
+    if ((b * (G / 2)) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(pb) + kAvx2GemvAhead, _MM_HINT_T0);
+    if (b % 16 == 0) _mm_prefetch(reinterpret_cast<const char*>(ws + b) + kAvx2GemvAhead * 8 / G, _MM_HINT_T0);
+    __m256i w[G / 32];
+    unpack_block_avx2<G>(pb, w);
+    acc[b & 1] = _mm256_fmadd_ps(block_dot_avx2<G>(w, x + b * G), _mm256_set1_ps(sx[b] * ws[b]), acc[b & 1]);
+  }
+  const float dot = hsum(_mm256_add_ps(acc[0], acc[1]));
+  return W.zp ? dot : dot - 8.0f * dot_f32_avx2(ws, xsum, nb);
+}
+#endif
+
 // (zero point - offset) times scale of every block of the RN rows nidx, into zs[n * nb + b]: the per-output
 // correction sum_b (zp - offset) * scale * xsum_b for dots computed with the zero point `offset` (fast mode's
 // integer dots leave it out, offset 0, with xsum = sx * sum qx; the exact GEMV uses 8).
@@ -918,7 +955,16 @@ void fast_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const int8_t* x
   fast_tile_scalar<G, MT, RM, RN>(W, nidx, x, sx, raw);
 }
 
-// MT = RM = 1, RN = 4 for M == 1; MT = 4 (activation row groups), RN = 2 and RM = rows left (<= 4) otherwise.
+// MT = RM = 1, RN = 4 for M == 1 (at the scalar level: AVX2 and AVX-512 have GEMVs of their own); MT = 4
+// (activation row groups), RN = 2 and RM = rows left (<= 4) otherwise.
+// Blocked for the caches when x is large: a task walks a panel of its weight tiles (about kPanelBytes of codes)
+// against one chunk of x's rows (about kXChunkBytes of codes) at a time, so both stay in L2 while every tile of
+// the panel meets every row of the chunk. Unblocked, each tile of 2 weight rows streamed all of x, which at
+// M = 128, K = 4096 (512 KB of codes) does not fit a core's L2, from L3 (development measurement, 2-core
+// AMD EPYC (Zen 3) VM: see bench/RESULTS.md, CPU kernels, for the committed effect).
+constexpr int64_t kPanelBytes = 128 * 1024;
+constexpr int64_t kXChunkBytes = 64 * 1024;
+
 template <int G, int MT, int RN, typename Out>
 void run_fast(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out) {
   const int64_t M = a.M, N = W.N, nb = W.nb;
@@ -926,25 +972,41 @@ void run_fast(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out
   const float* sx = a.sx.const_data_ptr<float>();
   const float* xsum = a.xsum.const_data_ptr<float>();
   const int64_t ntiles = (N + RN - 1) / RN;
+  const int64_t panel = std::max<int64_t>(1, kPanelBytes / (RN * nb * (G / 2)));
+  const int64_t chunk = std::max<int64_t>(MT, kXChunkBytes / a.Kp / MT * MT);
   for_tiles(ntiles, RN * M * a.Kp, [&](int64_t t0, int64_t t1) {
-    std::vector<float> zs(RN * nb);  // zero point * scale per block, for the correction term
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t nidx[RN];
-      for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
-      zero_point_scales<RN>(W, nidx, 0, zs.data());
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int64_t mr = std::min<int64_t>(MT, M - m0);
-        const int8_t* xt = qx + a.slot(m0, 0) * W.g;
-        const float* st = sx + a.slot(m0, 0);
-        float raw[MT * RN];
-        if (MT == 1 || mr == 4) fast_tile<G, MT, MT, RN>(isa, W, nidx, xt, st, raw);
-        else if (mr == 1) fast_tile<G, MT, 1, RN>(isa, W, nidx, xt, st, raw);
-        else if (mr == 2) fast_tile<G, MT, 2, RN>(isa, W, nidx, xt, st, raw);
-        else fast_tile<G, MT, 3, RN>(isa, W, nidx, xt, st, raw);
-        for (int64_t m = 0; m < mr; ++m)
-          for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
-            out.store(m0 + m, t * RN + n,
-                      raw[m * RN + n] - dot_f32(isa, zs.data() + n * nb, xsum + (m0 + m) * nb, nb));
+    std::vector<float> zs(std::min(panel, t1 - t0) * RN * nb);  // zero point * scale per block, per tile
+    for (int64_t p0 = t0; p0 < t1; p0 += panel) {
+      const int64_t p1 = std::min(t1, p0 + panel);
+      const auto rows_of = [&](int64_t t, int64_t* nidx) {
+        for (int n = 0; n < RN; ++n) nidx[n] = std::min(t * RN + n, N - 1);
+      };
+      for (int64_t t = p0; t < p1; ++t) {
+        int64_t nidx[RN];
+        rows_of(t, nidx);
+        zero_point_scales<RN>(W, nidx, 0, zs.data() + (t - p0) * RN * nb);
+      }
+      for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+        const int64_t c1 = std::min(M, c0 + chunk);
+        for (int64_t t = p0; t < p1; ++t) {
+          int64_t nidx[RN];
+          rows_of(t, nidx);
+          const float* zt = zs.data() + (t - p0) * RN * nb;
+          for (int64_t m0 = c0; m0 < c1; m0 += MT) {
+            const int64_t mr = std::min<int64_t>(MT, M - m0);
+            const int8_t* xt = qx + a.slot(m0, 0) * W.g;
+            const float* st = sx + a.slot(m0, 0);
+            float raw[MT * RN];
+            if (MT == 1 || mr == 4) fast_tile<G, MT, MT, RN>(isa, W, nidx, xt, st, raw);
+            else if (mr == 1) fast_tile<G, MT, 1, RN>(isa, W, nidx, xt, st, raw);
+            else if (mr == 2) fast_tile<G, MT, 2, RN>(isa, W, nidx, xt, st, raw);
+            else fast_tile<G, MT, 3, RN>(isa, W, nidx, xt, st, raw);
+            for (int64_t m = 0; m < mr; ++m)
+              for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
+                out.store(m0 + m, t * RN + n,
+                          raw[m * RN + n] - dot_f32(isa, zt + n * nb, xsum + (m0 + m) * nb, nb));
+          }
+        }
       }
     }
   });
@@ -1009,7 +1071,7 @@ PYSHRINK_AVX512 void gemv_init_lanes(const int8_t* v, int64_t nc, bool asym, int
 // weights then take the per-output correction sum_b scale * (zp - zp_offset) * xsum[m][b], for tiles whose dots
 // used the zero point zp_offset (fast: 0, exact: 8).
 template <int RM, int RN, typename Out, typename Tile>
-void gemv_tiles(const Q4Weights& W, const Acts& a, int zp_offset, const Output<Out>& out, const Tile& tile) {
+void gemv_tiles(Isa isa, const Q4Weights& W, const Acts& a, int zp_offset, const Output<Out>& out, const Tile& tile) {
   const int64_t N = W.N, nb = W.nb;
   const float* xsum = W.zp ? a.xsum.const_data_ptr<float>() : nullptr;
   for_tiles((N + RN - 1) / RN, RN * RM * a.Kp, [&](int64_t t0, int64_t t1) {
@@ -1023,7 +1085,7 @@ void gemv_tiles(const Q4Weights& W, const Acts& a, int zp_offset, const Output<O
       for (int m = 0; m < RM; ++m)
         for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
           out.store(m, t * RN + n,
-                    raw[m * RN + n] - (W.zp ? dot_f32(Isa::kAvx512, zs.data() + n * nb, xsum + m * nb, nb) : 0.0f));
+                    raw[m * RN + n] - (W.zp ? dot_f32(isa, zs.data() + n * nb, xsum + m * nb, nb) : 0.0f));
     }
   });
 }
@@ -1031,7 +1093,16 @@ void gemv_tiles(const Q4Weights& W, const Acts& a, int zp_offset, const Output<O
 // fast mode, M <= 3, AVX-512 VNNI (see fast_gemv_tile_avx512): the activations come laid out (Acts::gemv).
 template <int G, int RM, typename Out>
 void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
-  gemv_tiles<RM, 4>(W, a, 0, out, [&](const int64_t* nidx, float* raw) { fast_gemv_tile_avx512<G, RM, 4>(W, nidx, a.gv, raw); });
+  gemv_tiles<RM, 4>(Isa::kAvx512, W, a, 0, out, [&](const int64_t* nidx, float* raw) { fast_gemv_tile_avx512<G, RM, 4>(W, nidx, a.gv, raw); });
+}
+
+// fast mode, M == 1, AVX2 (see fast_gemv_row_avx2): the activations in run_fast's layout (MT = 1).
+template <int G, typename Out>
+void run_fast_gemv_avx2(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
+  const int8_t* qx = a.qx.const_data_ptr<int8_t>();
+  const float* sx = a.sx.const_data_ptr<float>();
+  const float* xsum = a.xsum.const_data_ptr<float>();
+  gemv_tiles<1, 1>(Isa::kAvx2, W, a, 0, out, [&](const int64_t* nidx, float* raw) { raw[0] = fast_gemv_row_avx2<G>(W, nidx[0], qx, sx, xsum); });
 }
 
 // exact mode, M <= 3, AVX-512 (see exact_gemv_tile_avx512); the activations come laid out (Acts::lanes).
@@ -1040,7 +1111,7 @@ void run_exact_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
   const int64_t nc = (a.Kp + 127) / 128;
   const float* xl[RM];
   for (int m = 0; m < RM; ++m) xl[m] = a.xd.const_data_ptr<float>() + m * nc * 128;
-  gemv_tiles<RM, RN>(W, a, 8, out, [&](const int64_t* nidx, float* raw) { exact_gemv_tile_avx512<G, RM, RN>(W, nidx, xl, nc, raw); });
+  gemv_tiles<RM, RN>(Isa::kAvx512, W, a, 8, out, [&](const int64_t* nidx, float* raw) { exact_gemv_tile_avx512<G, RM, RN>(W, nidx, xl, nc, raw); });
 }
 #endif
 
@@ -1138,6 +1209,7 @@ void run(Isa isa, const Q4Weights& W, const Acts& a, bool fast, const Output<Out
       return run_fast_gemv<G, 3>(W, a, out);
     }
     if (isa == Isa::kAvx512) return run_fast_vnni<G>(W, a, out);
+    if (a.M == 1 && has_avx2(isa)) return run_fast_gemv_avx2<G>(W, a, out);
 #endif
     if (a.M == 1) run_fast<G, 1, 4>(isa, W, a, out);
     else run_fast<G, 4, 2>(isa, W, a, out);

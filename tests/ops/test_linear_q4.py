@@ -82,6 +82,18 @@ def test_gemv_long_rows_and_partial_chunks(isa, gen, fast, M, K, g, sym):
     _check(torch.randn(M, K, generator=gen), packed, scales, zp, torch.randn(N, generator=gen), fast)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("K,g,sym", [(4096, 64, True), (8192, 128, False)])
+def test_fast_gemm_cache_blocks(isa, gen, threads, K, g, sym):
+    """fast mode with M >= 4 walks panels of weight tiles against chunks of x's rows (64 KB of codes: 16 rows at
+    K = 4096, 8 at 8192) so that both stay in L2: M = 37 spans several chunks and ends in a partial row group,
+    N = 150 several panels of 2-row tiles with a partial last one; one thread walks all of them in one task."""
+    N, M = 150, 37
+    packed, scales, zp = _weights(gen, N, K, g, sym)
+    with ops.kernel_threads(threads):
+        _check(torch.randn(M, K, generator=gen), packed, scales, zp, torch.randn(N, generator=gen), True)
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 def test_noncontiguous_and_batched_inputs(isa, gen, fast):
     K, N = 200, 33

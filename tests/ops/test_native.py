@@ -67,9 +67,11 @@ def test_isa_env_var(monkeypatch):
     monkeypatch.setenv("PYSHRINK_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match=r"pyshrink.linear_q8: PYSHRINK_CPU_ISA must be 'auto', 'avx512', 'avx2' or 'scalar', got 'sse9'"):
         torch.ops.pyshrink.linear_q8(torch.randn(1, 4), torch.zeros(2, 4, dtype=torch.int8), torch.ones(2), None)
+    monkeypatch.setenv("PYSHRINK_CPU_ISA", "auto")
+    supports = _C.build_info()  # read at a level every CPU has: build_info() itself asks for the chosen level
     for level in ("avx512", "avx2"):
         monkeypatch.setenv("PYSHRINK_CPU_ISA", level)
-        if _C.build_info()[f"cpu_supports_{level}"]:
+        if supports[f"cpu_supports_{level}"]:
             assert _C.cpu_isa() == level
         else:  # forcing a level the CPU lacks is an error, not a silent fallback
             with pytest.raises(RuntimeError, match=rf"pyshrink._C.cpu_isa: PYSHRINK_CPU_ISA={level} but this CPU"):
