@@ -425,11 +425,14 @@ struct TileState {
 #endif
 
 // ---------------------------------------------------------------------------------------------------------
-// fast tiles: raw[m*RN+n] = sum_b sx[m][b] * scale[n][b] * sum_k qx[m][k] * q[n][k]   (zero point not applied)
-// x / sx point at the tile's first row; row m of block b is at (b * MT + m) * G / (b * MT + m).
+// fast tiles: raw[m*RN+n] = sum_b sx[m][b] * scale[n][b] * sum_k qx[m][k] * q[n][k] - sum_b zs[n][b] * xs[m][b]
+// x / sx point at the tile's first row; row m of block b is at (b * MT + m) * G / (b * MT + m). The integer dots
+// leave the zero point out; the second sum puts it back, zs = zero point * scale per block of the RN weight rows
+// (zero_point_scales, [RN][nb]) and xs = sx * sum(qx) per block of the RM activation rows ([RM][nb]).
 
 template <int G, int MT, int RM, int RN>
-void fast_tile_scalar(const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, float* raw) {
+void fast_tile_scalar(const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, const float* zs,
+                      const float* xs, float* raw) {
   for (int m = 0; m < RM; ++m)
     for (int n = 0; n < RN; ++n) {
       const uint8_t* wp = W.row(nidx[n]);
@@ -442,6 +445,7 @@ void fast_tile_scalar(const Q4Weights& W, const int64_t* nidx, const int8_t* x, 
         for (int j = 0; j < G / 2; ++j) d += xb[j] * (p[j] & 0x0F) + xb[G / 2 + j] * (p[j] >> 4);
         acc += static_cast<float>(d) * (sx[b * MT + m] * ws[b]);
       }
+      for (int64_t b = 0; b < W.nb; ++b) acc -= zs[n * W.nb + b] * xs[m * W.nb + b];
       raw[m * RN + n] = acc;
     }
 }
@@ -476,7 +480,7 @@ PYSHRINK_AVX2_INLINE __m256 block_dot_avx2(const __m256i* w, const int8_t* xb) {
 
 template <int G, int MT, int RM, int RN>
 PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx,
-                                  float* raw) {
+                                  const float* zs, const float* xs, float* raw) {
   const int64_t nb = W.nb;
   TileState<RM, RN> t(W, nidx);
   auto& acc = t.acc;
@@ -491,6 +495,19 @@ PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const
       const __m256 sxv = _mm256_broadcast_ss(sx + b * MT + m);
       for (int n = 0; n < RN; ++n)
         acc[m][n] = _mm256_fmadd_ps(block_dot_avx2<G>(w[n], xb + m * G), _mm256_mul_ps(sxv, wsv[n]), acc[m][n]);
+    }
+  }
+  // The zero-point term, 8 blocks per lane-wise FMA into the same accumulators, so that one horizontal sum per
+  // output remains: a separate dot product per output (a call, its own horizontal sum and scalar tail) cost
+  // more than the tile itself at K = 576 (SmolLM2), where a row has 9 blocks.
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t b = 0; b < nb; b += 8) {
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, nb - b))), lane);
+    __m256 z[RN];
+    for (int n = 0; n < RN; ++n) z[n] = _mm256_maskload_ps(zs + n * nb + b, live);
+    for (int m = 0; m < RM; ++m) {
+      const __m256 xv = _mm256_maskload_ps(xs + m * nb + b, live);
+      for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_fnmadd_ps(z[n], xv, acc[m][n]);
     }
   }
   t.finish(raw);
@@ -948,11 +965,12 @@ void zero_point_scales(const Q4Weights& W, const int64_t* nidx, int offset, floa
 }
 
 template <int G, int MT, int RM, int RN>
-void fast_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, float* raw) {
+void fast_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, const float* zs,
+               const float* xs, float* raw) {
 #if PYSHRINK_X86
-  if (has_avx2(isa)) return fast_tile_avx2<G, MT, RM, RN>(W, nidx, x, sx, raw);
+  if (has_avx2(isa)) return fast_tile_avx2<G, MT, RM, RN>(W, nidx, x, sx, zs, xs, raw);
 #endif
-  fast_tile_scalar<G, MT, RM, RN>(W, nidx, x, sx, raw);
+  fast_tile_scalar<G, MT, RM, RN>(W, nidx, x, sx, zs, xs, raw);
 }
 
 // MT = RM = 1, RN = 4 for M == 1 (at the scalar level: AVX2 and AVX-512 have GEMVs of their own); MT = 4
@@ -996,15 +1014,14 @@ void run_fast(Isa isa, const Q4Weights& W, const Acts& a, const Output<Out>& out
             const int64_t mr = std::min<int64_t>(MT, M - m0);
             const int8_t* xt = qx + a.slot(m0, 0) * W.g;
             const float* st = sx + a.slot(m0, 0);
+            const float* xs = xsum + m0 * nb;
             float raw[MT * RN];
-            if (MT == 1 || mr == 4) fast_tile<G, MT, MT, RN>(isa, W, nidx, xt, st, raw);
-            else if (mr == 1) fast_tile<G, MT, 1, RN>(isa, W, nidx, xt, st, raw);
-            else if (mr == 2) fast_tile<G, MT, 2, RN>(isa, W, nidx, xt, st, raw);
-            else fast_tile<G, MT, 3, RN>(isa, W, nidx, xt, st, raw);
+            if (MT == 1 || mr == 4) fast_tile<G, MT, MT, RN>(isa, W, nidx, xt, st, zt, xs, raw);
+            else if (mr == 1) fast_tile<G, MT, 1, RN>(isa, W, nidx, xt, st, zt, xs, raw);
+            else if (mr == 2) fast_tile<G, MT, 2, RN>(isa, W, nidx, xt, st, zt, xs, raw);
+            else fast_tile<G, MT, 3, RN>(isa, W, nidx, xt, st, zt, xs, raw);
             for (int64_t m = 0; m < mr; ++m)
-              for (int64_t n = 0; n < RN && t * RN + n < N; ++n)
-                out.store(m0 + m, t * RN + n,
-                          raw[m * RN + n] - dot_f32(isa, zt + n * nb, xsum + (m0 + m) * nb, nb));
+              for (int64_t n = 0; n < RN && t * RN + n < N; ++n) out.store(m0 + m, t * RN + n, raw[m * RN + n]);
           }
         }
       }
