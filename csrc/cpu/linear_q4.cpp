@@ -11,7 +11,7 @@
 //   _mm256_madd_epi16 with ones widens to int32, and one FMA adds dot*sx*scale to a float accumulator. The
 //   zero point is not subtracted per block: sum(qx*(q-zp)) = sum(qx*q) - zp*sum(qx), and the second term
 //   for a whole row is one short dot product over blocks, sum_b zp*scale*(sx*sum qx), with sx*sum(qx)
-//   computed when x is quantized. Rows of x are stored in groups of 4, block-interleaved
+//   computed when x is quantized (the GEMM tiles add it 8 blocks per FMA into their accumulators). Rows of x are stored in groups of 4, block-interleaved
 //   ([M/4][nb][4][g]), so a tile of 4 rows reads one contiguous run per block through a single pointer.
 // exact (float activations): every 16 activations are stored as their 8 even then 8 odd elements;
 //   vpmovzxbd widens 8 packed bytes to 8 dwords, `& 15` and `>> 4` give the 8 even and the 8 odd codes,
@@ -407,9 +407,10 @@ struct TileState {
     for (int m = 0; m < RM; ++m)
       for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
   }
-  // GEMV (RM == 1) is memory bound: ask early for block b of the next tile's rows (RN rows further), which
-  // adds RN streams in flight to the RN the hardware prefetcher follows (prefetching the current rows
-  // further ahead measured slower).
+  // The exact GEMV (RM == 1) is memory bound: ask early for block b of the next tile's rows (RN rows further),
+  // which adds RN streams in flight to the RN the hardware prefetcher follows (prefetching the current rows
+  // further ahead measured slower on the AVX-512 machine; the fast GEMV reads one row at a time instead, see
+  // fast_gemv_row_avx2).
   template <int G>
   PYSHRINK_AVX2_INLINE void prefetch_next_tile(int64_t nb, int64_t b) const {
     const int64_t row_bytes = nb * (G / 2);
@@ -485,7 +486,6 @@ PYSHRINK_AVX2 void fast_tile_avx2(const Q4Weights& W, const int64_t* nidx, const
   TileState<RM, RN> t(W, nidx);
   auto& acc = t.acc;
   for (int64_t b = 0; b < nb; ++b) {
-    if (RM == 1) t.template prefetch_next_tile<G>(nb, b);
     __m256i w[RN][G / 32];
     for (int n = 0; n < RN; ++n) unpack_block_avx2<G>(t.wp[n] + b * (G / 2), w[n]);
     __m256 wsv[RN];
@@ -759,7 +759,7 @@ PYSHRINK_AVX512 void fast_gemm_tile_avx512(const int8_t* codes, const int32_t* c
 // about half the AVX2 tile's instructions per weight (maddubs + madd per 32 bytes). Symmetric weights: the zero
 // point 8 goes into the integer accumulator's start value, -8 * (sum of the lane's 8 activations), computed
 // once per call, so every lane's dot is exact with the zero point included and no per-output correction is
-// left; asymmetric zero points are corrected per output as in run_fast.
+// left; asymmetric zero points are corrected per output as in gemv_tiles.
 #if PYSHRINK_X86
 // What the M <= 3 GEMV tiles (fast and exact) share: RN weight rows walked in 64-byte chunks (128 weights), the
 // last one read with a mask; each chunk's block scales spread to the 16 int32/float lanes (a lane is 4 bytes
@@ -968,7 +968,9 @@ template <int G, int MT, int RM, int RN>
 void fast_tile(Isa isa, const Q4Weights& W, const int64_t* nidx, const int8_t* x, const float* sx, const float* zs,
                const float* xs, float* raw) {
 #if PYSHRINK_X86
-  if (has_avx2(isa)) return fast_tile_avx2<G, MT, RM, RN>(W, nidx, x, sx, zs, xs, raw);
+  // MT == 1 (M == 1) reaches the tiles only at the scalar level: AVX2 has fast_gemv_row_avx2
+  if constexpr (MT > 1)
+    if (has_avx2(isa)) return fast_tile_avx2<G, MT, RM, RN>(W, nidx, x, sx, zs, xs, raw);
 #endif
   fast_tile_scalar<G, MT, RM, RN>(W, nidx, x, sx, zs, xs, raw);
 }

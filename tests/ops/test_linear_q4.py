@@ -83,12 +83,14 @@ def test_gemv_long_rows_and_partial_chunks(isa, gen, fast, M, K, g, sym):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("K,g,sym", [(4096, 64, True), (8192, 128, False)])
-def test_fast_gemm_cache_blocks(isa, gen, threads, K, g, sym):
+@pytest.mark.parametrize("M", [1, 37])
+@pytest.mark.parametrize("K,g,sym", [(4096, 64, True), (4000, 64, False), (8192, 128, False)])
+def test_fast_gemm_cache_blocks(isa, gen, threads, M, K, g, sym):
     """fast mode with M >= 4 walks panels of weight tiles against chunks of x's rows (64 KB of codes: 16 rows at
     K = 4096, 8 at 8192) so that both stay in L2: M = 37 spans several chunks and ends in a partial row group,
-    N = 150 several panels of 2-row tiles with a partial last one; one thread walks all of them in one task."""
-    N, M = 150, 37
+    N = 151 several panels of 2-row tiles whose last one repeats a row; K = 4000 is padded to whole blocks. One
+    thread walks all of them in one task. M = 1 at the scalar level walks the same panels (4-row tiles)."""
+    N = 151
     packed, scales, zp = _weights(gen, N, K, g, sym)
     with ops.kernel_threads(threads):
         _check(torch.randn(M, K, generator=gen), packed, scales, zp, torch.randn(N, generator=gen), True)
