@@ -24,7 +24,9 @@ timed in each shape's M=1 rounds, interleaved with the methods, "read probe 1 GB
 buffer) and "read probe" (torch.sum over rotated float32 buffers of the 4-bit weights' size, the methods'
 per-call size). The read bandwidth of this VM moves by 10-25 % within minutes (the 1 GB probe at the start of
 two runs six minutes apart: 21.3 and 27.7 GB/s), so a probe taken once at the start is printed only for
-reference.
+reference. pyshrink's codes sit in huge-page memory, as a loaded model's do (pyshrink.ops.memory), and so do
+both probes' buffers, so the comparison is between reads from the same kind of pages; --no-hugepages keeps
+all three in plain allocations.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyshrink  # noqa: E402,F401
 from pyshrink import _C  # noqa: E402
-from pyshrink.ops import q4  # noqa: E402
+from pyshrink.ops import memory, q4  # noqa: E402
 
 G = 64
 PROBE = "read probe"  # torch.sum over buffers of the 4-bit weights' size; timed at M=1 only
@@ -70,6 +72,13 @@ def read_bandwidth(gb: float = 1.0, reps: int = 5) -> tuple[float, float]:
     torch.set_num_threads(2)
     del a
     return out[0], out[1]
+
+
+def thp_mode() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
 
 
 def _ort_global_pool(threads: int = 2):
@@ -103,8 +112,12 @@ def ort_session(packed: np.ndarray, scales: np.ndarray, K: int, N: int, acc: int
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def make_methods(K: int, N: int, rotate_bytes: float, gen: torch.Generator, with_ort: bool):
-    """name -> (list of per-copy callables taking x [M, K] float32, bytes of weights read per call)."""
+def make_methods(K: int, N: int, rotate_bytes: float, gen: torch.Generator, with_ort: bool, huge: bool):
+    """name -> (list of per-copy callables taking x [M, K] float32, bytes of weights read per call).
+
+    With ``huge``, pyshrink's codes sit in huge-page memory as in a loaded model (pyshrink.ops.memory), and so
+    do both read probes' buffers, so that '% of read BW' compares reads from the same kind of pages."""
+    home = memory.in_hugepages if huge else (lambda t: t)
     nb = -(-K // G)
     q_bytes = N * nb * (G // 2) + N * nb * 4
 
@@ -116,10 +129,11 @@ def make_methods(K: int, N: int, rotate_bytes: float, gen: torch.Generator, with
         packed = torch.randint(0, 256, (N, nb, G // 2), dtype=torch.uint8, generator=gen)
         scales = torch.randn(N, nb, generator=gen) * 0.01
         base.append((packed, scales))
+    ours = [(home(p), s) for p, s in base]
     zp = torch.empty(0, dtype=torch.uint8)
     methods = {
-        "pyshrink exact": ([lambda x, p=p, s=s: torch.ops.pyshrink.linear_q4(x, p, s, zp, None, False) for p, s in base], q_bytes),
-        "pyshrink fast": ([lambda x, p=p, s=s: torch.ops.pyshrink.linear_q4(x, p, s, zp, None, True) for p, s in base], q_bytes),
+        "pyshrink exact": ([lambda x, p=p, s=s: torch.ops.pyshrink.linear_q4(x, p, s, zp, None, False) for p, s in ours], q_bytes),
+        "pyshrink fast": ([lambda x, p=p, s=s: torch.ops.pyshrink.linear_q4(x, p, s, zp, None, True) for p, s in ours], q_bytes),
     }
     if with_ort:
         for acc in (0, 4):
@@ -144,9 +158,9 @@ def make_methods(K: int, N: int, rotate_bytes: float, gen: torch.Generator, with
     methods["torch bf16"] = ([lambda x, w=w: F.linear(x.bfloat16(), w) for w in dense16], N * K * 2)
     # A plain read of the same bytes per call (float32 buffers the size of the 4-bit weights, rotated alike),
     # timed in the same rounds: the read bandwidth a GEMV of this size could reach at this moment.
-    flat = [torch.ones(q_bytes // 4) for _ in range(copies(q_bytes))]
+    flat = [home(torch.ones(q_bytes // 4)) for _ in range(copies(q_bytes))]
     methods[PROBE] = ([lambda x, b=b: b.sum() for b in flat], q_bytes)
-    big = torch.ones(2**28)  # the start-of-run probe's 1 GB, in the same rounds
+    big = home(torch.ones(2**28))  # the start-of-run probe's 1 GB, in the same rounds
     methods[PROBE_1GB] = ([lambda x: big.sum()], 2**30)
     return methods
 
@@ -227,6 +241,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one shape, few repeats, small rotation")
     ap.add_argument("--rotate-mb", type=float, default=None, help="weight bytes cycled per method (default 512, quick 96)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    ap.add_argument("--no-hugepages", action="store_true",
+                    help="keep pyshrink's codes and the read probes in plain allocations (4 KiB pages where THP is "
+                         "'madvise'), as before pyshrink moved loaded codes into huge pages")
     ap.add_argument("--schedule", choices=("blocks", "round-robin"), default="blocks",
                     help="blocks (default): each round runs a method for several consecutive calls and counts all but the "
                          "first (the first 3 at M=1); round-robin: one call per method per round (peers' spinning threads then slow the next call)")
@@ -241,6 +258,7 @@ def main():
     except OSError:
         load = (float("nan"),) * 3
 
+    huge = memory.hugepages_enabled() and not args.no_hugepages
     bw2, bw1 = read_bandwidth(0.5 if args.quick else 1.0)
     print(f"# pyshrink CPU kernels, {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -248,11 +266,13 @@ def main():
     print(f"measured read bandwidth (torch.sum over 1 GB, median of 5): {bw2:.1f} GB/s with 2 threads, "
           f"{bw1:.1f} GB/s with 1 (for reference: the read bandwidth of this VM moves by 10-25 % within minutes, "
           f"so '% of read BW' uses the higher of the two probes timed in each shape's M=1 rounds)")
-    print(f"group size {G}, symmetric; weights rotated over >= {rotate / 1e6:.0f} MB per method; schedule {args.schedule}\n")
+    print(f"group size {G}, symmetric; weights rotated over >= {rotate / 1e6:.0f} MB per method; schedule {args.schedule}; "
+          f"pyshrink's codes and the read probes in huge-page memory: {'yes' if huge else 'no'} "
+          f"(THP mode {thp_mode()}; ONNX Runtime and torch keep their own allocations)\n")
     print("| K -> N | M | method | median ms | vs torch f32 | vs ORT acc4 | weight GB/s | % of read BW |")
     print("|---|---|---|---|---|---|---|---|")
     for K, N in shapes:
-        methods = make_methods(K, N, rotate, gen, not args.no_ort)
+        methods = make_methods(K, N, rotate, gen, not args.no_ort, huge)
         for M in Ms:
             x = torch.randn(M, K, generator=gen)
             rounds = (25 if M == 1 else 12 if M == 8 else 6) if args.quick else (60 if M == 1 else 25 if M == 8 else 10)

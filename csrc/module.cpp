@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "cpu/hugepages.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
 
@@ -52,4 +53,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_threads_setting", [] { return pyshrink::cpu::kernel_threads_setting().load(); },
         "The value set_num_threads last set (0: following torch).");
   m.def("get_num_threads", &pyshrink::cpu::num_threads, "Threads pyshrink's CPU kernels use now.");
+  m.def("hugepage_copy", &pyshrink::cpu::hugepage_copy,
+        "A contiguous copy of a CPU tensor in 2 MiB-aligned memory advised MADV_HUGEPAGE (csrc/cpu/hugepages.cpp).");
 }

@@ -270,6 +270,9 @@ def _load_transformed(path, config, cls, transforms, dtype):
                              f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied or tied_keys:
         model.tie_weights()
+    for m in model.modules():  # load_state_dict copied the codes into the skeleton's plain allocations
+        if hasattr(m, "streamed_buffers_to_hugepages"):
+            m.streamed_buffers_to_hugepages()
     return model
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..arch.linears import in_features as _in_features
 from ..arch.linears import weight_out_in
+from ..ops.memory import in_hugepages
 from ..ops.q4 import GROUP_SIZES
 from .grid import dequantize_buffers
 
@@ -77,6 +78,13 @@ class _QuantBase(nn.Module):
         return cls.from_buffers(bufs, first.in_features, bias=bias, input_scale=first.input_scale,
                                 fast=getattr(first, "fast", True))
 
+    def streamed_buffers_to_hugepages(self) -> None:
+        """Moves the weight codes (what a one-token step streams) into huge-page memory where that applies
+        (:func:`pyshrink.ops.memory.in_hugepages`): called when a layer is built from buffers and after a
+        saved model's buffers are loaded into its skeleton."""
+        for name in self.STREAMED:
+            self._buffers[name] = in_hugepages(self._buffers[name])
+
     def _call_settings(self) -> tuple:
         """What, besides the buffers, decides how the layer computes (equal for layers that share one call)."""
         return tuple(getattr(self, a, None) for a in ("group_size", "symmetric", "fast"))
@@ -122,6 +130,7 @@ class QuantLinear(_QuantBase):
     """
 
     bits = 4
+    STREAMED = ("packed",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 64,
                  symmetric: bool = True, input_scale: bool = False, fast: bool = True, device=None,
@@ -154,6 +163,7 @@ class QuantLinear(_QuantBase):
                     dtype=bias.dtype if bias is not None else torch.float32)
         layer.packed, layer.scales, layer.zero_points = packed, buffers["scales"], buffers["zero_points"]
         layer._set_bias_and_scale(bias, input_scale)
+        layer.streamed_buffers_to_hugepages()
         return layer
 
     @classmethod
@@ -185,6 +195,7 @@ class QuantLinear8(_QuantBase):
     """
 
     bits = 8
+    STREAMED = ("q",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_scale: bool = False,
                  device=None, dtype=torch.float32, **_ignored):
@@ -206,6 +217,7 @@ class QuantLinear8(_QuantBase):
                     dtype=bias.dtype if bias is not None else torch.float32)
         layer.q, layer.scales = q, buffers["scales"]
         layer._set_bias_and_scale(bias, input_scale)
+        layer.streamed_buffers_to_hugepages()
         return layer
 
     @classmethod

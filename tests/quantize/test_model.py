@@ -8,6 +8,7 @@ from _quantutil import FAMILY_NAMES, calib_ids, model_output, random_ids, tiny_m
 from pyshrink import models
 from pyshrink.arch import adapter_for
 from pyshrink.arch.linears import is_projection
+from pyshrink.ops import memory
 from pyshrink.quantize import QuantLinear, QuantLinear8, quantize, quantize_model
 from pyshrink.quantize.config import QuantConfig
 
@@ -100,7 +101,7 @@ def test_eight_bit_auto_is_no_worse_than_rtn_with_a_massive_activation():
     ("bert", dict(method="awq", group_size=32)),  # encoder, input_scale where 1/s cannot be folded
     ("opt", dict(method="rtn", bits=8)),
 ])
-def test_save_load_identical_and_generate(tmp_path, family, kw):
+def test_save_load_identical_and_generate(tmp_path, monkeypatch, family, kw):
     model = tiny_model(family)
     quantize(model, calibration=calib_ids(), **kw, **SMALL)
     ids = random_ids()
@@ -108,10 +109,13 @@ def test_save_load_identical_and_generate(tmp_path, family, kw):
     out = models.save(model, word_tokenizer(), tmp_path / "q")
     meta = json.loads((out / models.META_FILE).read_text())
     assert meta["transforms"][-1]["kind"] == "quantize"
+    monkeypatch.setattr(memory, "MIN_BYTES", 1)  # every layer's codes count as large: the load path re-homes them
     loaded, _ = models.load_model(out)
     torch.testing.assert_close(model_output(loaded, ids), before, rtol=0, atol=0)
     kinds = {type(m) for m in loaded.modules()}
     assert QuantLinear in kinds or QuantLinear8 in kinds
+    codes = [m._buffers[m.STREAMED[0]] for m in loaded.modules() if isinstance(m, (QuantLinear, QuantLinear8))]
+    assert codes and all(c.data_ptr() % (2 << 20) == 0 for c in codes)  # in hugepage_copy's allocations
     if family == "llama":
         assert isinstance(loaded.lm_head, QuantLinear8) and loaded.model.embed_tokens.weight.dtype == torch.float32
         assert loaded.config.tie_word_embeddings is False

@@ -1,0 +1,34 @@
+"""Where large weight buffers live in memory: transparent huge pages for the ones the kernels stream.
+
+A one-token step reads every weight once, as one stream per thread; in 4 KiB pages that stream crosses a page
+boundary every 4 KiB, where the hardware prefetchers stop and the TLB misses, so on a machine whose THP mode is
+``madvise`` (plain allocations, torch's included, get 4 KiB pages) the packed weights are copied into memory
+advised ``MADV_HUGEPAGE`` (csrc/cpu/hugepages.cpp says what that measured). The copy is a hint to the kernel:
+with THP off the pages stay small and nothing else changes.
+
+``PYSHRINK_HUGEPAGES=0`` turns it off (to compare, or where memory is too fragmented for huge pages to pay).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _native
+
+_C = _native.load()  # None only with PYSHRINK_REFERENCE=1 (after its loud warning)
+
+MIN_BYTES = 2 << 20  # one huge page: smaller buffers would round a whole page up for nothing
+
+
+def hugepages_enabled() -> bool:
+    """Whether :func:`in_hugepages` copies (the native build is loaded and ``PYSHRINK_HUGEPAGES`` is not 0)."""
+    return _C is not None and os.environ.get("PYSHRINK_HUGEPAGES", "1") != "0"
+
+
+def in_hugepages(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it in huge-page-advised memory when it is a CPU tensor of at least
+    :data:`MIN_BYTES` and :func:`hugepages_enabled`. The values are equal; only where they live changes."""
+    if not hugepages_enabled() or t.device.type != "cpu" or t.nbytes < MIN_BYTES or t.requires_grad:
+        return t
+    return _C.hugepage_copy(t)
