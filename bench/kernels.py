@@ -74,13 +74,6 @@ def read_bandwidth(gb: float = 1.0, reps: int = 5) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def thp_mode() -> str:
-    try:
-        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return "unknown"
-
-
 def _ort_global_pool(threads: int = 2):
     import onnxruntime.capi._pybind_state as ort_c
     if not getattr(_ort_global_pool, "done", False):  # must precede the first session
@@ -268,7 +261,7 @@ def main():
           f"so '% of read BW' uses the higher of the two probes timed in each shape's M=1 rounds)")
     print(f"group size {G}, symmetric; weights rotated over >= {rotate / 1e6:.0f} MB per method; schedule {args.schedule}; "
           f"pyshrink's codes and the read probes in huge-page memory: {'yes' if huge else 'no'} "
-          f"(THP mode {thp_mode()}; ONNX Runtime and torch keep their own allocations)\n")
+          f"(THP mode {memory.thp_mode()}; ONNX Runtime and torch keep their own allocations)\n")
     print("| K -> N | M | method | median ms | vs torch f32 | vs ORT acc4 | weight GB/s | % of read BW |")
     print("|---|---|---|---|---|---|---|---|")
     for K, N in shapes:

@@ -2,39 +2,51 @@
 //
 // Why: a GEMV streams each weight once per token, and with 4 KiB pages that stream crosses a page every 4 KiB:
 // the hardware prefetchers stop at page boundaries and every page costs a TLB walk. In 2 MiB pages the same
-// read runs closer to the memory's bandwidth. Development measurements on a 2-core AMD EPYC (Zen 3) VM with THP
-// in "madvise" mode (so plain allocations, torch's included, get 4 KiB pages), linear_q4 fast, M = 1, 4096 x 4096
-// g64, weights rotated over 300 MB, beside torch.sum over float32 buffers of the same size and pages: with
-// 4 KiB pages 79-97 % of that read, both in 2 MiB pages 90-95 % (and both faster).
-// bench/RESULTS.md (CPU kernels) has the committed effect.
+// read runs closer to the memory's bandwidth. On a machine whose THP mode is "madvise" plain allocations
+// (torch's included) get 4 KiB pages. bench/RESULTS.md (CPU kernels, AVX2-only machine) has the measurements.
 //
-// The advice is a hint: with THP "never", or no free huge page, the kernel keeps 4 KiB pages and nothing else
-// changes. The allocation is freed with the tensor's storage.
+// The memory is a fresh anonymous mapping, never memory the allocator has used before: a recycled heap range
+// is already faulted in with 4 KiB pages, and advising it would change nothing. The mapping starts on a 2 MiB
+// boundary and is only as long as the data (rounded to 4 KiB): the kernel backs each whole 2 MiB of it with a
+// huge page and the partial tail with small ones, so no buffer grows by more than 4 KiB. The advice is a hint:
+// with THP "never", or no free huge page, the pages stay small and nothing else changes.
 #include "hugepages.h"
 
-#include <cstdlib>
-#include <cstring>
+#include <algorithm>
+#include <cstdint>
 
 #ifdef __linux__
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace pyshrink {
 namespace cpu {
 
 at::Tensor hugepage_copy(const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), "pyshrink hugepage_copy: expected a CPU tensor, got one on ", t.device());
-  const at::Tensor src = t.contiguous();
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t bytes = src.nbytes();
-  const size_t cap = std::max<size_t>(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
-  void* p = std::aligned_alloc(kHuge, cap);
-  TORCH_CHECK(p != nullptr, "pyshrink hugepage_copy: could not allocate ", cap, " bytes");
+  TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided,
+              "pyshrink hugepage_copy: expected a strided CPU tensor, got one on ", t.device(), " with layout ",
+              t.layout());
 #ifdef __linux__
-  madvise(p, cap, MADV_HUGEPAGE);  // before the first touch, so that the copy faults the pages in as huge ones
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t len = std::max(page, (t.nbytes() + page - 1) / page * page);
+  // over-map by one huge page, then give back the head before the first 2 MiB boundary and the tail after `len`
+  const size_t span = len + kHuge;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(raw != MAP_FAILED, "pyshrink hugepage_copy: could not map ", span, " bytes");
+  const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t start = (base + kHuge - 1) / kHuge * kHuge;
+  if (start > base) munmap(raw, start - base);
+  if (base + span > start + len) munmap(reinterpret_cast<void*>(start + len), base + span - (start + len));
+  void* p = reinterpret_cast<void*>(start);
+  madvise(p, len, MADV_HUGEPAGE);  // before the first touch, so that the copy faults the pages in as huge ones
+  at::Tensor out = at::from_blob(p, t.sizes(), [len](void* q) { munmap(q, len); }, t.options());
+#else
+  at::Tensor out = at::empty(t.sizes(), t.options());  // no THP to advise: a plain contiguous copy
 #endif
-  if (bytes) std::memcpy(p, src.const_data_ptr(), bytes);
-  return at::from_blob(p, src.sizes(), [](void* q) { std::free(q); }, src.options());
+  out.copy_(t);  // copy_ resolves conjugate and negative views and strides
+  return out;
 }
 
 }  // namespace cpu

@@ -6,8 +6,8 @@
 namespace pyshrink {
 namespace cpu {
 
-// A contiguous copy of the CPU tensor `t` in a 2 MiB-aligned allocation advised MADV_HUGEPAGE (Linux; elsewhere
-// the same copy, 2 MiB-aligned, without the advice).
+// A contiguous copy of the strided CPU tensor `t` in a fresh 2 MiB-aligned anonymous mapping advised
+// MADV_HUGEPAGE (Linux; elsewhere a plain contiguous copy).
 at::Tensor hugepage_copy(const at::Tensor& t);
 
 }  // namespace cpu

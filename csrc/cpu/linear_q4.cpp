@@ -7,8 +7,8 @@
 // fast (int8 activations, see pyshrink/ops/q4.py): each block of g int8 activations is stored as its g/2
 //   even-indexed elements then its g/2 odd ones, so `bytes & 0x0F` and `(bytes >> 4) & 0x0F` of a block's
 //   packed codes line up with the two halves. _mm256_maddubs_epi16(codes u8 0..15, qx s8) sums adjacent
-//   products into int16 (|.| <= 2*15*127; at most 4 of those are added for g=128, and the M = 1 GEMV adds two
-//   such block sums, so no saturation),
+//   products into int16 (|.| <= 2*15*127; at most 4 of those are added for g=128, and the M = 1 AVX2 GEMV
+//   then adds two int16 lanes of one block, at most 30,480: no saturation),
 //   _mm256_madd_epi16 with ones widens to int32, and one FMA adds dot*sx*scale to a float accumulator. The
 //   zero point is not subtracted per block: sum(qx*(q-zp)) = sum(qx*q) - zp*sum(qx), and the second term
 //   for a whole row is one short dot product over blocks, sum_b zp*scale*(sx*sum qx), with sx*sum(qx)
@@ -952,7 +952,8 @@ float dot_f32(Isa isa, const float* a, const float* b, int64_t n) {
 constexpr int64_t kAvx2GemvAhead = 8192;
 
 // Two blocks' int16 partial sums s0, s1 -> 8 int32 partial sums, lanes [b0 b1 b0 b1 | b0 b1 b0 b1]: the 32-bit
-// unpacks interleave int16 pairs of the two blocks, the add folds the halves (|.| <= 2 * 15240 < 2^15).
+// unpacks interleave int16 pairs of the two blocks, and the add folds lanes of the same block together
+// (|.| <= 2 * 15240 < 2^15).
 PYSHRINK_AVX2_INLINE __m256i fast_pair_avx2(__m256i s0, __m256i s1) {
   const __m256i s = _mm256_add_epi16(_mm256_unpacklo_epi32(s0, s1), _mm256_unpackhi_epi32(s0, s1));
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
