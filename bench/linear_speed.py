@@ -10,8 +10,9 @@ Shapes 4096 -> 4096, 4096 -> 11008 and 11008 -> 4096, g = 64 symmetric, float32 
 and exact mode, weights rotated over 256 MB so that every call reads them from memory. Every process also
 times a bare read of the same bytes (torch.sum over rotated float32 buffers of the 4-bit weights' size) in the
 same interleaved blocks, so '% of read' compares each build with the memory bandwidth it had at that moment.
-Then fast mode at M > 1 (prefill and batches: compute bound, the weights in cache), medians of 30 calls:
-M = 8 and 128 on 4096 x 4096, M = 8 and 64 on 576 -> 1536 (SmolLM2's MLP).
+Then fast mode on one weight called over and over (in cache: the arithmetic's own rate), medians of 30 calls:
+M = 1 on 4096 x 4096 (9.4 MB, in L3: how far the GEMV could outrun memory), M = 8 and 128 on 4096 x 4096
+(prefill and batches, compute bound), M = 8 and 64 on 576 -> 1536 (SmolLM2's MLP).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab import child_script, cli  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
-GEMMS = ((8, 4096, 4096), (128, 4096, 4096), (8, 576, 1536), (64, 576, 1536))
+GEMMS = ((1, 4096, 4096), (8, 4096, 4096), (128, 4096, 4096), (8, 576, 1536), (64, 576, 1536))
 
 CHILD = child_script(r"""
 def settle(s):  # busy wait: a sleeping main thread lets the VM idle the vCPU (see bench/kernels.py, settle)
