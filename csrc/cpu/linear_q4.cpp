@@ -45,6 +45,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <numeric>
 #include <type_traits>
@@ -357,25 +358,36 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, 
     return a;
   }
 #endif
+  // Every slot of a real row is written below, so only the padded rows' slots need zeros: zero-filled tensors
+  // and buffers, and a copy of rows that can be read in place, cost microseconds a call, which matters to a
+  // decoding step's small GEMVs (development measurement, one 576-wide row, fast mode, N = 1: 14 -> 9.5 us).
   if (fast) {
-    a.qx = at::zeros({Mp * Kp}, x2.options().dtype(at::kChar));
-    a.sx = at::zeros({Mp * nb}, f32);
+    a.qx = at::empty({Mp * Kp}, x2.options().dtype(at::kChar));
+    a.sx = at::empty({Mp * nb}, f32);
     a.xsum = at::empty({M, nb}, f32);
+    int8_t* q = a.qx.data_ptr<int8_t>();
+    float* sx = a.sx.data_ptr<float>();
+    for (int64_t m = M; m < Mp; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        sx[a.slot(m, b)] = 0.0f;
+        std::fill(q + a.slot(m, b) * g, q + (a.slot(m, b) + 1) * g, int8_t{0});
+      }
   } else {
     a.xd = at::empty({M, Kp}, f32);
   }
+  const bool direct = in_place(Kp);  // rows read in place, else converted (and zero-padded) into `nat`
   parallel_for(M, std::max<int64_t>(1, 8192 / Kp), [&](int64_t m0, int64_t m1) {
-    std::vector<float> nat(Kp), dei(fast ? Kp : 0);
+    std::unique_ptr<float[]> nat(direct ? nullptr : new float[Kp]), dei(fast ? new float[Kp] : nullptr);
+    if (!direct) std::fill(nat.get() + K, nat.get() + Kp, 0.0f);
     for (int64_t m = m0; m < m1; ++m) {
-      std::fill(nat.begin() + K, nat.end(), 0.0f);
-      row_to_float(xp + m * rs, cs, K, nat.data(), isa);
-      float* out = fast ? dei.data() : a.xd.data_ptr<float>() + m * Kp;
+      const float* row = float_row(xp + m * rs, cs, K, direct, nat.get(), isa);
+      float* out = fast ? dei.get() : a.xd.data_ptr<float>() + m * Kp;
       const int64_t span = fast ? g : 16;
 #if PYSHRINK_X86
-      if (has_avx2(isa)) deinterleave_avx2(nat.data(), Kp, span, out);
+      if (has_avx2(isa)) deinterleave_avx2(row, Kp, span, out);
       else
 #endif
-        deinterleave_scalar(nat.data(), Kp, span, out);
+        deinterleave_scalar(row, Kp, span, out);
       if (!fast) continue;
       int8_t* q = a.qx.data_ptr<int8_t>();
       float* sx = a.sx.data_ptr<float>();
@@ -384,10 +396,10 @@ Acts prepare(const at::Tensor& x2, int64_t g, int64_t nb, bool fast, bool asym, 
         const int64_t sl = a.slot(m, b);
         int32_t sum;
 #if PYSHRINK_X86
-        if (has_avx2(isa)) sum = quantize_block_avx2(dei.data() + b * g, g, sx + sl, q + sl * g);
+        if (has_avx2(isa)) sum = quantize_block_avx2(dei.get() + b * g, g, sx + sl, q + sl * g);
         else
 #endif
-          sum = quantize_block_scalar(nat.data() + b * g, g, sx + sl, q + sl * g);  // natural order in
+          sum = quantize_block_scalar(row + b * g, g, sx + sl, q + sl * g);  // natural order in
         xs[b] = sx[sl] * static_cast<float>(sum);
       }
     }
@@ -938,8 +950,8 @@ float dot_f32(Isa isa, const float* a, const float* b, int64_t n) {
 // of the same bytes): 4096 x 4096 g64: 4 rows with the next-tile prefetch 72-75 %, the same loads without the
 // arithmetic 74-77 %, one row without a prefetch 73 %, one row prefetching 1 / 4 / 8 / 16 KiB ahead
 // 80 / 83 / 84-89 / 89 %; 1536 -> 576: 54-61 % against 82-88 %; 11008 -> 4096 (5.5 KB rows): 85-88 % against
-// 86-87 %. bench/RESULTS.md (CPU kernels) has the committed effect. The symmetric zero point 8 comes off per
-// row with one short dot product, 8 * sum_b scale_b * xsum_b, instead of the general tile's per-block loop.
+// 86-87 %. bench/RESULTS.md (CPU kernels) has the committed effect. The symmetric zero point 8 comes off as
+// 8 * sum_b scale_b * xsum_b, accumulated in the loop, instead of the general tile's per-block loop.
 //
 // The arithmetic is laid out for throughput, since on that machine the loop is as much compute as memory bound
 // (the same loop over L2-resident weights ran at about the read bandwidth of the two cores): 4 blocks per step,
@@ -959,9 +971,15 @@ PYSHRINK_AVX2_INLINE __m256i fast_pair_avx2(__m256i s0, __m256i s1) {
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
-template <int G>
-PYSHRINK_AVX2 float fast_gemv_row_avx2(const Q4Weights& W, int64_t n, const int8_t* x, const float* sx,
-                                       const float* xsum) {
+// One row's dot. Symmetric weights (`Sym`): the zero point 8 comes off inside the loop, 8 * sum_b scale_b *
+// xsum_b accumulated beside the dot from the scales the step loads anyway (one FMA per 4 blocks); a second pass
+// over the row's scales after the loop, as before, is a chain of dependent FMAs and reductions per row. With
+// that pass and a call per row, the op took 315 us on a 4096 x 4096 weight held in cache, against 245 us for
+// the bare loop in a development harness in the same process; with neither, 219 against 193. Asymmetric
+// weights return the dot against the raw codes; the caller subtracts their zero points.
+template <int G, bool Sym>
+PYSHRINK_AVX2_INLINE float fast_gemv_row_avx2(const Q4Weights& W, int64_t n, const int8_t* x, const float* sx,
+                                              const float* xsum) {
   constexpr int64_t kStep = 4 * (G / 2);  // packed bytes per 4 blocks
   const uint8_t* p = W.row(n);
   const float* ws = W.srow(n);
@@ -969,6 +987,7 @@ PYSHRINK_AVX2 float fast_gemv_row_avx2(const Q4Weights& W, int64_t n, const int8
   const char* ahead = reinterpret_cast<const char*>(p) + kAvx2GemvAhead;
   const char* sahead = reinterpret_cast<const char*>(ws) + kAvx2GemvAhead * 8 / G;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m128 accz = _mm_setzero_ps();
   int64_t b = 0;
   for (; b + 4 <= nb; b += 4) {
     for (int64_t l = 0; l < kStep; l += 64) _mm_prefetch(ahead + b * (G / 2) + l, _MM_HINT_T0);
@@ -979,18 +998,31 @@ PYSHRINK_AVX2 float fast_gemv_row_avx2(const Q4Weights& W, int64_t n, const int8
       unpack_block_avx2<G>(p + (b + j) * (G / 2), w);
       s[j] = block_sum16_avx2<G>(w, x + (b + j) * G);
     }
-    const __m128 sc = _mm_mul_ps(_mm_loadu_ps(ws + b), _mm_loadu_ps(sx + b));
+    const __m128 wsv = _mm_loadu_ps(ws + b);
+    if (Sym) accz = _mm_fmadd_ps(wsv, _mm_loadu_ps(xsum + b), accz);
+    const __m128 sc = _mm_mul_ps(wsv, _mm_loadu_ps(sx + b));
     const __m256 sc2 = _mm256_set_m128(sc, sc);
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fast_pair_avx2(s[0], s[1])), _mm256_permute_ps(sc2, 0x44), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fast_pair_avx2(s[2], s[3])), _mm256_permute_ps(sc2, 0xEE), acc1);
   }
+  float z = 0.0f;
   for (; b < nb; ++b) {
     __m256i w[G / 32];
     unpack_block_avx2<G>(p + b * (G / 2), w);
     acc0 = _mm256_fmadd_ps(block_dot_avx2<G>(w, x + b * G), _mm256_set1_ps(sx[b] * ws[b]), acc0);
+    if (Sym) z += ws[b] * xsum[b];
   }
   const float dot = hsum(_mm256_add_ps(acc0, acc1));
-  return W.zp ? dot : dot - 8.0f * dot_f32_avx2(ws, xsum, nb);
+  if (!Sym) return dot;
+  return dot - 8.0f * (hsum(_mm256_set_m128(_mm_setzero_ps(), accz)) + z);
+}
+
+// Rows [n0, n1) of the M == 1 fast GEMV into raw[0 .. n1 - n0): the row loop in one AVX2 function, so that
+// fast_gemv_row_avx2 inlines and a task's rows follow one another without a call per row.
+template <int G, bool Sym>
+PYSHRINK_AVX2 void fast_gemv_rows_avx2(const Q4Weights& W, int64_t n0, int64_t n1, const int8_t* x, const float* sx,
+                                       const float* xsum, float* raw) {
+  for (int64_t n = n0; n < n1; ++n) raw[n - n0] = fast_gemv_row_avx2<G, Sym>(W, n, x, sx, xsum);
 }
 #endif
 
@@ -1155,13 +1187,28 @@ void run_fast_gemv(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
   gemv_tiles<RM, 4>(Isa::kAvx512, W, a, 0, out, [&](const int64_t* nidx, float* raw) { fast_gemv_tile_avx512<G, RM, 4>(W, nidx, a.gv, raw); });
 }
 
-// fast mode, M == 1, AVX2 (see fast_gemv_row_avx2): the activations in run_fast's layout (MT = 1).
+// fast mode, M == 1, AVX2 (see fast_gemv_row_avx2): the activations in run_fast's layout (MT = 1). Tasks
+// take runs of rows (at least ~64K multiply-adds each, as for_tiles shares out tiles); asymmetric zero points
+// come off per row as in gemv_tiles.
 template <int G, typename Out>
 void run_fast_gemv_avx2(const Q4Weights& W, const Acts& a, const Output<Out>& out) {
   const int8_t* qx = a.qx.const_data_ptr<int8_t>();
   const float* sx = a.sx.const_data_ptr<float>();
   const float* xsum = a.xsum.const_data_ptr<float>();
-  gemv_tiles<1, 1>(Isa::kAvx2, W, a, 0, out, [&](const int64_t* nidx, float* raw) { raw[0] = fast_gemv_row_avx2<G>(W, nidx[0], qx, sx, xsum); });
+  const int64_t nb = W.nb;
+  for_tiles(W.N, a.Kp, [&](int64_t n0, int64_t n1) {
+    std::vector<float> raw(n1 - n0), zs(W.zp ? nb : 0);
+    if (W.zp) fast_gemv_rows_avx2<G, false>(W, n0, n1, qx, sx, xsum, raw.data());
+    else fast_gemv_rows_avx2<G, true>(W, n0, n1, qx, sx, xsum, raw.data());
+    for (int64_t n = n0; n < n1; ++n) {
+      float v = raw[n - n0];
+      if (W.zp) {
+        zero_point_scales<1>(W, &n, 0, zs.data());
+        v -= dot_f32(Isa::kAvx2, zs.data(), xsum, nb);
+      }
+      out.store(0, n, v);
+    }
+  });
 }
 
 // exact mode, M <= 3, AVX-512 (see exact_gemv_tile_avx512); the activations come laid out (Acts::lanes).
