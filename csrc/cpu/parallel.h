@@ -1,12 +1,23 @@
-// Work splitting for pyshrink's CPU kernels: a small pool whose caller never waits for a worker that has
-// not started.
+// Work splitting for pyshrink's CPU kernels. Where it runs depends on how the thread count was chosen:
 //
-// Why not at::parallel_for: with torch's OpenMP backend every call ends in a barrier that all threads must
-// reach, so when the machine is busy and one worker is descheduled the whole op waits a scheduler timeslice.
-// On a shared 2-core machine (load average ~10) a 4096x4096 GEMV measured 63 ms that way against 1.3 ms for
-// ONNX Runtime, whose pool lets the caller take back work that no worker has claimed. This pool does the
-// same: chunks are claimed from an atomic counter by the caller and by whichever workers wake up in time;
-// the caller only waits for chunks already claimed. A nested or concurrent call runs serially on its own thread.
+// * Following torch's count (the default): on torch's own intra-op threads (at::parallel_for). In a model
+//   run at torch's thread count, torch's operators around the kernels (norms, activations, attention) start
+//   OpenMP regions whenever they are large enough (a prompt's, or a batch's), and OpenMP's workers spin for a
+//   while after each region; a second set of workers (the pool below) then had to share the cores with those
+//   spinners. Measured on SmolLM2-135M q4-g64, 2 threads, eager transformers (development measurement,
+//   bench/RESULTS.md has the committed runs): a 64-token prompt took 192-270 ms on the pool against 125-138 ms
+//   on torch's threads, a one-token step 24.5-34.8 against 22.0-25.3 ms; one 64 x 576 -> 1536 GEMM right after
+//   a torch add took twice its time alone.
+// * Set apart from torch's (set_num_threads, kernel_threads; TorchDecoder runs its steps with torch on one
+//   thread and the kernels on several): on the pool below, since torch's pool then has fewer threads.
+//
+// The pool: its caller never waits for a worker that has not started. With torch's OpenMP backend every
+// region ends in a barrier that all threads must reach, so when the machine is busy and one worker is
+// descheduled the whole op waits a scheduler timeslice. On a shared 2-core machine (load average ~10) a
+// 4096x4096 GEMV measured 63 ms that way against 1.3 ms for ONNX Runtime, whose pool lets the caller take back
+// work that no worker has claimed. This pool does the same: chunks are claimed from an atomic counter by the
+// caller and by whichever workers wake up in time; the caller only waits for chunks already claimed. A nested
+// or concurrent call runs serially on its own thread.
 //
 // Between calls a worker first spins for a short while (PYSHRINK_SPIN_US, default 200 us; 0 = never), then
 // sleeps on a condition variable. Decoding calls the op ~120 times per token with ~30 us of other work in
@@ -159,10 +170,21 @@ inline int num_threads() {
   return n > 0 ? n : std::max(1, at::get_num_threads());
 }
 
-// fn(c) for c in [0, chunks), spread over num_threads() threads.
+// fn(c) for c in [0, chunks), spread over num_threads() threads: torch's own when the kernels follow torch's
+// count, else the pool (see the top of this file). Either way the chunks are claimed from a counter, so a
+// thread that starts late takes fewer.
 inline void parallel_chunks(int64_t chunks, const std::function<void(int64_t)>& fn) {
   if (chunks <= 0) return;
-  Pool::instance().run(chunks, at::in_parallel_region() ? 1 : num_threads(), fn);
+  const bool nested = at::in_parallel_region();
+  if (!nested && chunks > 1 && kernel_threads_setting().load(std::memory_order_relaxed) == 0 &&
+      at::get_num_threads() > 1) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) fn(c);
+    });
+    return;
+  }
+  Pool::instance().run(chunks, nested ? 1 : num_threads(), fn);
 }
 
 // f(begin, end) over [0, n) in chunks of at least `grain` (about 8 chunks per thread, for balance).

@@ -24,8 +24,11 @@ cache) are too small to gain from a second thread, while its OpenMP workers keep
 on the cores that the kernels' own pool (whose workers also spin briefly between calls, so that each of a
 step's ~120 small calls gets both cores without a wake-up) needs; with both pools on two threads the step
 measured 13.0 ms against 9.8 ms split this way (SmolLM2-135M q4-g64, 4-bit head; bench/RESULTS.md, Decode
-speed, the ablation run). Inductor compiles the step for the thread count it runs with. The prompt keeps
-torch's threads.
+speed, the ablation run). Inductor compiles the step for the thread count it runs with. The prompt runs
+with the same split: its torch operators are large enough to start OpenMP regions, and the workers spinning
+after each of them took a core from the kernels' pool, which made the quantized GEMMs about 2x slower
+(development measurement, SmolLM2-135M q4-g64, 2 threads, prompts of 64 / 256 / 1,024 tokens: 199 / 702 /
+2,510 ms with torch on two threads, 118 / 447 / 2,457 ms on one; bench/RESULTS.md has the committed effect).
 
 The model is changed in place by ``fuse=True`` (see :attr:`pyshrink.arch.Adapter.fuse`): it computes the same
 numbers, its state dict, ``pyshrink.save`` and the ONNX export are unchanged.
@@ -88,7 +91,8 @@ class TorchDecoder:
         if not 1 <= n < self.max_length:
             raise InvalidSetting(f"the prompt has {n} tokens; it must have 1..{self.max_length - 1} "
                                  f"(max_length={self.max_length})")
-        with torch.inference_mode():  # the cache's tensors are inference tensors: reset them in that mode too
+        # the cache's tensors are inference tensors: reset them in that mode too
+        with torch.inference_mode(), kernel_threads(self.threads, torch_threads=self.torch_threads):
             self.cache.reset()
             logits = self._forward(ids, torch.arange(n, device=self.device))
         self.length = n

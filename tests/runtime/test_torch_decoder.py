@@ -73,8 +73,8 @@ def test_errors():
 
 
 def test_step_threads_split_and_restored(monkeypatch):
-    """A quantized model's step runs torch on one thread and the kernels on ``threads``; both are restored after,
-    and a float model keeps torch's own count."""
+    """A quantized model's prompt and steps run torch on one thread and the kernels on ``threads``; both are
+    restored after, and a float model keeps torch's own count."""
     from pyshrink.ops import get_num_threads
 
     model = tiny_model("llama")
@@ -83,11 +83,13 @@ def test_step_threads_split_and_restored(monkeypatch):
     dec = TorchDecoder(model, 16, compile=False, threads=2)
     assert (dec.threads, dec.torch_threads) == (2, 1)
     seen = []
-    forward = dec._compiled
-    monkeypatch.setattr(dec, "_compiled", lambda *a: (seen.append((get_num_threads(), torch.get_num_threads())), forward(*a))[1])
+    for name in ("_forward", "_compiled"):  # the prompt's forward, the step's
+        monkeypatch.setattr(dec, name, lambda *a, f=getattr(dec, name), n=name: (
+            seen.append((n, get_num_threads(), torch.get_num_threads())), f(*a))[1])
     before = (get_num_threads(), torch.get_num_threads())
     dec.prefill(random_ids(1, 5)[0].tolist())
+    assert seen == [("_forward", 2, 1)] and (get_num_threads(), torch.get_num_threads()) == before
     dec.step(3)
-    assert seen == [(2, 1)] and (get_num_threads(), torch.get_num_threads()) == before
+    assert seen[1:] == [("_compiled", 2, 1)] and (get_num_threads(), torch.get_num_threads()) == before
     with pytest.raises(InvalidSetting, match="torch_threads must be"):
         TorchDecoder(model, 16, compile=False, torch_threads=0)
