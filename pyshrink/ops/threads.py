@@ -1,10 +1,13 @@
 """How many threads pyshrink's CPU kernels use, set apart from torch's intra-op pool.
 
-By default the kernels follow ``torch.get_num_threads()``. Their pool is pyshrink's own (csrc/cpu/parallel.h):
-its workers spin for a short while between calls (``PYSHRINK_SPIN_US``, default 200) before they sleep, so
-that a decode step's ~120 small calls each get both cores without a wake-up. Where torch's own operators are
-too small to gain from a second thread (one-token decode steps), running torch on one thread and the kernels
-on two keeps torch's OpenMP workers, which also spin after each region, off the cores the kernels use:
+By default the kernels follow ``torch.get_num_threads()`` and run on torch's own threads, so that a model's
+torch operators and pyshrink's kernels share one set of workers (csrc/cpu/parallel.h says why: a second set
+beside OpenMP's spinning workers made a quantized model's prompt about 1.5-2x slower). A count set apart from
+torch's (:func:`set_num_threads`, :func:`kernel_threads`) runs on pyshrink's own pool instead: its workers
+spin for a short while between calls (``PYSHRINK_SPIN_US``, default 200) before they sleep, so that a decode
+step's ~120 small calls each get both cores without a wake-up. Where torch's own operators are too small to
+gain from a second thread (one-token decode steps), running torch on one thread and the kernels on two keeps
+torch's OpenMP workers, which also spin after each region, off the cores the kernels use:
 :class:`pyshrink.runtime.torch_decoder.TorchDecoder` does that with :func:`kernel_threads`.
 """
 from __future__ import annotations
