@@ -20,7 +20,7 @@ repeats faster).
 
 ``--ablation NAME ...`` adds rows with one part of that at a time (static cache alone, static cache + fused
 projections, compiled without fusing), and one with everything but the thread split (torch on all threads
-in the step, beside the kernels' pool, instead of on one).
+in the prompt and the step, beside the kernels' pool, instead of on one).
 
 ``--profile`` (with ``--profile-compiled``: through TorchDecoder, the op calls only) measures instead
 where a decode step's time goes, in this process, with ``torch.profiler``:

@@ -17,7 +17,8 @@
 // 4096x4096 GEMV measured 63 ms that way against 1.3 ms for ONNX Runtime, whose pool lets the caller take back
 // work that no worker has claimed. This pool does the same: chunks are claimed from an atomic counter by the
 // caller and by whichever workers wake up in time; the caller only waits for chunks already claimed. A nested
-// or concurrent call runs serially on its own thread.
+// or concurrent call to the pool runs serially on its own thread (on torch's threads, concurrent callers each
+// get an OpenMP team, as torch's own operators do).
 //
 // Between calls a worker first spins for a short while (PYSHRINK_SPIN_US, default 200 us; 0 = never), then
 // sleeps on a condition variable. Decoding calls the op ~120 times per token with ~30 us of other work in
@@ -158,8 +159,8 @@ class Pool {
 };
 
 // Threads for pyshrink's kernels: 0 (the default) follows torch.get_num_threads(). Set apart from torch's
-// by pyshrink.ops.set_num_threads; TorchDecoder runs its one-token steps with torch on one thread and the
-// kernels on the requested count (pyshrink/runtime/torch_decoder.py says why).
+// by pyshrink.ops.set_num_threads; TorchDecoder runs its prompt and its one-token steps with torch on one thread
+// and the kernels on the requested count (pyshrink/runtime/torch_decoder.py says why).
 inline std::atomic<int>& kernel_threads_setting() {
   static std::atomic<int> n{0};
   return n;

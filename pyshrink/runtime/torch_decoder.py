@@ -50,9 +50,9 @@ class TorchDecoder:
     the step through ``torch.compile(fullgraph=True, dynamic=False)``; ``compile_options`` go to inductor
     (e.g. ``{"cpp_wrapper": True}``: the graph's calls made from C++, faster per step, slower to compile).
     ``fuse`` (default True) fuses the projections; ``fused_groups`` says how many groups were fused.
-    ``threads`` (default: ``torch.get_num_threads()`` now) is the step's thread count for pyshrink's kernels;
-    ``torch_threads`` torch's during a step (default: 1 for a model with pyshrink-quantized layers, else
-    ``threads``: a float model's matmuls are torch's own).
+    ``threads`` (default: ``torch.get_num_threads()`` now) is the thread count for pyshrink's kernels during
+    the prompt and each step; ``torch_threads`` torch's then (default: 1 for a model with pyshrink-quantized
+    layers, else ``threads``: a float model's matmuls are torch's own). Both are fixed here, at construction.
     """
 
     def __init__(self, model, max_length: int, *, compile: bool = True, fuse: bool = True,

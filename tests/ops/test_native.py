@@ -148,10 +148,14 @@ def test_reference_mode_warns_and_registers_references():
     assert lines[3] == "(2, 4)"
 
 
-def test_concurrent_callers_and_thread_counts():
-    """The kernels' pool (csrc/cpu/parallel.h): concurrent calls from several Python threads (one runs on
-    the pool, the others serially on their own thread) and any torch.get_num_threads() give the same result."""
+@pytest.mark.parametrize("kernel_threads", [0, 2], ids=["torch-threads", "pool"])
+def test_concurrent_callers_and_thread_counts(kernel_threads):
+    """csrc/cpu/parallel.h: concurrent calls from several Python threads give the same result on torch's
+    threads (each caller its own OpenMP team) and on pyshrink's pool (a count set apart: one call runs on the
+    pool, the others serially on their own thread), and so does any torch.get_num_threads()."""
     import threading
+
+    pyshrink.ops.set_num_threads(kernel_threads)
 
     gen = torch.Generator().manual_seed(3)
     p, s, z = pyshrink.ops.quantize_q4(torch.randn(130, 1000, generator=gen), 64, True)
@@ -177,3 +181,4 @@ def test_concurrent_callers_and_thread_counts():
             assert torch.equal(pyshrink.ops.linear_q4(xs[0], p, s, z, fast=True), expected[0])
     finally:
         torch.set_num_threads(n)
+        pyshrink.ops.set_num_threads(0)
