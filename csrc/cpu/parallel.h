@@ -4,12 +4,13 @@
 //   run at torch's thread count, torch's operators around the kernels (norms, activations, attention) start
 //   OpenMP regions whenever they are large enough (a prompt's, or a batch's), and OpenMP's workers spin for a
 //   while after each region; a second set of workers (the pool below) then had to share the cores with those
-//   spinners. Measured on SmolLM2-135M q4-g64, 2 threads, eager transformers (development measurement,
-//   bench/RESULTS.md has the committed runs): a 64-token prompt took 192-270 ms on the pool against 125-138 ms
-//   on torch's threads, a one-token step 24.5-34.8 against 22.0-25.3 ms; one 64 x 576 -> 1536 GEMM right after
-//   a torch add took twice its time alone.
-// * Set apart from torch's (set_num_threads, kernel_threads; TorchDecoder runs its steps with torch on one
-//   thread and the kernels on several): on the pool below, since torch's pool then has fewer threads.
+//   spinners. bench/kernel_threads.py (SmolLM2-135M q4-g64, 2 threads, eager transformers, in one process):
+//   a 64-token prompt took 279-309 ms on the pool beside torch's workers against 130-191 ms on torch's threads,
+//   a 64 x 576 -> 1536 GEMM right after a torch add 1284-1341 against 862-993 us; one-token steps moved both
+//   ways within noise.
+// * Set apart from torch's (set_num_threads, kernel_threads; TorchDecoder runs its prompt and its steps with
+//   torch on one thread and the kernels on several): on the pool below, since torch's pool then has fewer
+//   threads.
 //
 // The pool: its caller never waits for a worker that has not started. With torch's OpenMP backend every
 // region ends in a barrier that all threads must reach, so when the machine is busy and one worker is
