@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--work", default="/tmp/pyshrink-decode-speed", help="where the quantized model is built once (as bench/decode_speed.py)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(2)
     path = build(Path(args.work), ["q4-g64 + head q4"], None)["q4-g64 + head q4"]
     model = load_model(path, with_tokenizer=False)
