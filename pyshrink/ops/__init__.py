@@ -9,6 +9,7 @@ from .act_stats import act_stats_, new_accumulators
 from .q4 import GROUP_SIZES, dequantize_q4, linear_q4, quantize_q4
 from .q8 import linear_q8, quantize_q8
 from .threads import get_num_threads, kernel_threads, set_num_threads
+from . import attention  # noqa: F401  (defines pyshrink::filled_attention)
 
 _C = _native.load()
 

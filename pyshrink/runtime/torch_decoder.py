@@ -31,7 +31,11 @@ after each of them took a core from the kernels' pool, which made the quantized 
 2,510 ms with torch on two threads, 118 / 447 / 2,457 ms on one; bench/RESULTS.md has the committed effect).
 
 The model is changed in place by ``fuse=True`` (see :attr:`pyshrink.arch.Adapter.fuse`): it computes the same
-numbers, its state dict, ``pyshrink.save`` and the ONNX export are unchanged.
+numbers, its state dict, ``pyshrink.save`` and the ONNX export are unchanged. A model with grouped key/value
+heads on transformers' ``sdpa`` attention is also switched to :mod:`pyshrink.runtime.attention`'s (the same
+SDPA, with a one-token step's queries regrouped per key/value head instead of the cache copied per query head,
+over the filled positions only; ``gqa_attention`` says whether it was switched). Other models' steps attend
+over the static cache's whole capacity, masked, so their attention costs in proportion to ``max_length``.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from ..arch import adapter_for
 from ..errors import InvalidSetting, check_range
 from ..ops.threads import kernel_threads
 from ..quantize.linear import is_quantized
+from . import attention
 
 
 class TorchDecoder:
@@ -76,6 +81,7 @@ class TorchDecoder:
                 raise InvalidSetting(f"fuse=True: pyshrink cannot fuse the projections of {adapter.name} models "
                                      "(use fuse=False)")
             self.fused_groups = sum(adapter.fuse(b) for b in adapter.blocks(model))
+        self.gqa_attention = attention.use_for_decoding(model)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
         self._compiled = (torch.compile(self._forward, fullgraph=True, dynamic=False, options=compile_options)
                           if compile else self._forward)
