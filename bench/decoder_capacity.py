@@ -81,8 +81,8 @@ def main():
             meds.append(statistics.median(times))
     names = list(models)
     print(f"\n{args.variant}, {args.threads} threads, {args.prompt_tokens}-token prompt, {args.rounds} rounds of "
-          f"{args.steps} steps (positions {args.prompt_tokens}-{args.prompt_tokens + args.rounds * args.steps} or "
-          f"restarted)\n")
+          f"{args.steps} steps (positions {args.prompt_tokens + 3}-{args.prompt_tokens + 3 + args.rounds * args.steps}, "
+          f"after 3 warm-up steps, or restarted)\n")
     print(f"| capacity (max_length) | {names[0]} ms/step | {names[1]} ms/step | speed-up |")
     print("|---|---|---|---|")
     for cap in args.capacities:

@@ -2,8 +2,9 @@
 
 A compiled decoding step has fixed shapes, so it hands this op the whole static cache together with the number
 of positions the mask keeps (a tensor, computed inside the graph); the op slices the cache to them at run time.
-Its one implementation is torch's SDPA on the slice, for every device (``CompositeExplicitAutograd``): the op
-exists for the boundary, not for a kernel of its own. Defined through ``torch.library.Library`` rather than
+Its one implementation is torch's SDPA on the slice (``CompositeExplicitAutograd``): the op exists for the
+boundary, not for a kernel of its own. Reading the length is a device-to-host copy, free on the CPU but a sync
+per layer on a GPU, so pyshrink's attention uses the op on CPU tensors only (:mod:`pyshrink.runtime.attention`). Defined through ``torch.library.Library`` rather than
 ``torch.library.custom_op``, whose Python wrapper cost about 35 us a call against 9 here (development
 measurement, this 2-core VM), which a step pays once per layer.
 """
@@ -25,13 +26,14 @@ def _filled_attention(query, key, value, mask, length, scale=None):
           f"length must be one integer, got a {tuple(length.shape)} {length.dtype} tensor")
     n = int(length)
     check(0 <= n <= L, "filled_attention", f"length {n} is outside 0..{L} (the cache's positions)")
-    n = n or L  # nothing kept: SDPA over everything gives what it gives the full mask (NaN rows)
-    return F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], attn_mask=mask[..., :n], scale=scale)
+    n = n or L  # nothing kept: the whole cache, as SDPA would attend under that mask
+    out = F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], attn_mask=mask[..., :n], scale=scale)
+    return out.contiguous()  # SDPA's layout varies by backend; the fake promises a contiguous one
 
 
 @torch.library.register_fake(OP)
 def _fake(query, key, value, mask, length, scale=None):
-    return torch.empty_like(query)
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
 def kept_length(mask: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,15 @@ compiled step in those copies once the capacity reached a few thousand positions
 "Decode speed", ``bench/decoder_capacity.py``). Here a one-token query is regrouped instead, ``[b, heads,
 1, d] -> [b, kv_heads, group, d]``, so that SDPA reads each key/value head once for the group's queries
 (what transformers itself does outside ``torch.compile``, see ``pack_gqa``), and attention reads only the
-cache positions the mask keeps (:func:`pyshrink.ops.attention.filled_attention`), not the static cache's
-whole capacity. Every other call (prompts, models without grouped heads, training) goes to transformers'
+cache positions the mask keeps (:func:`pyshrink.ops.attention.filled_attention`, on the CPU), not the static
+cache's whole capacity. Every other call (prompts, models without grouped heads, training) goes to transformers'
 ``sdpa`` unchanged.
 
 :func:`use_for_decoding` switches a model to it; :class:`pyshrink.runtime.torch_decoder.TorchDecoder` does so.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..ops.attention import filled_attention
@@ -31,7 +32,8 @@ def gqa_step_attention(module, query, key, value, attention_mask, dropout: float
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, d = query.shape
     plain = (q_len != 1 or groups == 1 or dropout != 0.0 or module.training or kwargs.get("position_bias") is not None
-             or kwargs.get("softcap") is not None or kwargs.get("cache") is not None)
+             or kwargs.get("softcap") is not None or kwargs.get("cache") is not None
+             or (torch.is_grad_enabled() and query.requires_grad))  # the op has no backward
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -39,10 +41,13 @@ def gqa_step_attention(module, query, key, value, attention_mask, dropout: float
     mask = attention_mask
     if mask is not None and mask.dim() == 4 and mask.shape[1] == heads:  # a mask per query head: regroup it too
         mask = mask.reshape(b, heads // groups, groups, mask.shape[-1])
-    # one query per row, so no causal flag: the mask says which cache positions are filled
-    out = (filled_attention(q, key, value, mask, scaling) if mask is not None
-           else F.scaled_dot_product_attention(q, key, value, scale=scaling))
-    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+    # One query per row, so no causal flag: the mask says which cache positions are filled. Only the positions it
+    # keeps are read, on the CPU (on a GPU, finding how many would cost a sync per layer: SDPA over all of them).
+    if mask is not None and query.device.type == "cpu" and mask.shape[-1] == key.shape[-2]:
+        out = filled_attention(q, key, value, mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _register() -> bool:

@@ -18,8 +18,8 @@ def _case(seed=1):
     q = torch.randn(2, 3, 3, 16, generator=g)
     k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(2))
     keep = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
-    keep[0, ..., :25] = True
-    keep[1, ..., 2:19] = True  # rows differ; the last position any row keeps is 24
+    keep[0, ..., 2:19] = True
+    keep[1, ..., :25] = True  # rows differ; the last position any row keeps is 24, in the last row
     return q, k, v, keep
 
 
@@ -44,6 +44,14 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(compiled(q, k, v, keep, 0.25), attention.filled_attention(q, k, v, keep, 0.25))
 
 
+def test_nothing_kept_reads_the_whole_cache():
+    q, k, v, keep = _case(4)
+    none = torch.zeros_like(keep)
+    assert int(attention.kept_length(none)) == 0
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=none, scale=0.25)
+    torch.testing.assert_close(attention.filled_attention(q, k, v, none, 0.25), want, equal_nan=True)
+
+
 def test_bad_length():
     q, k, v, keep = _case()
     op = torch.ops.pyshrink.filled_attention
@@ -59,5 +67,9 @@ def test_bad_length():
 def test_cuda_matches_cpu():
     q, k, v, keep = _case(3)
     want = attention.filled_attention(q, k, v, keep, 0.25)
-    got = attention.filled_attention(*(t.cuda() for t in (q, k, v, keep)), 0.25)
+    args = [t.cuda() for t in (q, k, v, keep)]
+    got = attention.filled_attention(*args, 0.25)
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
+    torch.library.opcheck(torch.ops.pyshrink.filled_attention.default, (*args, attention.kept_length(args[3]), 0.25))
+    compiled = torch.compile(attention.filled_attention, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(*args, 0.25).cpu(), want, rtol=0, atol=1e-5)

@@ -39,7 +39,7 @@ def test_one_token_step_matches_float64(mask_kind, heads, kv_heads):
     k, v = (torch.randn(b, kv_heads, L, d, generator=g) for _ in range(2))
     keep = torch.zeros(b, 1, 1, L, dtype=torch.bool)
     keep[..., :filled] = True
-    keep[1, ..., filled - 5:] = False  # rows of the batch differ
+    keep[0, ..., filled - 5:] = False  # rows of the batch differ; the last row keeps the most
     mask = {"bool": keep, "float": torch.zeros(b, 1, 1, L).masked_fill(~keep, -1e30) + 0.1 * torch.randn(b, 1, 1, L, generator=g),
             "per-head bool": keep.expand(b, heads, 1, L).clone(), "none": None}[mask_kind]
     if mask_kind == "per-head bool":
