@@ -37,8 +37,10 @@ def _fake(query, key, value, mask, length, scale=None):
 
 
 def kept_length(mask: torch.Tensor) -> torch.Tensor:
-    """1 + the last position ``mask`` (bool, True = attend; or additive float) keeps in any row; 0 if none.
-    Plain tensor arithmetic, so that inside a compiled graph it fuses into the graph's own loops."""
+    """1 + the last position ``mask`` (bool, True = attend; or additive float, -inf = masked) keeps in any row;
+    0 if none. An additive mask that masks with a finite minimum instead of -inf keeps every position: exact,
+    but nothing is skipped. Plain tensor arithmetic, so that inside a compiled graph it fuses into the graph's
+    own loops."""
     keep = mask if mask.dtype == torch.bool else mask > float("-inf")
     cols = keep.reshape(-1, keep.shape[-1]).any(0)
     return (cols * torch.arange(1, cols.numel() + 1, device=cols.device)).amax()
