@@ -30,8 +30,8 @@
 // Tiling: RM rows of x by RN rows of W keep RM*RN accumulators in registers, so each weight block is loaded
 // and unpacked once per RM rows of x. The M = 1 GEMVs are memory bound and prefetch the weights further on
 // (AVX2: one row at a time as one stream, see fast_gemv_row_avx2; AVX-512: see GemvRows). Tiles of N are
-// shared out by parallel.h (torch's threads or pyshrink's pool); each task walks all rows of x for its weight rows (in cache-sized panels
-// and chunks at large M, see run_fast), so weights come from memory once per call.
+// shared out by parallel.h (torch's threads or pyshrink's pool); each task walks all rows of x for its weight
+// rows (in cache-sized panels and chunks at large M, see run_fast), so weights come from memory once per call.
 //
 // Accuracy (tests/ops/test_linear_q4.py checks these worst-case bounds): fast mode's activation codes equal
 // the reference's bit for bit (same IEEE division, round half to even), its integer dots are exact, and only

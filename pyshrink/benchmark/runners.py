@@ -39,8 +39,8 @@ class TorchRunner:
     :class:`pyshrink.runtime.torch_decoder.TorchDecoder` instead (static KV cache; ``fuse``: q|k|v and gate|up
     as one projection each, ``"auto"`` where the architecture's adapter can fuse them; ``compile``: the step
     through ``torch.compile``, whose compilation happens in the warm-up and is reported as ``compile_s``;
-    ``cpp_wrapper``: inductor's C++ wrapper; ``torch_threads``: torch's threads during the prompt and each step, TorchDecoder's
-    ``torch_threads``).
+    ``cpp_wrapper``: inductor's C++ wrapper; ``torch_threads``: torch's threads during the prompt and each step,
+    TorchDecoder's ``torch_threads``).
     """
 
     def __init__(self, model: str, threads: int | None, capacity: int, *, compile: bool | None = None,

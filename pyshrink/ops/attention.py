@@ -4,9 +4,10 @@ A compiled decoding step has fixed shapes, so it hands this op the whole static 
 of positions the mask keeps (a tensor, computed inside the graph); the op slices the cache to them at run time.
 Its one implementation is torch's SDPA on the slice (``CompositeExplicitAutograd``): the op exists for the
 boundary, not for a kernel of its own. Reading the length is a device-to-host copy, free on the CPU but a sync
-per layer on a GPU, so pyshrink's attention uses the op on CPU tensors only (:mod:`pyshrink.runtime.attention`). Defined through ``torch.library.Library`` rather than
-``torch.library.custom_op``, whose Python wrapper cost about 35 us a call against 9 here (development
-measurement, this 2-core VM), which a step pays once per layer.
+per layer on a GPU, so pyshrink's attention uses the op on CPU tensors only (:mod:`pyshrink.runtime.attention`).
+
+Defined through ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrapper cost
+about 35 us a call against 9 here (development measurement, this 2-core VM), which a step pays once per layer.
 """
 from __future__ import annotations
 

@@ -70,10 +70,11 @@ def use_for_decoding(model) -> bool:
     left as they are.
     """
     config = model.config
-    if getattr(config, "_attn_implementation", None) == NAME:  # switched before (an earlier TorchDecoder)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:  # switched before (an earlier TorchDecoder)
         return True
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    if not heads or not kv_heads or kv_heads >= heads or getattr(config, "_attn_implementation", None) != "sdpa":
+    if not heads or not kv_heads or kv_heads >= heads or current != "sdpa":
         return False
     if not hasattr(model, "set_attn_implementation") or not _register():
         return False
