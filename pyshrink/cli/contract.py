@@ -97,7 +97,6 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     ):
         from ..contract import contract
-        from ..contract.api import DEFAULT_LAYERS
         from ..contract.summary import render, render_schedule
         from ..models import check_output
 
@@ -136,8 +135,8 @@ def register(app: typer.Typer) -> None:
             from ..heal import iterative_contract
 
             result = iterative_contract(source, steps=steps, contraction_ratio=contraction_ratio,
-                                        num_layers_to_contract=DEFAULT_LAYERS if num_layers_to_contract is None
-                                        else num_layers_to_contract, calibration=cal, heal_tokens=heal_tokens,
+                                        num_layers_to_contract=num_layers_to_contract, calibration=cal,
+                                        heal_tokens=heal_tokens,
                                         layers=pinned, contract_kwargs=settings, seed=seed, out=out,
                                         heal_schedule=heal_schedule, heal_split=split, fade_share=fade_share,
                                         slices=slices,
@@ -147,7 +146,7 @@ def register(app: typer.Typer) -> None:
             else:
                 render_schedule(result.summary, out)
             return
-        # None: contract() takes DEFAULT_LAYERS, or every block of a shallower model
+        # None (here and above): DEFAULT_LAYERS, or every block of a shallower model
         result = contract(source, contraction_ratio=contraction_ratio, num_layers_to_contract=num_layers_to_contract,
                           calibration=cal, layers=pinned, heal_tokens=heal_tokens, out=out, overwrite=overwrite,
                           progress=True, **settings)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -136,6 +137,14 @@ def _contracted_layers(result) -> list[int] | None:
     return None if rows is None else [r["layer"] for r in rows]
 
 
+def _default_layers(model) -> int:
+    """pyshrink.contract's default block count for ``model``: DEFAULT_LAYERS, or every block of a shallower model."""
+    from ..arch import adapter_for
+    from ..contract.api import DEFAULT_LAYERS
+
+    return min(DEFAULT_LAYERS, len(adapter_for(model).blocks(model)))
+
+
 def _default_contract():
     """pyshrink.contract, imported late (pyshrink.contract imports pyshrink.heal for ``heal_tokens``)."""
     from ..contract import contract
@@ -143,7 +152,8 @@ def _default_contract():
     return contract
 
 
-def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5, num_layers_to_contract: int = 8,
+def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5,
+                       num_layers_to_contract: int | None = None,
                        calibration=None, heal_tokens: int = 100_000, heal_text=None, eval_text=None,
                        teacher=None, layers=None, out=None, overwrite: bool = False,
                        contract_fn: Callable | None = None, contract_kwargs: dict | None = None, progress: bool = True,
@@ -151,6 +161,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
                        slices: str = "ratio", **heal_kwargs) -> ScheduleResult:
     """Contract ``source`` in ``steps`` slices with a heal after each; same final size as one-shot contraction.
 
+    ``contraction_ratio`` (0.1-0.9) and ``num_layers_to_contract`` (default: 8, or every block of a shallower
+    model) are the final model's, as in :func:`pyshrink.contract`.
     ``contract_fn(model_or_source, contraction_ratio=..., num_layers_to_contract=..., calibration=..., **contract_kwargs)``
     must return an object with ``.model`` and ``.tokenizer`` (default: :func:`pyshrink.contract`). Every slice must
     narrow the *same* blocks for the final size to equal one-shot contraction's: the blocks the first slice
@@ -181,10 +193,15 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     With ``out``, the final model is saved there (atomically, with the per-slice measurements in its
     ``pyshrink.json``); the result's ``steps`` holds them too.
     """
+    from ..contract.api import RATIO_RANGE
     from .api import heal
 
     check_range("steps", steps, 1, 64, integer=True)
-    check_range("contraction_ratio", contraction_ratio, 0.0, 0.99)
+    # the user's setting, checked before any work: a slice's own ratio (slice_ratios) is checked by contraction
+    # only when that slice runs, after the heals before it
+    check_range("contraction_ratio", contraction_ratio, *RATIO_RANGE)
+    if num_layers_to_contract is not None:
+        check_range("num_layers_to_contract", num_layers_to_contract, 1, 1 << 16, integer=True)
     if not is_int(heal_tokens) or heal_tokens < steps:
         raise InvalidSetting(f"heal_tokens must be an integer >= steps ({steps}), got {heal_tokens!r}")
     split_budget(heal_tokens, steps, heal_split)  # refuse a bad split before any work
@@ -215,7 +232,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
             raise InvalidSetting(f"slices={slices!r} shares the blocks out over the slices of steps >= 2; with one "
                                  "step it is one-shot contraction")
         n_blocks = len(layers) if layers is not None else num_layers_to_contract
-        if n_blocks < steps:
+        if n_blocks is not None and n_blocks < steps:
             raise InvalidSetting(f"slices={slices!r} gives every one of the {steps} slices at least one block, but "
                                  f"{'layers holds' if layers is not None else 'num_layers_to_contract is'} {n_blocks}")
     if layers is not None and len(set(layers)) != len(layers):
@@ -234,6 +251,11 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if teacher is None:
         teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
     t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)
+    if num_layers_to_contract is None:
+        num_layers_to_contract = len(layers) if layers is not None else _default_layers(t_model)
+        if by_blocks and layers is None and num_layers_to_contract < steps:
+            raise InvalidSetting(f"slices={slices!r} gives every one of the {steps} slices at least one block, but "
+                                 f"the model has {num_layers_to_contract}")
     result = ScheduleResult(model=None, tokenizer=None, source_params=models.num_params(t_model),
                             heal_tokens=heal_tokens, heal_schedule=heal_schedule, slices=slices)
     if heal_kwargs.get("teacher_topk") and heal_kwargs.get("teacher_cache") is None:
@@ -258,9 +280,9 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     groups = None
     if by_blocks:
         if pinned is None:  # the blocks one-shot contraction would narrow (its time counts in result.seconds)
-            if progress:
+            if progress:  # stderr: stdout may carry the CLI's --json summary
                 print(f"choosing the {num_layers_to_contract} blocks to share out over {steps} slices (one-shot "
-                      "contraction's choice)", flush=True)
+                      "contraction's choice)", file=sys.stderr, flush=True)
             pinned = _contracted_layers(contract_fn(source, contraction_ratio=contraction_ratio,
                                                     num_layers_to_contract=num_layers_to_contract,
                                                     calibration=calibration,

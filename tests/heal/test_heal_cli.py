@@ -125,3 +125,24 @@ def test_contract_steps_table(source_folder, capsys):
     assert contract_cli(source_folder, "--num-layers-to-contract", "1", "--heal-tokens", "1024", "--steps", "2") == 0
     text = capsys.readouterr().out
     assert "slice 1" in text and "slice 2" in text and "perplexity final" in text and "reduction" in text
+
+
+def test_contract_steps_defaults_to_every_block_of_a_shallow_model(source_folder, capsys):
+    # the tiny model has 3 blocks: without --num-layers-to-contract the schedule contracts all 3 (contract's
+    # default, min(8, depth)), as one-shot contraction does, instead of failing on 8 after loading the model
+    s, saved = contract_cli_json(source_folder, capsys, "--heal-tokens", "2048", "--steps", "2")
+    assert [st["layers"] for st in s["steps"]] == [[0, 1, 2], [0, 1, 2]]
+    assert mlp_widths(saved) == [48, 48, 48]
+    # --slices blocks without --layers chooses the blocks first; its progress line must not break --json
+    s, saved = contract_cli_json(source_folder, capsys, "--heal-tokens", "2048", "--steps", "2", "--slices", "blocks",
+                                 "--overwrite")
+    assert sorted(b for st in s["steps"] for b in st["layers"]) == [0, 1, 2]
+    assert mlp_widths(saved) == [48, 48, 48]
+
+
+def test_contract_steps_refuses_a_ratio_out_of_range_before_any_work(source_folder, capsys):
+    for ratio in ("0.95", "0.05"):
+        assert contract_cli(source_folder, "--heal-tokens", "2048", "--steps", "2", "--contraction-ratio", ratio) == 2
+        err = capsys.readouterr().err
+        assert f"contraction_ratio must be in 0.1-0.9, got {ratio}" in err, err
+        assert not (source_folder / "out").exists()
