@@ -32,7 +32,11 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        # contract, quantize and heal are callable packages named like their function: importing one binds the
+        # package here (the second access would find it), so return the package every time, not the function
+        # on first access only (pyshrink.heal.iterative_contract must work in a fresh interpreter)
+        return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
     raise AttributeError(f"module 'pyshrink' has no attribute {name!r}")
 
 
