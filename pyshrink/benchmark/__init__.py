@@ -86,6 +86,15 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
     check_range("repeats", repeats, 1, 1000, integer=True)
     if threads is not None:
         check_range("threads", threads, 1, 1024, integer=True)
+    for m in models:  # every source before any measurement: a typo in the last one fails now, not in an hour
+        if not is_onnx_folder(m):
+            if runtime == "onnxruntime":
+                raise InvalidSetting(f"{m} is not a `pyshrink export` folder: export it first, or use --runtime both")
+            from ..models import resolve
+
+            resolve(m)  # a missing folder or .gguf file (a hub id is only tried when it is loaded)
+        elif runtime == "torch":
+            raise InvalidSetting(f"{m} is an exported ONNX folder: benchmark it with --runtime onnxruntime")
     rows = []
     kw = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads, repeats=repeats, warmup=warmup)
     tmp = None
@@ -95,14 +104,9 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
             jobs = []
             if runtime in ("torch", "both") and not onnx_folder:
                 jobs.append(("torch", m, None))
-            elif runtime == "torch":
-                raise InvalidSetting(f"{m} is an exported ONNX folder: benchmark it with --runtime onnxruntime")
             if runtime in ("onnxruntime", "both"):
                 if onnx_folder:
                     jobs.append(("onnxruntime", m, None))
-                elif runtime == "onnxruntime":
-                    raise InvalidSetting(f"{m} is not a `pyshrink export` folder: export it first, "
-                                         "or use --runtime both")
                 else:
                     if export_dir is None and tmp is None:
                         tmp = tempfile.TemporaryDirectory(prefix="pyshrink-bench-")

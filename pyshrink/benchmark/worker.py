@@ -17,8 +17,13 @@ def main(argv=None) -> int:
 
         res = measure(spec.pop("runtime"), spec.pop("model"), **spec)
     except Exception as exc:  # noqa: BLE001  (reported in the table, not fatal to the other rows)
+        from ..errors import PyshrinkError
+
         traceback.print_exc(file=sys.stderr)
-        res = {"error": f"{type(exc).__name__}: {exc}"}
+        # bad_input: the model could not be read or the settings do not apply to it (the CLI exits 2, as for
+        # any bad input), as opposed to a failure while measuring
+        res = {"error": f"{type(exc).__name__}: {exc}",
+               "bad_input": isinstance(exc, (PyshrinkError, FileNotFoundError, FileExistsError))}
     print(json.dumps(res), flush=True)
     return 0
 

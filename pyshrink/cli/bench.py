@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,20 +25,44 @@ def register(app: typer.Typer) -> None:
                                      "(compile time reported apart)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
         chart_out: Optional[Path] = typer.Option(None, "--chart", help="Write a PNG bar chart here (needs matplotlib)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --json and --chart files if they exist."),
     ):
-        """Benchmark MODELs at batch 1: each in a fresh process; prints a Markdown table."""
+        """Benchmark MODELs at batch 1: each in a fresh process; prints a Markdown table.
+
+        A model that fails is reported in its row and on stderr; the exit status is then 2 if every failure was
+        bad input (a model that cannot be read, a setting that does not apply to it), else 1.
+        """
         from ..benchmark import bench, chart, markdown_table
 
+        for f in (json_out, chart_out):  # before any measurement, as every command checks its outputs
+            if f is not None and f.exists() and not overwrite:
+                raise FileExistsError(f"{f} already exists (pass --overwrite to replace it)")
         rows = bench(models, runtime=runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
                      repeats=repeats, int4=int4, compile=compile, progress=lambda m: typer.echo(m, err=True))
         typer.echo(markdown_table(rows))
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(rows, indent=2))
+            _write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
         if chart_out is not None:
-            if chart(rows, chart_out) is None:
+            if _write_atomically(chart_out, lambda tmp: chart(rows, tmp)) is None:
                 typer.echo("matplotlib is not installed (pip install matplotlib): no chart written", err=True)
             else:
                 typer.echo(f"chart: {chart_out}", err=True)
-        if any("error" in r for r in rows):
-            raise typer.Exit(1)
+        failed = [r for r in rows if "error" in r]
+        for r in failed:  # in full: the table cuts errors short
+            typer.secho(f"pyshrink: error: {r['label']} on {r['runtime']}: {r['error']}", err=True,
+                        fg=typer.colors.RED)
+        if failed:
+            raise typer.Exit(2 if all(r.get("bad_input") for r in failed) else 1)
+
+
+def _write_atomically(path: Path, write):
+    """``write(tmp)`` to a temporary file beside ``path``, renamed to ``path`` if it returns anything but None."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # same suffix: matplotlib picks the format from it
+    try:
+        done = write(tmp)
+        if done is not None:
+            os.replace(tmp, path)
+        return done
+    finally:
+        tmp.unlink(missing_ok=True)

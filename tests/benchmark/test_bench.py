@@ -63,12 +63,36 @@ def test_onnxruntime_needs_an_export_folder(tiny_folder):
         bench([str(tiny_folder)], runtime="tensorflow")
 
 
-def test_a_failing_model_is_reported_in_its_row(tmp_path):
+def test_a_failing_model_is_reported_in_its_row(tmp_path, capsys):
+    from pyshrink.cli import main
+
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "pyshrink_onnx.json").write_text(json.dumps({"kind": "decoder", "model_file": "none.onnx"}))
     rows = bench([str(tmp_path / "broken")], runtime="onnxruntime", prompt_tokens=4, new_tokens=2, repeats=1)
     assert "error" in rows[0]
     assert "error" in markdown_table(rows)
+    # the CLI: the row, the whole error on stderr, and a non-zero exit
+    code = main(["bench", str(tmp_path / "broken"), "--runtime", "onnxruntime", "--prompt-tokens", "4",
+                 "--new-tokens", "2", "--repeats", "1"])
+    out, err = capsys.readouterr()
+    assert code in (1, 2) and "| broken | onnxruntime | error:" in out
+    assert f"pyshrink: error: broken on onnxruntime: {rows[0]['error']}" in err
+    assert code == (2 if rows[0]["bad_input"] else 1)
+
+
+def test_cli_refuses_bad_input_before_measuring_anything(tiny_folder, tmp_path, capsys):
+    from pyshrink.cli import main
+
+    assert main(["bench", str(tiny_folder), str(tmp_path / "no-such-model"), "--runtime", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "does not exist" in err and "measuring" not in err
+    for option in ("--json", "--chart"):
+        kept = tmp_path / f"kept{option[2:]}"
+        kept.write_text("keep me")
+        assert main(["bench", str(tiny_folder), "--runtime", "torch", option, str(kept)]) == 2
+        err = capsys.readouterr().err
+        assert f"{kept} already exists (pass --overwrite" in err and "measuring" not in err
+        assert kept.read_text() == "keep me"
 
 
 def test_ort_genai_peer_runner(tiny_folder, tmp_path):
