@@ -108,8 +108,10 @@ def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pe
                                  "model families")
     sv, tv = _vocab_size(student), _vocab_size(teacher)
     if sv != tv:
+        pruned = "; a student whose vocabulary was pruned (contract --prune-vocab) heals before the pruning: " \
+                 "pyshrink contract --heal-tokens N --prune-vocab" if sv < tv else ""
         raise IncompatibleModels(f"student and teacher have different vocabularies ({sv} vs {tv} tokens): "
-                                 "distillation compares their next-token distributions token by token")
+                                 f"distillation compares their next-token distributions token by token{pruned}")
     if s_tok is not None and t_tok is not None and vocab_fingerprint(s_tok) != vocab_fingerprint(t_tok):
         raise IncompatibleModels("student and teacher use different tokenizers (their vocabularies differ although "
                                  f"both have {sv} tokens)")
@@ -186,26 +188,35 @@ def _validate(cfg: HealConfig, eval_tokens: int):
         raise InvalidSetting(f"trainable must be one of {', '.join(TRAINABLE)}, got {cfg.trainable!r}")
 
 
-def _prepare_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | None:
-    """The run's output folder, checked (``sources``: the student's and teacher's folders, which it must not
-    overlap: --overwrite would delete them, or the run would write into a source) and emptied if asked."""
+def _check_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | None:
+    """The run's output folder, checked without touching anything, before any model is loaded (``sources``: the
+    student's and teacher's folders, which it must not overlap: --overwrite would delete them, or the run would
+    write into a source). An existing output is refused unless the run resumes it or ``overwrite``."""
     if out is None:
         if resume:
             raise InvalidSetting("resume=True needs the output folder of the run to resume (out=)")
         return None
-    out = models.check_output(out, sources=sources, exists_ok=True)  # resume / overwrite: decided below
+    out = models.check_output(out, sources=sources, exists_ok=True)  # resume / overwrite: decided here
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
+    if out.exists() and not (resume or overwrite):
+        raise FileExistsError(f"output {out} already exists (pass resume=True / --resume to continue the run in "
+                              "it, or overwrite=True / --overwrite to start again)")
+    return out
+
+
+def _prepare_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | None:
+    """:func:`_check_out`, then the folder made ready: checkpoints recovered for a resume, emptied for overwrite."""
+    out = _check_out(out, resume=resume, overwrite=overwrite, sources=sources)
+    if out is None:
+        return None
     if resume and out.is_dir():
         ckpt.recover_checkpoints(out)
     if resume and not ckpt.has_resumable(out):
         raise InvalidSetting(f"nothing to resume in {out}: it holds no {ckpt.LAST}/{ckpt.STATE_FILE}, which a run "
                              "writes at its first evaluation; start the run without resume=True / --resume "
-                             "(with overwrite=True / --overwrite if the folder is not empty)")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise FileExistsError(f"output {out} already exists (pass resume=True / --resume to continue the run in "
-                                  "it, or overwrite=True / --overwrite to start again)")
+                             "(with overwrite=True / --overwrite if the folder exists)")
+    if out.exists() and not resume:  # overwrite
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -275,6 +286,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         _check_fade(fade, segment, cfg)
     if text is None:
         raise DataError("healing needs text to train on (text=...)")
+    _check_out(out, resume=resume, overwrite=overwrite, sources=(student, teacher))  # before loading anything
     s_model, s_tok, s_src = _resolve(student, "student")
     t_model, t_tok, t_src = _resolve(teacher, "teacher")
     if fade is not None and fade.model is not s_model:

@@ -35,6 +35,25 @@ def test_different_vocabularies_are_refused(student, tokenizer, texts):
         heal((student, tokenizer), (other, tokenizer), texts["train"], **TINY)
 
 
+def test_a_vocabulary_pruned_student_is_told_to_heal_before_pruning(teacher, tokenizer, texts):
+    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    pruned = tf.LlamaForCausalLM(cfg).eval()  # fewer tokens than the teacher, as after --prune-vocab
+    with pytest.raises(IncompatibleModels, match="different vocabularies.*--heal-tokens N --prune-vocab"):
+        heal((pruned, tokenizer), (teacher, tokenizer), texts["train"], **TINY)
+
+
+def test_an_existing_output_is_refused_before_any_model_is_loaded(tokenizer, texts, tmp_path):
+    (tmp_path / "out").mkdir()  # even empty, as every command refuses an existing output
+    missing = tmp_path / "not-a-model"  # loading it would fail: the output check must come first
+    with pytest.raises(FileExistsError, match="already exists"):
+        heal(str(missing), str(missing), texts["train"], out=tmp_path / "out", **TINY)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        heal(str(missing), str(missing), texts["train"], out=tmp_path / "file", overwrite=True, **TINY)
+    assert (tmp_path / "file").read_text() == "x" and not any((tmp_path / "out").iterdir())
+
+
 def test_same_size_but_different_tokenizers_are_refused(student, teacher, tokenizer, texts):
     with pytest.raises(IncompatibleModels, match="different tokenizers"):
         heal((student, tokenizer), (teacher, word_tokenizer("v")), texts["train"], **TINY)
