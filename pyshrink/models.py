@@ -165,8 +165,10 @@ def _load_hub(name: str, dtype):
     except ModelLoadError:
         raise
     except Exception as exc:
+        # one line: the hub client's messages run over several (the cause stays chained for tracebacks)
+        detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise ModelLoadError(f"no folder or file {name!r} exists here, and it could not be loaded as a model hub id "
-                             f"either (is a hub reachable from here, and does the id exist?): {exc}") from exc
+                             f"either (is a hub reachable from here, and does the id exist?): {detail}") from exc
     return model, tok
 
 

@@ -179,6 +179,20 @@ def test_bad_sources(source, message):
         models.load_model(source)
 
 
+def test_an_unreachable_hub_id_is_a_one_line_error(monkeypatch):
+    import transformers
+
+    def offline(name, **kw):  # what the hub client raises without a network: several lines
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(ModelLoadError) as info:
+        models.load_model("no-such-model")
+    msg = str(info.value)
+    assert "'no-such-model' exists here" in msg and "couldn't connect" in msg and "\n" not in msg
+    assert isinstance(info.value.__cause__, OSError)
+
+
 def test_a_plain_file_is_not_a_model(tmp_path):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"\0" * 8)

@@ -13,14 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelLoadError
+
 META_FILE = "pyshrink_onnx.json"
 
 
 def read_meta(folder) -> dict:
     f = Path(folder) / META_FILE
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder: expected a folder written by "
+                                "`pyshrink export`")
     if not f.is_file():
         raise FileNotFoundError(f"{folder} has no {META_FILE}: not a folder written by `pyshrink export`")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{f} is corrupt: {exc}") from exc
 
 
 def session_options(threads: int | None = None):

@@ -73,6 +73,11 @@ def test_generate_cli(tiny_onnx):
 def test_generate_cli_errors(tiny_onnx, tmp_path):
     r = _cli("generate", str(tmp_path), "hello")
     assert r.returncode == 2 and "pyshrink: error:" in r.stderr and "pyshrink_onnx.json" in r.stderr
+    r = _cli("generate", str(tmp_path / "missing"), "hello")
+    assert r.returncode == 2 and f"{tmp_path / 'missing'} does not exist" in r.stderr, r.stderr
+    (tmp_path / "pyshrink_onnx.json").write_text("{not json")
+    r = _cli("generate", str(tmp_path), "hello")
+    assert r.returncode == 2 and "pyshrink_onnx.json is corrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = _cli("generate", str(tiny_onnx("llama")), "w5", "--top-p", "1.5")
     assert r.returncode == 2 and "top_p" in r.stderr and "Traceback" not in r.stderr
     for option, value in (("--threads", "0"), ("--threads", "-3"), ("--seed", "-1")):
