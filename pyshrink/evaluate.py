@@ -11,14 +11,15 @@ from .errors import InvalidSetting
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = None, seq_len: int = 512,
+def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = None, seq_len: int | None = None,
                max_tokens: int | None = None, batch_size: int = 4, progress: bool = True) -> float:
     """Perplexity over non-overlapping ``seq_len`` windows of ``text`` (or of pre-tokenized ``ids``).
 
     Every window is scored independently (the first token of a window has no context and is not scored),
-    so results are comparable across models that see the same windows.
+    so results are comparable across models that see the same windows. ``seq_len`` (default: 512, or the
+    model's positions if fewer) must fit the model's positions.
     """
-    models.check_seq_len(model, seq_len)
+    seq_len = models.window_length(model, seq_len)
     if ids is None:
         ids = data.tokenize(tokenizer, data.read_texts(text))
     win = data.windows(ids, seq_len, max_tokens, what="evaluation text")

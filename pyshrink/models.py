@@ -392,10 +392,22 @@ def max_positions(config) -> int | None:
     return None
 
 
+DEFAULT_WINDOW = 512  # tokens per window of calibration, perplexity and healing when none is asked for
+
+
 def check_seq_len(model, seq_len, name: str = "seq_len") -> int:
     """``seq_len`` as a window length for ``model``: an integer in 2..its position limit (a window of one token
     scores nothing; beyond the limit the position embeddings run out)."""
     return check_range(name, seq_len, 2, max_positions(model.config) or 1 << 20, integer=True)
+
+
+def window_length(model, seq_len=None, name: str = "seq_len") -> int:
+    """The window length for ``model``: ``seq_len`` checked (:func:`check_seq_len`), or, for None,
+    :data:`DEFAULT_WINDOW` shortened to the model's positions. One rule for every command: a default fits the
+    model, a value asked for is used as given or refused."""
+    if seq_len is None:
+        return min(DEFAULT_WINDOW, max_positions(model.config) or DEFAULT_WINDOW)
+    return check_seq_len(model, seq_len, name)
 
 
 def num_params(model) -> int:

@@ -37,6 +37,12 @@ def test_a_window_longer_than_the_position_embeddings_is_refused():
         perplexity(model, ids=random_ids(1, 4 * limit).flatten(), seq_len=limit + 1, progress=False)
 
 
+def test_the_default_window_fits_the_models_positions():
+    model = tiny_model("gpt2")  # 256 positions: the default 512 is shortened, as pyshrink eval does
+    ids = random_ids(1, 2 * 256, seed=5).flatten()
+    assert perplexity(model, ids=ids, progress=False) == perplexity(model, ids=ids, seq_len=256, progress=False)
+
+
 def test_an_encoder_has_no_perplexity():
     with pytest.raises(InvalidSetting, match="needs next-token logits"):
         perplexity(tiny_model("bert"), ids=random_ids(1, 64).flatten(), seq_len=32, progress=False)

@@ -21,11 +21,10 @@ def register(app: typer.Typer) -> None:
         """Perplexity of MODEL on the given text."""
         from .. import data
         from ..evaluate import perplexity
-        from ..models import load_model, max_positions
+        from ..models import load_model, window_length
 
         m, tok = load_model(model)
-        if seq_len is None:
-            seq_len = min(512, max_positions(m.config) or 512)
+        seq_len = window_length(m, seq_len)
         ppl = perplexity(m, ids=data.tokenize(tok, data.read_texts(text)), seq_len=seq_len, max_tokens=max_tokens)
         if as_json:
             typer.echo(json.dumps({"model": model, "perplexity": ppl, "seq_len": seq_len}))

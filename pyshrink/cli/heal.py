@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
         eval_tokens: int = typer.Option(8192, help="Held-out tokens measured at each evaluation."),
         eval_every: Optional[int] = typer.Option(None, help="Evaluate and checkpoint every N training tokens "
                                                  "(default: an eighth of the budget)."),
-        seq_len: int = typer.Option(512, help="Window length in tokens."),
+        seq_len: Optional[int] = typer.Option(None, help="Window length in tokens; default 512, or the model's "
+                                              "position limit if that is shorter."),
         batch_size: int = typer.Option(1, help="Windows per forward pass."),
         grad_accum: int = typer.Option(4, help="Forward passes per optimizer step."),
         trainable: str = typer.Option("all", help="Which weights train: all, or contracted (MLPs of contracted "

@@ -29,9 +29,11 @@ def register(app: typer.Typer) -> None:
                                        "one per group."),
         head_bits: Optional[int] = typer.Option(None, "--head-bits", help="Also quantize the output head to 4 or "
                                                 "8 bits (a tied head is untied; default: head kept in float)."),
-        calib_tokens: int = typer.Option(16384, help="Calibration tokens used at most."),
+        calib_tokens: int = typer.Option(16384, "--calibration-tokens", "--calib-tokens",
+                                         help="Calibration tokens used at most."),
         eval_tokens: int = typer.Option(16384, help="Evaluation tokens used at most."),
-        seq_len: int = typer.Option(512, help="Window length in tokens (calibration and perplexity)."),
+        seq_len: Optional[int] = typer.Option(None, help="Window length in tokens (calibration and perplexity); "
+                                              "default 512, or the model's position limit if that is shorter."),
         act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing Hessian diagonal."),
         as_json: bool = typer.Option(False, "--json", help="Print the result (with every layer) as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),

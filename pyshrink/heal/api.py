@@ -162,7 +162,8 @@ def _validate(cfg: HealConfig, eval_tokens: int):
     check_range("temperature", cfg.temperature, 1e-3, 100.0)
     check_range("alpha", cfg.alpha, 0.0, 1.0)
     check_range("hidden_weight", cfg.hidden_weight, 0.0, 1e6)
-    check_range("seq_len", cfg.seq_len, 2, 1 << 20, integer=True)
+    if cfg.seq_len is not None:  # None: the student's default window, once it is loaded
+        check_range("seq_len", cfg.seq_len, 2, 1 << 20, integer=True)
     check_range("batch_size", cfg.batch_size, 1, 4096, integer=True)
     check_range("grad_accum", cfg.grad_accum, 1, 1 << 16, integer=True)
     check_range("warmup", cfg.warmup, 0.0, 1.0)
@@ -224,7 +225,7 @@ def _prepare_out(out, *, resume: bool, overwrite: bool, sources=()) -> Path | No
 
 # ---- the stage -------------------------------------------------------------------------------------------
 def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, lr: float = 2e-4,
-         temperature: float = 2.0, alpha: float = 0.5, hidden_weight: float = 0.0, seq_len: int = 512,
+         temperature: float = 2.0, alpha: float = 0.5, hidden_weight: float = 0.0, seq_len: int | None = None,
          batch_size: int = 1, grad_accum: int = 4, schedule: str = "cosine", warmup: float = 0.05,
          weight_decay: float = 0.0, max_grad_norm: float = 1.0, trainable: str = "all", eval_text=None,
          eval_tokens: int = 8192, until_ppl: float | None = None, eval_every: int | None = None,
@@ -256,6 +257,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     pass the same one to several heals from the same teacher object so later ones skip its forward passes).
     Windows are visited in an order fixed by ``seed``; ``data_offset`` skips that many windows of it.
     ``teacher_ppl``: the teacher's perplexity on these held-out windows, if already known (skips measuring it).
+    ``seq_len``: tokens per window (default 512, or the student's positions if fewer).
     ``callback(info)`` is called after every optimizer step with the step, tokens seen and loss parts.
 
     ``segment=(start, stop)`` trains only the part of a ``tokens``-token run between ``start`` and ``stop`` tokens
@@ -282,8 +284,6 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         _check_segment(segment, cfg.tokens, resume)
     elif optimizer_state is not None:
         raise InvalidSetting("optimizer_state continues a run: it needs segment=(start, stop)")
-    if fade is not None:
-        _check_fade(fade, segment, cfg)
     if text is None:
         raise DataError("healing needs text to train on (text=...)")
     _check_out(out, resume=resume, overwrite=overwrite, sources=(student, teacher))  # before loading anything
@@ -293,7 +293,9 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
         raise InvalidSetting("the fade's hooks are on another model than the student")
     adapter = check_pair(s_model, t_model, s_tok, t_tok, hidden_weight=hidden_weight,
                          pending=fade.removed_params() if fade is not None else 0)
-    models.check_seq_len(s_model, seq_len)
+    seq_len = cfg.seq_len = models.window_length(s_model, seq_len)
+    if fade is not None:  # its steps are counted in windows of seq_len
+        _check_fade(fade, segment, cfg)
     tok = tokenizer or s_tok or t_tok
     train, held = split_data(_ids(text, tok, "healing text"),
                              None if eval_text is None else _ids(eval_text, tok, "held-out evaluation text"),

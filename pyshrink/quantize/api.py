@@ -29,7 +29,7 @@ from .. import data
 from ..arch import adapter_for, get_path
 from ..arch.linears import in_features, is_projection, out_features, weight_out_in
 from ..errors import DataError, InvalidSetting
-from ..models import max_positions, record_transform, structure_handler, transforms_of
+from ..models import max_positions, record_transform, structure_handler, transforms_of, window_length
 from . import awq
 from .calib import collect_stats, discover_groups, find_fold, first_batch, scale_inputs, scale_outputs
 from .config import HEAD, QuantConfig
@@ -109,7 +109,7 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
     if calibration is None:
         return []
     limit = max_positions(model.config)
-    seq_len = min(cfg.seq_len, limit or cfg.seq_len)
+    seq_len = window_length(model, cfg.seq_len)
     if isinstance(calibration, torch.Tensor):
         ids = calibration.long()
         if ids.dim() == 2:

@@ -37,7 +37,8 @@ class QuantConfig:
                     :class:`~pyshrink.quantize.linear.QuantLinear` for the measurements).
     calib_tokens    calibration tokens used at most (the first ones of the text).
     min_calib_tokens  fewer calibration tokens than this is an error that names the number.
-    seq_len         calibration window length in tokens.
+    seq_len         calibration and perplexity window length in tokens (None: 512, or the model's
+                    positions if fewer; a value beyond them is an error).
     batch_size      calibration windows per forward batch.
     awq_grid        number of alpha values searched for the activation-aware scales (0 .. 1).
     clip_grid       number of clipping ratios searched, from 1.0 down to ``clip_min``.
@@ -58,7 +59,7 @@ class QuantConfig:
     fast: bool = True
     calib_tokens: int = 16384
     min_calib_tokens: int = 2048
-    seq_len: int = 512
+    seq_len: int | None = None
     batch_size: int = 8
     awq_grid: int = 20
     clip_grid: int = 20
@@ -92,6 +93,8 @@ class QuantConfig:
         for name, lo in (("calib_tokens", 1), ("min_calib_tokens", 1), ("seq_len", 2), ("batch_size", 1),
                          ("awq_grid", 1), ("clip_grid", 1), ("gptq_block", 1)):
             v = getattr(self, name)
+            if name == "seq_len" and v is None:  # the model's default window (pyshrink.models.window_length)
+                continue
             if not is_int(v) or v < lo:
                 raise InvalidSetting(f"{name} must be an integer >= {lo}, got {v!r}")
         if not 0.0 < self.clip_min <= 1.0:

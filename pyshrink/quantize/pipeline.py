@@ -16,7 +16,7 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings
-from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save
+from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save, window_length
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
@@ -106,11 +106,10 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
         eval_ids, eval_source = data.tokenize(tok, data.builtin_text("pydoc")), "built-in pydoc text"
     eval_ids = eval_ids[:eval_tokens]
 
-    seq_len = config.seq_len
     max_pos = max_positions(model.config)
     if adapter.kind == "decoder":
         metric = "perplexity"
-        window = min(seq_len, max_pos or seq_len)
+        window = window_length(model, config.seq_len)
         if eval_tokens < window:
             raise InvalidSetting(f"eval_tokens ({eval_tokens}) must be at least one {window}-token window")
         measure = lambda m: perplexity(m, ids=eval_ids, seq_len=window, progress=progress)  # noqa: E731

@@ -43,6 +43,14 @@ def test_a_vocabulary_pruned_student_is_told_to_heal_before_pruning(teacher, tok
         heal((pruned, tokenizer), (teacher, tokenizer), texts["train"], **TINY)
 
 
+def test_the_default_window_fits_the_students_positions(student, teacher, tokenizer, texts):
+    kw = {k: v for k, v in TINY.items() if k != "seq_len"}
+    r = heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**kw, "tokens": 256 * 8})
+    assert r.config["seq_len"] == student.config.max_position_embeddings == 256  # 512 shortened, as eval does
+    with pytest.raises(InvalidSetting, match="seq_len must be in 2..256, got 257"):
+        heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**kw, "seq_len": 257})
+
+
 def test_an_existing_output_is_refused_before_any_model_is_loaded(tokenizer, texts, tmp_path):
     (tmp_path / "out").mkdir()  # even empty, as every command refuses an existing output
     missing = tmp_path / "not-a-model"  # loading it would fail: the output check must come first

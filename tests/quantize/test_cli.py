@@ -37,10 +37,13 @@ def test_cli_quantize_json(source, capsys):
 
 
 def test_cli_quantize_table(source, capsys):
+    # --calibration-tokens: contract's name for the same setting (--calib-tokens still works)
     rc, cap = _main(["quantize", str(source / "src"), "-o", str(source / "q8"), "--bits", "8", "--method", "rtn",
-                     "--calibration", str(source / "calib.txt"), "--seq-len", "64", "--head-bits", "8"], capsys)
+                     "--calibration", str(source / "calib.txt"), "--seq-len", "64", "--head-bits", "8",
+                     "--calibration-tokens", "4096"], capsys)
     assert rc == 0, cap.err
-    for needle in ("weights on disk", "bits per weight", "perplexity", "per-layer relative output error", "down_proj"):
+    for needle in ("weights on disk", "bits per weight", "perplexity", "per-layer relative output error", "down_proj",
+                   "4,096 calibration tokens"):
         assert needle in cap.out
 
 
@@ -50,6 +53,7 @@ def test_cli_quantize_table(source, capsys):
     (["--method", "magic"], "unknown quantization method"),
     (["--bits", "8", "--asymmetric"], "symmetric"),
     (["--method", "gptq"], "method 'gptq' needs calibration text"),
+    (["--seq-len", "257"], "seq_len must be in 2..256, got 257"),  # the tiny model has 256 positions
 ])
 def test_cli_bad_settings_exit_2(source, capsys, args, needle):
     rc, cap = _main(["quantize", str(source / "src"), "-o", str(source / "bad"), *args], capsys)
