@@ -109,6 +109,10 @@ class DecoderSession:
         mask = np.ones((1, total), dtype=np.int64)
         if state.shared:
             b = state.binding
+            if self.meta.get("logits") == "all":
+                # logits [1, len(ids), vocab]: ORT keeps the last run's output bound, whose shape would not fit a
+                # step of another length, so let it allocate them afresh (the last-position export's never change)
+                b.bind_output("logits")
             b.bind_cpu_input("input_ids", ids)
             b.bind_cpu_input("attention_mask", mask)
             self.sess.run_with_iobinding(b)

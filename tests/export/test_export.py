@@ -45,6 +45,25 @@ def test_decoder_export_matches_pytorch_over_kv_cache_steps(family, exported):
     assert _steps_parity(folder, tiny_model(family)) < 1e-4
 
 
+def test_all_logits_export_validates_and_decodes(tmp_path):
+    from onnx_helpers import word_tokenizer
+
+    model = tiny_model("llama")
+    out = export_onnx(model, tmp_path / "all", logits="all", tokenizer=word_tokenizer())
+    assert json.loads((out / "pyshrink_onnx.json").read_text())["logits"] == "all"
+    # a prompt, then one-token steps: the logits' length changes between runs of one bound session
+    assert _steps_parity(out, model) < 1e-4
+    ids = random_prompt(6, 2)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.zeros([1] + [d if isinstance(d, int) else 0 for d in i.shape[1:]], dtype=np.float32)
+            for i in sess.get_inputs()[2:]}  # empty past: [1, kv_heads, 0, head_dim]
+    logits = sess.run(["logits"], {"input_ids": np.array([ids]), "attention_mask": np.ones((1, 6), np.int64),
+                                   **feed})[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits.numpy()
+    assert logits.shape == ref.shape and np.abs(logits - ref).max() < 1e-4
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_kv_cache_inputs_outputs_and_ir_version(family, exported):
     folder = exported(family)
