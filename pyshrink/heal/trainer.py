@@ -373,13 +373,35 @@ class Trainer:
             self.resumed_rng = None
         else:
             torch.manual_seed(cfg.seed + s.step)
-        step_rng = outer_rng
+        # What a resume from the last completed step must draw next: the generators' state after that step
+        # (evaluation, in eval mode, draws nothing). Taken after each step, not before it, so that an interrupt
+        # between a step's end and the next step's start (in the callback, an evaluation or a checkpoint write)
+        # saves the state that goes with the saved weights.
+        step_rng = ckpt.rng_state()
         last_saved = s.step
+
+        def eval_and_save(over_time: bool = False):
+            nonlocal last_saved
+            reached = self._record_eval(self.evaluate(self.student))
+            tick()
+            s.stopped = "until_ppl" if reached else ("time" if over_time else None)
+            if s.stopped is None and s.step == end:
+                s.stopped = at_end
+            self._save_last()
+            last_saved = s.step
+
+        def eval_due(over_time: bool = False) -> bool:
+            return s.step % cfg.eval_every_steps == 0 or s.step == end or over_time
+
         try:
+            if s.stopped is None and s.step > 0 and eval_due() and s.curve[-1]["step"] < s.step:
+                # interrupted after an evaluation step's training, before its evaluation was recorded: evaluate
+                # it now, as the uninterrupted run did (its curve point, best checkpoint and early stop)
+                eval_and_save()
             while s.stopped is None and s.step < end:
                 t0 = time.perf_counter()
-                step_rng = ckpt.rng_state()  # what a resume from the last completed step must draw next
                 parts = self._train_step()
+                step_rng = ckpt.rng_state()
                 s.train_seconds += time.perf_counter() - t0
                 self.last_loss = parts["loss"]
                 tick()
@@ -390,14 +412,8 @@ class Trainer:
                     self.callback({"step": s.step, "tokens_seen": s.tokens_seen, **parts})
                 # per invocation: a resumed run gets max_seconds again (the total would stop it at once)
                 over_time = cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds
-                if s.step % cfg.eval_every_steps == 0 or s.step == end or over_time:
-                    reached = self._record_eval(self.evaluate(self.student))
-                    tick()
-                    s.stopped = "until_ppl" if reached else ("time" if over_time else None)
-                    if s.stopped is None and s.step == end:
-                        s.stopped = at_end
-                    self._save_last()
-                    last_saved = s.step
+                if eval_due(over_time):
+                    eval_and_save(over_time)
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", ppl=f"{s.curve[-1]['ppl']:.2f}")
             if s.stopped is None:
                 s.stopped = at_end

@@ -59,6 +59,38 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_teacher, toke
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2 trains with dropout: the generators must resume too
+@pytest.mark.parametrize("at_step, how", [(6, "mid-step"), (6, "after the step"), (4, "before its evaluation")])
+def test_resume_after_an_interrupt_anywhere_equals_an_uninterrupted_run(trained_teacher, tokenizer, texts, tmp_path,
+                                                                        family, at_step, how):
+    from tiny import tiny_model
+
+    teacher = trained_teacher if family == "llama" else tiny_model("gpt2")
+    assert family == "llama" or teacher.config.resid_pdrop > 0
+
+    def run(out, **kw):
+        student = contract_mlp(copy.deepcopy(teacher), keep=24)
+        if kw.get("callback") == "mid-step":
+            kw["callback"] = _interrupt_during_step(at_step)
+            kw["callback"].model = student
+        return heal((student, tokenizer), (teacher, tokenizer), texts["train"], eval_text=texts["eval"], out=out,
+                    **{**TINY, **kw})
+
+    def after(info):  # a Ctrl-C once the step is done: in the callback, before an evaluation step's evaluation
+        if info["step"] == at_step:
+            raise KeyboardInterrupt
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", callback="mid-step" if how == "mid-step" else after)
+    assert load_state(tmp_path / "cut" / "checkpoint-last")[0]["step"] == at_step
+    resumed = run(tmp_path / "cut", resume=True)
+    assert [(p["step"], p["ppl"]) for p in resumed.curve] == [(p["step"], p["ppl"]) for p in full.curve]
+    assert (resumed.best_tokens, resumed.ppl_best, resumed.stopped) == (full.best_tokens, full.ppl_best, full.stopped)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_a_crash_keeps_the_last_good_checkpoint(trained_teacher, tokenizer, texts, tmp_path):
     student = contract_mlp(copy.deepcopy(trained_teacher), keep=24)
 
