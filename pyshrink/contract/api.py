@@ -39,7 +39,7 @@ class ContractionSettings:
     prune_vocab: bool = False
     criterion: str = "fluctuation"
     refit: str = "lstsq"
-    seq_len: int = 512
+    seq_len: int | None = None  # window length: None = 512, or the model's positions if fewer
     calibration_tokens: int = 32768
     eval_tokens: int = 16384
     datafree_tokens: int = 8192
@@ -70,6 +70,8 @@ class ContractionSettings:
         if self.refit not in ("lstsq", "mean", "none"):
             raise InvalidSetting(f"refit must be one of lstsq, mean, none, got {self.refit!r}")
         for name in ("seq_len", "calibration_tokens", "eval_tokens", "datafree_tokens", "batch_size"):
+            if name == "seq_len" and self.seq_len is None:  # fitted to the model once it is loaded
+                continue
             _integer(name, getattr(self, name))
             if getattr(self, name) < 1:
                 raise InvalidSetting(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -180,8 +182,8 @@ def _load(source):
 
 def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int | None = None, calibration=None,
              eval_text=None, *, prune_heads: bool = False, prune_vocab: bool = False, threshold: float | None = None,
-             head_ratio: float | None = None, criterion: str = "fluctuation", refit: str = "lstsq", seq_len: int = 512,
-             calibration_tokens: int = 32768, eval_tokens: int = 16384, datafree_tokens: int = 8192,
+             head_ratio: float | None = None, criterion: str = "fluctuation", refit: str = "lstsq",
+             seq_len: int | None = None, calibration_tokens: int = 32768, eval_tokens: int = 16384, datafree_tokens: int = 8192,
              seed: int = 0, out=None, overwrite: bool = False, progress: bool = True, layers=None,
              heal_tokens: int | None = None, heal_options: dict | None = None) -> ContractionResult:
     """Contract a model: physically remove the least useful MLP neurons (and optionally attention heads and
@@ -208,6 +210,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             (``lstsq``: least-squares refit of the down projection and its bias; ``mean``: FLAP's bias
             compensation only; ``none``); the defaults are the best measured.
         layers: explicit block indices to contract (unique ints in ``0..depth-1``) instead of the measured choice.
+        seq_len: tokens per calibration and evaluation window (default 512, or the model's positions if fewer).
         heal_tokens: after contraction, heal the model in place by distillation from the source for this many
             tokens of the calibration text (:func:`pyshrink.heal.heal_in_place`; needs ``calibration``, decoders
             only). The heal trains on the calibration part only and keeps the best checkpoint by perplexity on its
@@ -270,7 +273,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     torch.manual_seed(seed)
 
     # ---- data ------------------------------------------------------------------------------------------
-    L = min(seq_len, models.max_positions(model.config) or seq_len)
+    L = st.seq_len = models.window_length(model, seq_len)  # the summary records the window used
     if cal_text is not None:
         ids = data.tokenize(tok, cal_text)
         if eval_str is None:

@@ -261,9 +261,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if heal_kwargs.get("teacher_topk") and heal_kwargs.get("teacher_cache") is None:
         from .teacher import TeacherCache
         heal_kwargs["teacher_cache"] = TeacherCache(heal_kwargs["teacher_topk"])  # one teacher: share its targets
-    if "seq_len" not in heal_kwargs:  # heal on contraction's windows, which fit the model's positions
-        seq_len = contract_kwargs.get("seq_len", 512)
-        heal_kwargs["seq_len"] = min(seq_len, models.max_positions(t_model.config) or seq_len)
+    if "seq_len" not in heal_kwargs:  # heal on contraction's windows
+        heal_kwargs["seq_len"] = models.window_length(t_model, contract_kwargs.get("seq_len"))
     seq_len = heal_kwargs["seq_len"]
     offset = heal_kwargs.pop("data_offset", 0)
     current = source

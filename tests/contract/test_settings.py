@@ -39,6 +39,16 @@ def test_num_layers_out_of_range(tiny_folder, tmp_path, n):
     assert list(tmp_path.iterdir()) == []  # no temporary folder left behind either
 
 
+def test_a_window_beyond_the_models_positions_is_refused_not_shortened(tiny_folder, tmp_path):
+    out = tmp_path / "out"  # the tiny models have 256 positions; the default window (512) is shortened to them
+    with pytest.raises(InvalidSetting, match=r"seq_len must be in 2\.\.256, got 1024"):
+        pyshrink.contract(tiny_folder("llama"), calibration=TEXT, out=out, seq_len=1024, progress=False)
+    assert not out.exists()
+    res = pyshrink.contract(tiny_folder("llama"), calibration=TEXT, calibration_tokens=512, eval_tokens=256,
+                            num_layers_to_contract=1, progress=False)
+    assert res.summary["settings"]["seq_len"] == 256 and res.summary["ppl_final"] > 0
+
+
 @pytest.mark.parametrize("bad", [dict(num_layers_to_contract=1.5), dict(contraction_ratio="half"),
                                  dict(threshold=-1.0), dict(head_ratio=0.99), dict(criterion="nope")])
 def test_other_bad_settings(tiny_folder, tmp_path, bad):
