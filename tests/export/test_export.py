@@ -171,6 +171,12 @@ def test_int4_accuracy_level_4_within_its_stated_bound(exported):
     assert v["exact_twin_max_abs_diff"] <= 1e-3 * v["scale"]  # the same graph with float activations: exact
 
 
+def test_int4_encoder_export_is_checked_exactly_with_float_activations_too(exported):
+    v = json.loads((exported("bert", int4=True) / "pyshrink_onnx.json").read_text())["validation"]
+    assert v["relative_tolerance"] == INT4_RTOL and v["max_abs_diff"] <= v["tolerance"]
+    assert v["exact_twin_max_abs_diff"] is not None and v["exact_twin_max_abs_diff"] <= 1e-3 * v["scale"]
+
+
 def test_quantized_model_is_exported_by_byte_copy(tmp_path):
     model = quantized(tiny_model("llama"), group_size=32, symmetric=False)
     export_onnx(model, tmp_path / "q", accuracy_level=0)
