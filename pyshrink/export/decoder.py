@@ -48,8 +48,18 @@ class _Builder:
     def norm(self, x: str, n: Norm, name: str) -> str:
         g = self.g
         if self.s.norm == "rms":
-            return g.node("SimplifiedLayerNormalization", [x, *self._norm_inputs(n, name, False)], f"{name}/SLN",
-                          axis=-1, epsilon=n.eps, stash_type=1)
+            # Standard ops: ORT's SimplifiedLayerNormalization sits in the ONNX domain without being an ONNX op,
+            # so onnx.checker refused the whole graph (and ORT refuses it under com.microsoft). This is the only
+            # stand-alone norm (the first block's input; every later one is fused with its residual add), in the
+            # Pow-ReduceMean-Add-Sqrt-Div-Mul form that ORT's optimizer fuses back into that op.
+            sq = g.node("Pow", [x, g.const(2.0, np.float32)], f"{name}/Pow")
+            axes = {"axes": [-1]} if g.opset < 18 else {}  # an input from opset 18 on
+            mean_sq = g.node("ReduceMean", [sq] + ([g.const([-1])] if g.opset >= 18 else []), f"{name}/ReduceMean",
+                             keepdims=1, **axes)
+            rms = g.node("Sqrt", [g.node("Add", [mean_sq, g.const(n.eps, np.float32)], f"{name}/AddEps")],
+                         f"{name}/Sqrt")
+            return g.node("Mul", [g.node("Div", [x, rms], f"{name}/Div"), *self._norm_inputs(n, name, False)],
+                          f"{name}/MulWeight")
         return g.node("LayerNormalization", [x, *self._norm_inputs(n, name, True)], f"{name}/LN",
                       axis=-1, epsilon=n.eps, stash_type=1)
 

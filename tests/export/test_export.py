@@ -76,10 +76,13 @@ def test_kv_cache_inputs_outputs_and_ir_version(family, exported):
     assert [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")] == ins[2:]
     assert outs[0] == "logits" and outs[1:] == [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
     ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])  # loads as written
+    for int4 in (False, True):  # standard ops in the ONNX domain (ORT's own ones under com.microsoft only)
+        onnx.checker.check_model(onnx.load(str(exported(family, int4=int4) / "model.onnx")), full_check=True)
 
 
 def test_encoder_export_matches_pytorch(exported):
     folder = exported("bert")
+    onnx.checker.check_model(onnx.load(str(folder / "model.onnx")), full_check=True)
     meta = json.loads((folder / "pyshrink_onnx.json").read_text())
     assert meta["kind"] == "encoder" and "last_hidden_state" in meta["outputs"]
     model = tiny_model("bert")
