@@ -26,12 +26,31 @@ def read_texts(sources) -> str:
         p = Path(s)
         if p.is_dir():
             raise DataError(f"{s} is a folder; give the text file(s) in it")
-        if not p.is_file():
+        if not p.exists():  # not is_file(): a pipe (<(...), a FIFO) is text too
             raise DataError(f"text file {s} does not exist")
-        parts.append(p.read_text(encoding="utf-8", errors="replace"))
+        parts.append(_decode(p))
     text = "\n".join(parts)
     if not text.strip():
         raise DataError(f"the text given ({', '.join(map(str, sources))[:200]}) is empty")
+    return text
+
+
+def _decode(path: Path) -> str:
+    """A file's text as UTF-8 (a byte-order mark is dropped). Anything else is refused, not read with
+    replacement characters: a binary or UTF-16 file would otherwise calibrate, train or score on garbage
+    without a word (a perplexity on random bytes looked like one on text)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        hint = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(f"{path} is not UTF-8 text{hint}: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+                        "(convert it first, e.g. iconv -t UTF-8)") from None
+    if "\x00" in text:
+        raise DataError(f"{path} holds a NUL character (at {text.index(chr(0))}): a binary file, not text")
     return text
 
 

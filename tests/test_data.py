@@ -38,6 +38,36 @@ def test_a_misspelt_file_name_is_reported_not_read_as_text(tmp_path, monkeypatch
         data.read_texts([source])
 
 
+def test_only_utf8_text_is_read(tmp_path):
+    cases = {"latin1.txt": ("café au lait".encode("latin-1"), r"latin1.txt is not UTF-8 text: byte 0xe9 at offset 3"),
+             "utf16.txt": ("some text".encode("utf-16"), r"is not UTF-8 text \(it looks like UTF-16\)"),
+             "random.bin": (bytes(range(256)) * 4, r"random.bin (is not UTF-8 text|holds a NUL)"),
+             "nul.txt": (b"text\x00more", r"nul.txt holds a NUL character \(at 4\)")}
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(DataError, match=message):
+            data.read_texts(tmp_path / name)
+    (tmp_path / "bom.txt").write_bytes("\ufeffw1 w2".encode("utf-8"))
+    assert data.read_texts(tmp_path / "bom.txt") == "w1 w2"  # a UTF-8 byte-order mark is not text
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # what <(cat file) gives a command
+
+    def write():
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write("w1 w2 w3")
+
+    t = threading.Thread(target=write, daemon=True)  # daemon: a failing read must not hang the run
+    t.start()
+    assert data.read_texts(fifo) == "w1 w2 w3"
+    t.join(timeout=10)
+
+
 def test_a_folder_is_an_error(tmp_path):
     with pytest.raises(DataError, match="is a folder"):
         data.read_texts([tmp_path])
