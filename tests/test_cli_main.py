@@ -55,3 +55,26 @@ def test_each_command_has_help(cmd):
 def test_serve_refuses_limits_that_would_reject_every_request(tmp_path, opt):
     r = run_cli("serve", str(tmp_path), opt, "0")  # checked before the folder is even looked at
     assert r.returncode == 2 and opt in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_and_short_help():
+    import pyshrink
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"pyshrink {pyshrink.__version__}"
+    r = run_cli("contract", "-h")
+    assert r.returncode == 0 and "--contraction-ratio" in r.stdout
+
+
+def test_ctrl_c_inside_a_command_says_so_and_exits_130(tmp_path, monkeypatch, capsys):
+    from pyshrink import models
+    from pyshrink.cli import main
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the command works (click turns it into exit 130)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_model", interrupted)
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    assert main(["eval", "some-model", "--text", str(text)]) == 130
+    assert capsys.readouterr().err.strip().endswith("pyshrink: interrupted")

@@ -19,7 +19,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool):
+    if value:
+        from .. import __version__
+
+        typer.echo(f"pyshrink {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print pyshrink's version and exit.")):
+    """Make trained transformer models cheaper to serve: contract, heal, quantize, export, bench."""
+
 
 for _name in COMMANDS:
     importlib.import_module(f"{__name__}.{_name}").register(app)
@@ -43,7 +59,10 @@ def main(argv=None) -> int:
         typer.secho("pyshrink: interrupted", err=True)
         return 130
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 130:  # click turns Ctrl-C during a command into exit 130 itself, without a word
+            typer.secho("pyshrink: interrupted", err=True)
+        return code
     return 0
 
 if __name__ == "__main__":
