@@ -107,16 +107,21 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     eval_ids = eval_ids[:eval_tokens]
 
     max_pos = max_positions(model.config)
+    window = window_length(model, config.seq_len) if adapter.kind == "decoder" else min(128, max_pos or 128)
+    if eval_source.startswith("held-out") and eval_ids.numel() < window:
+        # say which text is short: without --eval the held-out tail of the calibration text is measured
+        raise DataError(f"the calibration text has {calib_ids.numel() + eval_ids.numel()} tokens, so its held-out "
+                        f"last {held_out:.0%} ({eval_ids.numel()} tokens) is shorter than one {window}-token window "
+                        "for the before/after quality: pass more calibration text, or an evaluation text (--eval)")
     if adapter.kind == "decoder":
         metric = "perplexity"
-        window = window_length(model, config.seq_len)
         if eval_tokens < window:
             raise InvalidSetting(f"eval_tokens ({eval_tokens}) must be at least one {window}-token window")
         measure = lambda m: perplexity(m, ids=eval_ids, seq_len=window, progress=progress)  # noqa: E731
         before = measure(model)
     else:
         metric = "embedding cosine similarity"
-        win = data.windows(eval_ids, min(128, max_pos or 128), what="evaluation text")
+        win = data.windows(eval_ids, window, what="evaluation text")
         ref = embeddings(model, win)
         measure = lambda m: float(torch.nn.functional.cosine_similarity(embeddings(m, win), ref).mean())  # noqa: E731
         before = 1.0

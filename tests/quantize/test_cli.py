@@ -1,5 +1,6 @@
 """``pyshrink quantize``: a thin layer over the Python API, with a summary and clean user errors."""
 import json
+import re
 
 import pytest
 
@@ -69,6 +70,19 @@ def test_cli_bad_eval_tokens_exit_2(source, capsys, args, needle):
 
     assert main(["quantize", str(source / "src"), "-o", str(source / "bad"), "--method", "rtn", *args]) == 2
     assert needle in capsys.readouterr().err and not (source / "bad").exists()
+
+
+def test_cli_a_short_calibration_text_is_named_as_the_short_one(source, capsys, tmp_path):
+    from pyshrink.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(f"w{2 + i % 100}" for i in range(100)))  # its held-out 10%: ~10 tokens
+    assert main(["quantize", str(source / "src"), "-o", str(tmp_path / "q"), "--method", "rtn", "--seq-len", "64",
+                 "--calibration", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the calibration text has \d+ tokens, so its held-out last 10% \(\d+ tokens\) is shorter than "
+                     r"one 64-token window", err) and "--eval" in err, err
+    assert not (tmp_path / "q").exists()
 
 
 def test_cli_refuses_existing_output_and_quantized_input(source, capsys):
