@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         check_range("--max-body-bytes", max_body_bytes, 1, 1 << 40, integer=True)
         if max_prompt_tokens is not None:
             check_range("--max-prompt-tokens", max_prompt_tokens, 1, 1 << 30, integer=True)
+        if threads is not None:
+            check_range("--threads", threads, 1, 1024, integer=True)
         limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                         max_concurrency=max_concurrency)
         server = make_server(folder, host, port, limits=limits, threads=threads, verbose=verbose)

@@ -66,6 +66,8 @@ class CompletionService:
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt", "invalid_value")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"'model' must be a string, got {model!r}", "model", "invalid_value")
         if model is not None and model not in (self.model_name, ""):
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
@@ -83,7 +85,10 @@ class CompletionService:
         if len(ids) > limit:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {limit}", "prompt",
                            "context_length_exceeded")
-        return ids, max_tokens, Sampling(float(temperature), float(top_p), seed), bool(body.get("stream", False))
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):  # bool("false") is True
+            raise ApiError(400, f"'stream' must be true or false, got {stream!r}", "stream", "invalid_value")
+        return ids, max_tokens, Sampling(float(temperature), float(top_p), seed), bool(stream)
 
     def complete(self, ids, max_tokens, sampling, on_token=None):
         with self._slots:
@@ -112,6 +117,8 @@ def make_handler(service: CompletionService):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:  # tell the client not to send its next request on this connection
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -123,11 +130,14 @@ def make_handler(service: CompletionService):
             self._json(404, ApiError(404, f"no route GET {self.path}").body())
 
         def do_POST(self):
+            self.streaming = False
             try:
                 if self.path.rstrip("/") != "/v1/completions":
+                    self.close_connection = True  # its body is not read: it must not be taken for the next request
                     raise ApiError(404, f"no route POST {self.path}")
                 length = self.headers.get("Content-Length")
                 if length is None:
+                    self.close_connection = True  # a chunked body, unread, would follow on this connection
                     raise ApiError(411, "a Content-Length header is required")
                 try:
                     n = int(length)
@@ -140,15 +150,25 @@ def make_handler(service: CompletionService):
                     body = json.loads(self.rfile.read(n) or b"null")
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+                except RecursionError:
+                    raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
                 ids, max_tokens, sampling, stream = service.parse(body)
                 if stream:
                     return self._stream(ids, max_tokens, sampling)
                 new, reason = service.complete(ids, max_tokens, sampling)
                 self._json(200, service.response(ids, new, reason))
-            except ApiError as exc:
-                self._json(exc.status, exc.body())
+            except (BrokenPipeError, ConnectionResetError):  # the client went away: nobody to answer
+                self.close_connection = True
             except Exception as exc:  # noqa: BLE001  (a server answers; it does not die)
-                self._json(500, ApiError(500, f"{type(exc).__name__}: {exc}").body())
+                error = exc if isinstance(exc, ApiError) else ApiError(500, f"{type(exc).__name__}: {exc}")
+                if self.streaming:  # the 200 and its event stream are under way: end the stream with the error
+                    self._event(error.body())
+                else:
+                    self._json(error.status, error.body())
+
+        def _event(self, obj: dict):
+            self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+            self.wfile.flush()
 
         def _stream(self, ids, max_tokens, sampling):
             """Server-sent events, one per token (text deltas by decoding the whole completion so far)."""
@@ -158,13 +178,12 @@ def make_handler(service: CompletionService):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
+            self.streaming = True
             cid, created, toks, sent = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), [], [""]
 
             def event(text, reason):
-                chunk = {"id": cid, "object": "text_completion", "created": created, "model": service.model_name,
-                         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
+                self._event({"id": cid, "object": "text_completion", "created": created, "model": service.model_name,
+                             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]})
 
             def on_token(tok):
                 toks.append(tok)

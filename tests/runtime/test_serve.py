@@ -89,6 +89,8 @@ def test_streaming_gives_the_same_text(server):
     ({"prompt": "w5", "top_p": 0}, 400, "top_p"),
     ({"prompt": "w5", "model": "other"}, 404, "model"),
     ({"max_tokens": 4}, 400, "prompt"),
+    ({"prompt": "w5", "stream": "false"}, 400, "stream"),  # a string is not a switch (bool("false") is True)
+    ({"prompt": "w5", "model": 123}, 400, "model"),
 ])
 def test_invalid_requests_are_4xx_json(server, body, status, param):
     _, port = server
@@ -109,6 +111,36 @@ def test_body_limits_and_routes(server):
     assert _post(port, {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0})[0] == 200
 
 
+def test_an_unread_body_does_not_poison_a_kept_alive_connection(server):
+    _, port = server
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"prompt": "w5"}).encode(),
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 404 and json.loads(r.read())["error"]["message"].startswith("no route")
+    # the server closed the connection instead of reading the unread body as the next request line
+    assert r.getheader("Connection", "").lower() == "close" or r.will_close
+    conn.close()
+    status, payload = _request(port, "POST", "/v1/completions", raw=b'[' * 2040 + b']' * 2040)  # under the 4 KiB limit
+    assert status == 400 and "nested too deeply" in json.loads(payload)["error"]["message"]
+
+
+def test_a_client_gone_mid_stream_leaves_the_server_serving(server, capsys):
+    import socket
+
+    _, port = server
+    body = json.dumps({"prompt": "w5 w6", "max_tokens": 32, "temperature": 0, "stream": True}).encode()
+    capsys.readouterr()
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert s.recv(12).startswith(b"HTTP/1.1 200")
+    s.close()  # gone after the first bytes
+    assert _post(port, {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0})[0] == 200
+    # the stream's next writes failed: quietly (no second response written into it, no traceback)
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_port_in_use_is_a_one_line_error(server):
     from pyshrink.errors import PyshrinkError
 
@@ -116,3 +148,10 @@ def test_a_port_in_use_is_a_one_line_error(server):
     with pytest.raises(PyshrinkError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
         make_server(lm, "127.0.0.1", port)
 
+
+
+def test_serve_cli_refuses_a_bad_thread_count(tmp_path, capsys):
+    from pyshrink.cli import main
+
+    assert main(["serve", str(tmp_path), "--threads", "-1"]) == 2
+    assert "--threads must be an integer in 1..1024, got -1" in capsys.readouterr().err
