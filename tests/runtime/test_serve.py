@@ -154,4 +154,4 @@ def test_serve_cli_refuses_a_bad_thread_count(tmp_path, capsys):
     from pyshrink.cli import main
 
     assert main(["serve", str(tmp_path), "--threads", "-1"]) == 2
-    assert "--threads must be an integer in 1..1024, got -1" in capsys.readouterr().err
+    assert "--threads must be in 1..1024, got -1" in capsys.readouterr().err
