@@ -345,6 +345,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         chosen = layer_selection.choose(candidates, num_layers_to_contract, per_removed=threshold is not None)
     else:
         chosen = [c for c in candidates if c is not None]  # block order, as choose() returns them
+    del candidates  # the plans of the blocks not chosen (refit weights of every block) are freed here
     rows, kept_neurons = [], {}
     for c in chosen:
         blk = adapter.blocks(model)[c.index]

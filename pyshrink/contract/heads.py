@@ -79,7 +79,11 @@ def plan(adapter, block, config, stats, ratio: float, *, criterion: str = "obs",
                               g * (groups * per_q + per_kv), "kv-groups"))
     if not plans:
         return None
-    return min(plans, key=lambda p: p.error / p.removed_params)
+    best = min(plans, key=lambda p: p.error / p.removed_params)
+    dt = adapter.attn_out_module(block).weight.dtype  # as neurons.plan: the dtype apply() would convert to
+    best.weight = best.weight.to(dt)
+    best.bias = None if best.bias is None else best.bias.to(dt)
+    return best
 
 
 def _ranked_per_bucket(layer, criterion, bucket, r):

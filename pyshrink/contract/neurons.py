@@ -92,4 +92,8 @@ def plan(adapter, block, stats, *, n_remove: int | None = None, remove: torch.Te
     keep = scores.kept_groups(layer, remove)
     w, b = scores.refit(layer, keep, refit)
     err = scores.output_error(layer, keep, w, b) if stats is not None else float("nan")
-    return NeuronPlan(keep, w, b, err, layer.groups)
+    # kept in the projection's dtype (apply() converts to it anyway, so the values are the same): a plan is made
+    # for every candidate block and kept until the choice, and float64 copies of every block's down projection
+    # would take 2x a float32 model's and 4x a bf16 model's
+    dt = adapter.mlp_out_module(block).weight.dtype
+    return NeuronPlan(keep, w.to(dt), None if b is None else b.to(dt), err, layer.groups)

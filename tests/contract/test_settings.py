@@ -1,6 +1,7 @@
 """Settings are validated before any heavy work, with messages that name the valid range; on any error
 nothing is written, and the source is never changed."""
 import pytest
+import torch
 
 import pyshrink
 from pyshrink.arch import UnsupportedArchitecture
@@ -132,3 +133,25 @@ def test_no_stage_writes_over_its_source(tiny_folder):
         export_onnx(str(src), src.parent, overwrite=True)
     assert fingerprint(src) == before
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_candidate_plan_is_kept_in_the_models_dtype(tiny_folder, monkeypatch, dtype):
+    # a refit plan is made for every block and kept until the choice: in float64 they took 2x (float32) or 4x
+    # (bf16) the memory of all the down projections; they are converted when applied anyway
+    from pyshrink import models
+    from pyshrink.contract import layer_selection
+
+    seen = []
+    choose = layer_selection.choose
+
+    def spy(candidates, *args, **kwargs):
+        seen.extend(c for c in candidates if c is not None)
+        return choose(candidates, *args, **kwargs)
+
+    monkeypatch.setattr(layer_selection, "choose", spy)
+    model, tok = models.load_model(tiny_folder("llama"), dtype=dtype)
+    res = pyshrink.contract((model, tok), calibration=TEXT, seq_len=32, calibration_tokens=256, eval_tokens=64,
+                            num_layers_to_contract=1, prune_heads=True, progress=False)
+    assert len(seen) == 3 and all(c.neurons.weight.dtype == dtype and c.heads.weight.dtype == dtype for c in seen)
+    assert res.model.model.layers[res.summary["layers"][0]["layer"]].mlp.down_proj.weight.dtype == dtype
