@@ -235,12 +235,17 @@ def dequantize_q4(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch
     return torch.ops.pyshrink.dequantize_q4(packed, scales, zero_points, K)
 
 
-def linear_q4(x, packed, scales, zero_points, bias=None, fast: bool = False) -> torch.Tensor:
+def linear_q4(x, packed, scales, zero_points, bias=None, fast: bool = False, *,
+              in_features: int | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(W)^T (+ bias)`` on the packed weights; output has ``x``'s dtype.
 
     ``fast=True`` quantizes activations per block to int8 (integer dot products); ``fast=False`` keeps
-    them in floating point.
+    them in floating point. The packed layout (MatMulNBits') records only the number of groups, not K, so the
+    op takes K from ``x``; pass ``in_features`` (the weights' K) to have an ``x`` of another width refused
+    (without it, any width within the last group is taken as K). ``bias``: any float dtype, added in float32.
     """
-    _check_weights("linear_q4", packed, scales, zero_points, x.shape[-1] if x.dim() else None)
-    _check_linear("linear_q4", x, packed.device, x.shape[-1], bias, packed.shape[0])
+    check(x.dim() >= 1, "linear_q4", f"x must be [..., K], got a {x.dim()}-d tensor")
+    K = x.shape[-1] if in_features is None else in_features
+    _check_weights("linear_q4", packed, scales, zero_points, K)
+    _check_linear("linear_q4", x, packed.device, K, bias, packed.shape[0])
     return torch.ops.pyshrink.linear_q4(x, packed, scales, zero_points, bias, fast)

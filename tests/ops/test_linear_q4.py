@@ -214,6 +214,14 @@ def test_wrapper_errors(gen):
         ops.linear_q4(x, torch.zeros(8, 3, 20, dtype=torch.uint8), torch.zeros(8, 3), zp)
     with pytest.raises(ValueError, match=r"pyshrink.linear_q4: scales must be float32 \[8, 4\]"):
         ops.linear_q4(x, packed, scales.half(), zp)
+    with pytest.raises(ValueError, match=r"pyshrink.linear_q4: x must be \[..., K\], got a 0-d tensor"):
+        ops.linear_q4(torch.tensor(1.0), packed, scales, zp)
+    # K is not in the packed layout: a width within the last group passes unless the weights' K is given
+    assert ops.linear_q4(torch.randn(2, 97), packed, scales, zp).shape == (2, 8)
+    with pytest.raises(ValueError, match=r"pyshrink.linear_q4: x must be \[..., K\] with K=100 matching the weights, "
+                                         r"got shape \(2, 97\)"):
+        ops.linear_q4(torch.randn(2, 97), packed, scales, zp, in_features=100)
+    torch.testing.assert_close(ops.linear_q4(x, packed, scales, zp, in_features=100), ops.linear_q4(x, packed, scales, zp))
 
 
 def test_kernel_errors(gen):
