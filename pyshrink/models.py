@@ -140,7 +140,8 @@ def _auto_class(config):
 def load_model(source, *, dtype=torch.float32, with_tokenizer: bool = True):
     """Load a model (and its tokenizer) from any source; pyshrink outputs come back with their structure.
 
-    Returns ``(model, tokenizer)`` if ``with_tokenizer`` else the model. The model is in eval mode.
+    Returns ``(model, tokenizer)`` if ``with_tokenizer`` else the model (the tokenizer is None for a folder saved
+    without one). The model is in eval mode.
     """
     kind, path = resolve(source)
     if kind == "embedded":
@@ -202,12 +203,19 @@ def _load_folder(path: Path, dtype, with_tokenizer: bool):
     else:
         model = _load_transformed(path, config, cls, transforms, dtype)
     tok = None
-    if with_tokenizer:
+    # a folder saved without a tokenizer gives None (what needs one says so); transformers would guess a tokenizer
+    # class from the config and fail on a missing backend, or build one without a vocabulary
+    if with_tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES):
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}") from exc
     return model, tok
+
+
+# what a saved tokenizer leaves in a folder (fast tokenizers: tokenizer.json; slow ones: their vocabulary files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def read_state_dict(path: Path) -> dict:
