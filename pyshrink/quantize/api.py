@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -93,6 +93,10 @@ def quantize(model, bits: int = 4, group_size: int = 64, symmetric: bool = True,
     variant that returns a per-layer :class:`QuantReport`.
     """
     if config is None:
+        unknown = sorted(set(options) - {f.name for f in fields(QuantConfig)})
+        if unknown:  # a clear error instead of the dataclass's TypeError (e.g. device=: there is none to set)
+            raise InvalidSetting(f"quantize() has no setting {', '.join(map(repr, unknown))}; its settings are the "
+                                 f"fields of QuantConfig: {', '.join(f.name for f in fields(QuantConfig))}")
         config = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, method=method, skip=skip,
                              **options)
     quantize_model(model, config, calibration=calibration, tokenizer=tokenizer)

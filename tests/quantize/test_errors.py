@@ -20,6 +20,7 @@ SMALL = dict(seq_len=64, min_calib_tokens=256, progress=False)
     (dict(clip_min=0.0), "clip_min"),
     (dict(damp=0.0), r"damp must be in \(0, 1\)"),
     (dict(head_bits=4), "remove 'lm_head' from skip"),
+    (dict(device="cuda"), "quantize\\(\\) has no setting 'device'; its settings are the fields of QuantConfig: bits,"),
 ])
 def test_bad_settings(kw, match):
     with pytest.raises(InvalidSetting, match=match):
