@@ -377,6 +377,21 @@ def atomic_output_dir(out, *, overwrite: bool = False):
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside ``path`` (with its suffix: writers such as matplotlib pick the format from
+    it); what the block writes there replaces ``path`` when the block succeeds. If it writes nothing, ``path``
+    is left as it is; on an error the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if tmp.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (safetensors), its config, its tokenizer and ``pyshrink.json`` atomically to ``out``."""
     meta = dict(metadata or {})

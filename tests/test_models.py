@@ -28,6 +28,24 @@ def test_save_then_load_round_trip(tmp_path):
     assert tok("w5 w6")["input_ids"] == [5, 6]
 
 
+def test_atomic_file_replaces_only_what_a_successful_block_wrote(tmp_path):
+    f = tmp_path / "rows.json"
+    f.write_text("old")
+    with models.atomic_file(f) as tmp:
+        assert tmp.suffix == ".json" and tmp.parent == tmp_path
+        tmp.write_text("new")
+        assert f.read_text() == "old"  # not before the block ends
+    assert f.read_text() == "new"
+    with models.atomic_file(f):  # nothing written (e.g. no matplotlib for a chart): the file stays
+        pass
+    assert f.read_text() == "new"
+    with pytest.raises(RuntimeError):
+        with models.atomic_file(f) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert f.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["rows.json"]
+
+
 def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,7 +24,8 @@ def register(app: typer.Typer) -> None:
                                      "(compile time reported apart)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON here."),
         chart_out: Optional[Path] = typer.Option(None, "--chart", help="Write a PNG bar chart here (needs matplotlib)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --json and --chart files if they exist."),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Replace the --json and --chart files if they exist."),
     ):
         """Benchmark MODELs at batch 1: each in a fresh process; prints a Markdown table.
 
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         bad input (a model that cannot be read, a setting that does not apply to it), else 1.
         """
         from ..benchmark import bench, chart, markdown_table
+        from ..models import atomic_file
 
         for f in (json_out, chart_out):  # before any measurement, as every command checks its outputs
             if f is not None and f.exists() and not overwrite:
@@ -41,9 +42,14 @@ def register(app: typer.Typer) -> None:
                      repeats=repeats, int4=int4, compile=compile, progress=lambda m: typer.echo(m, err=True))
         typer.echo(markdown_table(rows))
         if json_out is not None:
-            _write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(json_out) as tmp:
+                tmp.write_text(json.dumps(rows, indent=2))
         if chart_out is not None:
-            if _write_atomically(chart_out, lambda tmp: chart(rows, tmp)) is None:
+            chart_out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(chart_out) as tmp:
+                drawn = chart(rows, tmp)  # None (nothing written) without matplotlib
+            if drawn is None:
                 typer.echo("matplotlib is not installed (pip install matplotlib): no chart written", err=True)
             else:
                 typer.echo(f"chart: {chart_out}", err=True)
@@ -54,15 +60,3 @@ def register(app: typer.Typer) -> None:
         if failed:
             raise typer.Exit(2 if all(r.get("bad_input") for r in failed) else 1)
 
-
-def _write_atomically(path: Path, write):
-    """``write(tmp)`` to a temporary file beside ``path``, renamed to ``path`` if it returns anything but None."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # same suffix: matplotlib picks the format from it
-    try:
-        done = write(tmp)
-        if done is not None:
-            os.replace(tmp, path)
-        return done
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -28,9 +28,8 @@ class CheckpointError(PyshrinkError):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with models.atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def save_checkpoint(folder: Path, model, tokenizer, *, metadata: dict, state: dict | None = None,
