@@ -29,6 +29,11 @@ RATIO_RANGE = (0.1, 0.9)
 DEFAULT_LAYERS = 8  # blocks contracted when num_layers_to_contract is not given (fewer if the model has fewer)
 
 
+def default_num_layers(depth: int) -> int:
+    """The blocks contracted when ``num_layers_to_contract`` is not given, for a model of ``depth`` blocks."""
+    return min(DEFAULT_LAYERS, depth)
+
+
 @dataclass
 class ContractionSettings:
     contraction_ratio: float = 0.5
@@ -183,7 +188,8 @@ def _load(source):
 def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int | None = None, calibration=None,
              eval_text=None, *, prune_heads: bool = False, prune_vocab: bool = False, threshold: float | None = None,
              head_ratio: float | None = None, criterion: str = "fluctuation", refit: str = "lstsq",
-             seq_len: int | None = None, calibration_tokens: int = 32768, eval_tokens: int = 16384, datafree_tokens: int = 8192,
+             seq_len: int | None = None, calibration_tokens: int = 32768, eval_tokens: int = 16384,
+             datafree_tokens: int = 8192,
              seed: int = 0, out=None, overwrite: bool = False, progress: bool = True, layers=None,
              heal_tokens: int | None = None, heal_options: dict | None = None) -> ContractionResult:
     """Contract a model: physically remove the least useful MLP neurons (and optionally attention heads and
@@ -258,7 +264,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     depth = adapter.depth(model)
     if layers is None:
         if num_layers_to_contract is None:
-            num_layers_to_contract = st.num_layers_to_contract = min(DEFAULT_LAYERS, depth)
+            num_layers_to_contract = st.num_layers_to_contract = default_num_layers(depth)
         check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
     elif max(layers) >= depth:
         raise InvalidSetting(f"layers must be block indices in 0..{depth - 1} (the model has {depth} blocks), "

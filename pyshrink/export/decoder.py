@@ -12,8 +12,9 @@ The past and present buffers may be the same memory ([batch, kv_heads, max_lengt
 ``past_present_share_buffer``; pyshrink's runtime does the same through IOBinding).
 
 Per layer: RMS or layer norm (residual adds fused into ``SkipSimplifiedLayerNormalization`` /
-``SkipLayerNormalization``; the first block's RMS norm in standard ops, which ORT fuses) -> one q|k|v projection -> ``GroupQueryAttention`` (rotary inside for RoPE families)
--> output projection -> MLP (gate|up fused into one projection). 4-bit weights are ``MatMulNBits``.
+``SkipLayerNormalization``; the first block's RMS norm in standard ops, which ORT fuses) -> one q|k|v
+projection -> ``GroupQueryAttention`` (rotary inside for RoPE families) -> output projection -> MLP (gate|up
+fused into one projection). 4-bit weights are ``MatMulNBits``.
 """
 from __future__ import annotations
 

@@ -137,14 +137,6 @@ def _contracted_layers(result) -> list[int] | None:
     return None if rows is None else [r["layer"] for r in rows]
 
 
-def _default_layers(model) -> int:
-    """pyshrink.contract's default block count for ``model``: DEFAULT_LAYERS, or every block of a shallower model."""
-    from ..arch import adapter_for
-    from ..contract.api import DEFAULT_LAYERS
-
-    return min(DEFAULT_LAYERS, len(adapter_for(model).blocks(model)))
-
-
 def _default_contract():
     """pyshrink.contract, imported late (pyshrink.contract imports pyshrink.heal for ``heal_tokens``)."""
     from ..contract import contract
@@ -193,7 +185,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     With ``out``, the final model is saved there (atomically, with the per-slice measurements in its
     ``pyshrink.json``); the result's ``steps`` holds them too.
     """
-    from ..contract.api import RATIO_RANGE
+    from ..arch import adapter_for
+    from ..contract.api import RATIO_RANGE, default_num_layers
     from .api import heal
 
     check_range("steps", steps, 1, 64, integer=True)
@@ -252,7 +245,8 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
         teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
     t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)
     if num_layers_to_contract is None:
-        num_layers_to_contract = len(layers) if layers is not None else _default_layers(t_model)
+        num_layers_to_contract = (len(layers) if layers is not None
+                                  else default_num_layers(adapter_for(t_model).depth(t_model)))
         if by_blocks and layers is None and num_layers_to_contract < steps:
             raise InvalidSetting(f"slices={slices!r} gives every one of the {steps} slices at least one block, but "
                                  f"the model has {num_layers_to_contract}")
