@@ -44,10 +44,11 @@ def embeddings(model, windows: torch.Tensor, *, batch_size: int = 8, progress: b
     """Mean-pooled last hidden states ``[n, hidden]`` of an encoder on token windows ``[n, L]`` (sentence
     embeddings, the quality measure of encoders), float32 on the model's device."""
     device = next(model.parameters()).device
+    # A task model (BertForSequenceClassification ...) returns no last_hidden_state; its base model does, and
+    # asking the task model for output_hidden_states instead would keep every layer's states of the batch.
+    encoder = getattr(model, "base_model", model)
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc="embeddings", disable=not progress, leave=False):
-        res = model(input_ids=windows[i:i + batch_size].to(device), output_hidden_states=True)
-        # a task head (BertForSequenceClassification ...) has no last_hidden_state, only hidden_states
-        h = res.hidden_states[-1] if getattr(res, "hidden_states", None) else res.last_hidden_state
+        h = encoder(input_ids=windows[i:i + batch_size].to(device)).last_hidden_state
         out.append(h.float().mean(1))
     return torch.cat(out)

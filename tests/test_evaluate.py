@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyshrink.errors import InvalidSetting
-from pyshrink.evaluate import perplexity
+from pyshrink.evaluate import embeddings, perplexity
 from tiny import random_ids, tiny_model
 
 
@@ -47,3 +47,19 @@ def test_an_encoder_has_no_perplexity():
     with pytest.raises(InvalidSetting, match="needs next-token logits"):
         perplexity(tiny_model("bert"), ids=random_ids(1, 64).flatten(), seq_len=32, progress=False)
 
+
+
+def test_embeddings_are_the_mean_pooled_last_hidden_states_of_an_encoder_or_its_task_model():
+    import transformers as tf
+
+    base = tiny_model("bert")
+    task = tf.BertForSequenceClassification(base.config).eval()
+    task.bert.load_state_dict(base.state_dict(), strict=False)  # the pooler is not used by embeddings
+    ids = random_ids(5, 12, seed=4)
+    with torch.no_grad():
+        want = base.double()(input_ids=ids).last_hidden_state.mean(1)
+    base.float()
+    for model in (base, task):
+        got = embeddings(model, ids, batch_size=2)
+        assert got.dtype == torch.float32 and got.shape == (5, 64)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -17,6 +18,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import PyshrinkError
 from .generate import OnnxLM, Sampling
+
+
+# An error answered before the request's body was read (unknown route, no or oversized Content-Length): closing the
+# socket with that body unread makes the kernel reset the connection, and a client still sending it then sees the
+# reset instead of the answer. So the server half-closes and drains what follows, within these bounds.
+LINGER_BYTES = 64 << 20
+LINGER_SECONDS = 5.0
 
 
 @dataclass
@@ -129,23 +137,56 @@ def make_handler(service: CompletionService):
                 return self._json(200, {"object": "list", "data": [{"id": service.model_name, "object": "model"}]})
             self._json(404, ApiError(404, f"no route GET {self.path}").body())
 
+        def _refuse_body(self, error: ApiError) -> ApiError:
+            """For an error found before the body is read: it must not be taken for the next request."""
+            self.close_connection = True
+            self.body_unread = True
+            return error
+
+        def _too_large(self, n: int) -> ApiError:
+            return ApiError(413, f"request body of {n} bytes exceeds the limit of {service.limits.max_body_bytes}")
+
+        def handle_expect_100(self):
+            # A client that asks before sending its body (curl does above 1 MiB) hears the 413 instead of
+            # "100 Continue", and never sends the body.
+            length = self.headers.get("Content-Length", "")
+            if self.command == "POST" and length.isdigit() and int(length) > service.limits.max_body_bytes:
+                self.close_connection = True
+                self._json(413, self._too_large(int(length)).body())
+                return False
+            return super().handle_expect_100()
+
+        def _linger(self):
+            """Half-close after the answer and drain the unread body (bounded), so the client reads the answer."""
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                deadline, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+                while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                    self.connection.settimeout(wait)
+                    chunk = self.connection.recv(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+            except OSError:  # timed out or reset: the answer was sent; nothing more to do
+                pass
+
         def do_POST(self):
-            self.streaming = False
+            self.streaming = self.body_unread = False
             try:
                 if self.path.rstrip("/") != "/v1/completions":
-                    self.close_connection = True  # its body is not read: it must not be taken for the next request
-                    raise ApiError(404, f"no route POST {self.path}")
+                    raise self._refuse_body(ApiError(404, f"no route POST {self.path}"))
                 length = self.headers.get("Content-Length")
-                if length is None:
-                    self.close_connection = True  # a chunked body, unread, would follow on this connection
-                    raise ApiError(411, "a Content-Length header is required")
+                if length is None:  # a chunked body would follow
+                    raise self._refuse_body(ApiError(411, "a Content-Length header is required"))
                 try:
                     n = int(length)
                 except ValueError:
-                    raise ApiError(400, f"bad Content-Length {length!r}") from None
-                if n < 0 or n > service.limits.max_body_bytes:
-                    self.close_connection = True  # do not read an oversized body
-                    raise ApiError(413, f"request body of {n} bytes exceeds the limit of {service.limits.max_body_bytes}")
+                    raise self._refuse_body(ApiError(400, f"bad Content-Length {length!r}")) from None
+                if n < 0:
+                    raise self._refuse_body(ApiError(400, f"bad Content-Length {length!r}"))
+                if n > service.limits.max_body_bytes:
+                    raise self._refuse_body(self._too_large(n))
                 try:
                     body = json.loads(self.rfile.read(n) or b"null")
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -161,10 +202,15 @@ def make_handler(service: CompletionService):
                 self.close_connection = True
             except Exception as exc:  # noqa: BLE001  (a server answers; it does not die)
                 error = exc if isinstance(exc, ApiError) else ApiError(500, f"{type(exc).__name__}: {exc}")
-                if self.streaming:  # the 200 and its event stream are under way: end the stream with the error
-                    self._event(error.body())
-                else:
-                    self._json(error.status, error.body())
+                try:
+                    if self.streaming:  # the 200 and its event stream are under way: end the stream with the error
+                        self._event(error.body())
+                    else:
+                        self._json(error.status, error.body())
+                        if self.body_unread:
+                            self._linger()
+                except (BrokenPipeError, ConnectionResetError):  # the client has gone: nobody to tell
+                    self.close_connection = True
 
         def _event(self, obj: dict):
             self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())

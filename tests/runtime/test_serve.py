@@ -125,6 +125,29 @@ def test_an_unread_body_does_not_poison_a_kept_alive_connection(server):
     assert status == 400 and "nested too deeply" in json.loads(payload)["error"]["message"]
 
 
+def test_an_oversized_body_is_answered_413_not_reset(server):
+    _, port = server
+    # 8 MiB is far more than the socket buffers hold: the client is still sending when the server answers
+    status, payload = _request(port, "POST", "/v1/completions", raw=b"x" * (8 << 20))
+    assert status == 413 and "8388608 bytes exceeds the limit of 4096" in json.loads(payload)["error"]["message"]
+    assert _post(port, {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0})[0] == 200
+
+
+def test_a_client_that_expects_100_continue_hears_413_before_sending_an_oversized_body(server):
+    import socket
+
+    _, port = server
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head
+    assert "5000000 bytes exceeds the limit of 4096" in json.loads(body)["error"]["message"]
+
+
 def test_a_client_gone_mid_stream_leaves_the_server_serving(server, capsys):
     import socket
 
