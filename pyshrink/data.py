@@ -18,6 +18,10 @@ def read_texts(sources) -> str:
         raise DataError("no text given")
     if isinstance(sources, (str, Path)):
         sources = [sources]
+    if not isinstance(sources, (list, tuple)) or not all(isinstance(s, (str, Path)) for s in sources):
+        got = type(sources).__name__ if not isinstance(sources, (list, tuple)) else \
+            type(next(s for s in sources if not isinstance(s, (str, Path)))).__name__
+        raise DataError(f"text must be a string, a file path, or a list of them; got a {got}")
     parts = []
     for s in sources:
         if _is_literal(s):
@@ -55,6 +59,14 @@ def _decode(path: Path) -> str:
 
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".json", ".jsonl", ".csv", ".tsv", ".py", ".html", ".xml", ".log")
+
+
+def describe(sources) -> str:
+    """Text sources as a summary records them: file names as given, literal text as ``<text, N chars>`` (a
+    summary must not carry a copy of the user's corpus)."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    return ", ".join(f"<text, {len(s)} chars>" if _is_literal(s) else str(s) for s in sources)
 
 
 def _is_literal(s) -> bool:
@@ -95,9 +107,25 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def as_ids(t: torch.Tensor, what: str) -> torch.Tensor:
+    """A caller's pre-tokenized ids as int64; float and bool tensors are refused (``.long()`` would truncate
+    floats to ids without a word)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise DataError(f"the {what} must be token ids (an integer tensor), got a {t.dtype} tensor")
+    return t.long()
+
+
 def windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None, *, min_windows: int = 1,
-            what: str = "text") -> torch.Tensor:
-    """Non-overlapping ``[n, seq_len]`` windows from a 1-D id tensor, at most ``max_tokens`` tokens in all."""
+            what: str = "text", vocab: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows from a 1-D id tensor, at most ``max_tokens`` tokens in all.
+
+    ``vocab``: the model's number of token ids (:func:`pyshrink.models.id_limit`); an id outside ``0..vocab-1``
+    is an error here rather than an index error deep inside the model's embedding."""
+    if vocab is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise DataError(f"the {what} has token ids {lo}..{hi}, but the model knows ids 0..{vocab - 1}: was it "
+                            "tokenized with another model's tokenizer?")
     n = ids.numel() // seq_len
     if max_tokens is not None:
         if max_tokens < seq_len:  # rounding up to a whole window would use more tokens than asked for

@@ -1,4 +1,6 @@
 """Errors users see. Each names the problem and, where there is one, the valid range."""
+import numbers
+
 
 
 class PyshrinkError(Exception):
@@ -18,14 +20,22 @@ class DataError(PyshrinkError, ValueError):
 
 
 def is_int(value) -> bool:
-    """A real integer: ``bool`` is an ``int`` subclass in Python, but ``True`` is no layer index or token count."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A real integer (numpy's too): ``bool`` is an ``int`` subclass in Python, but ``True`` is no layer index or
+    token count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number that is not a ``bool`` (nor a string such as ``"1e-3"``, which compares with nothing)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_range(name: str, value, lo, hi, *, integer: bool = False):
     """Validate ``lo <= value <= hi`` (and integrality); returns the value."""
-    if integer and (isinstance(value, bool) or int(value) != value):
+    if integer and not (is_int(value) or (is_number(value) and float(value).is_integer())):
         raise InvalidSetting(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+    if not integer and not is_number(value):
+        raise InvalidSetting(f"{name} must be a number in {lo}-{hi}, got {value!r}")
     if not (lo <= value <= hi):
         rng = f"{lo}..{hi}" if integer else f"{lo}-{hi}"
         raise InvalidSetting(f"{name} must be in {rng}, got {value!r}")

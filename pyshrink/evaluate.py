@@ -22,7 +22,8 @@ def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = N
     seq_len = models.window_length(model, seq_len)
     if ids is None:
         ids = data.tokenize(tokenizer, data.read_texts(text))
-    win = data.windows(ids, seq_len, max_tokens, what="evaluation text")
+    win = data.windows(data.as_ids(ids, "evaluation text"), seq_len, max_tokens, what="evaluation text",
+                       vocab=models.id_limit(model))
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(win), batch_size), desc="perplexity", disable=not progress, leave=False):

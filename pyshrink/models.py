@@ -148,6 +148,7 @@ def load_model(source, *, dtype=torch.float32, with_tokenizer: bool = True):
         kind, path = "folder", _embedded_folder(str(source))
     if kind == "gguf":
         model, tok = _load_gguf(path)
+        model.to(dtype)  # GGUF's weights dequantize to float32; the caller's dtype is applied after, as for folders
     elif kind == "hub":
         model, tok = _load_hub(str(source), dtype)
     else:
@@ -413,6 +414,14 @@ def max_positions(config) -> int | None:
         if is_int(v) and v > 0:
             return v
     return None
+
+
+def id_limit(model) -> int | None:
+    """How many token ids the model takes (its input embedding's rows in the original numbering, which a
+    pruned vocabulary keeps: CompactEmbedding.num_embeddings); None where it has no input embedding."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    return n if is_int(n) else getattr(model.config, "vocab_size", None)
 
 
 DEFAULT_WINDOW = 512  # tokens per window of calibration, perplexity and healing when none is asked for

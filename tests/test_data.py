@@ -97,3 +97,32 @@ def test_builtin_texts_are_real_text():
     assert "def " in data.builtin_text("stdlib-code")
     with pytest.raises(DataError, match="unknown built-in"):
         data.builtin_text("klingon")
+
+
+@pytest.mark.parametrize("bad,got", [(torch.arange(4), "Tensor"), ([b"bytes"], "bytes"), (42, "int")])
+def test_read_texts_names_what_is_not_text(bad, got):
+    with pytest.raises(DataError, match=f"text must be a string, a file path, or a list of them; got a {got}"):
+        data.read_texts(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_ids_must_be_an_integer_tensor(dtype):
+    with pytest.raises(DataError, match=f"the calibration text must be token ids \\(an integer tensor\\), got a {dtype}"):
+        data.as_ids(torch.zeros(8, dtype=dtype), "calibration text")
+    assert data.as_ids(torch.arange(5, dtype=torch.int32), "x").dtype == torch.long
+
+
+def test_windows_refuse_ids_the_model_does_not_know():
+    ids = torch.arange(64)
+    assert data.windows(ids, 16, vocab=64).shape == (4, 16)
+    for bad, span in ((torch.arange(65), "0..64"), (torch.arange(-1, 63), "-1..62")):
+        with pytest.raises(DataError, match=f"the eval text has token ids {span}, but the model knows ids 0..63"):
+            data.windows(bad, 16, what="eval text", vocab=64)
+
+
+def test_describe_names_files_and_counts_literal_text(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("x")
+    one_line = "the quick brown fox " * 500  # no newline: still text, and not to be copied into a summary
+    assert data.describe([str(f), one_line, "a\nb"]) == f"{f}, <text, {len(one_line)} chars>, <text, 3 chars>"
+    assert data.describe(f) == str(f)

@@ -63,3 +63,13 @@ def test_embeddings_are_the_mean_pooled_last_hidden_states_of_an_encoder_or_its_
         got = embeddings(model, ids, batch_size=2)
         assert got.dtype == torch.float32 and got.shape == (5, 64)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_ids_beyond_the_models_vocabulary_are_a_data_error_not_an_index_error():
+    from pyshrink.errors import DataError
+
+    model = tiny_model("llama")
+    ids = random_ids(1, 64).flatten()
+    ids[5] = model.config.vocab_size  # as another model's tokenizer would give
+    with pytest.raises(DataError, match=r"token ids \d+\.\.128, but the model knows ids 0\.\.127"):
+        perplexity(model, ids=ids, seq_len=32, progress=False)

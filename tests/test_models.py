@@ -242,3 +242,11 @@ def test_num_params_counts_tied_weights_once():
     model = tiny_model("llama")
     assert models.num_params(model) == sum(p.numel() for p in model.parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_gguf_file_loads_in_the_dtype_asked_for(tmp_path, monkeypatch):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")  # never parsed: the GGUF reader is replaced by one that returns float32, as it does
+    monkeypatch.setattr(models, "_load_gguf", lambda path: (tiny_model("llama"), None))
+    model, _ = models.load_model(f, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

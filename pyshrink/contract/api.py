@@ -146,6 +146,11 @@ class ContractionResult:
     # schedule that trains across contractions slice the optimizer state of the narrowed projections alike.
     kept_neurons: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # the numbers that matter, not the whole module tree
+        keys = ("params_before", "params_after", "ppl_source", "ppl_final")
+        return (f"ContractionResult({type(self.model).__name__}, "
+                f"{', '.join(f'{k}={self.summary[k]!r}' for k in keys if k in self.summary)})")
+
     def save(self, out, *, overwrite: bool = False) -> Path:
         """Write safetensors + config + tokenizer + pyshrink.json atomically; ``load_model(out)`` reads it."""
         meta = {"stage": "contract", "contraction": self.summary,
@@ -153,18 +158,11 @@ class ContractionResult:
         return models.save(self.model, self.tokenizer, out, metadata=meta, overwrite=overwrite)
 
 
-def _windows(ids: torch.Tensor, seq_len: int, max_tokens: int, what: str) -> torch.Tensor:
+def _windows(ids: torch.Tensor, seq_len: int, max_tokens: int, what: str, vocab: int | None) -> torch.Tensor:
     if ids.numel() < 16:
         raise DataError(f"the {what} has {ids.numel()} tokens; at least 16 are needed")
     seq_len = min(seq_len, ids.numel())
-    return data.windows(ids, seq_len, max(max_tokens, seq_len), what=what)
-
-
-def _describe(sources) -> str:
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    names = [str(s) if "\n" not in str(s) else f"<text, {len(str(s))} chars>" for s in sources]
-    return ", ".join(names)
+    return data.windows(ids, seq_len, max(max_tokens, seq_len), what=what, vocab=vocab)
 
 
 def _is_pair(source) -> bool:
@@ -173,6 +171,9 @@ def _is_pair(source) -> bool:
 
 def _load(source):
     """(model, tokenizer, description, fingerprint); an in-memory pair is copied, never changed."""
+    if isinstance(source, torch.nn.Module) or (_is_pair(source) and source[1] is None):
+        raise InvalidSetting("contract needs the model's tokenizer with an in-memory model (its calibration and "
+                             "evaluation text are tokenized): pass (model, tokenizer), or a model folder")
     if _is_pair(source):
         return copy.deepcopy(source[0]).eval(), source[1], type(source[0]).__name__, None
     model, tok = models.load_model(source)
@@ -284,17 +285,17 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         ids = data.tokenize(tok, cal_text)
         if eval_str is None:
             cal_ids, held = data.split_ids(ids, 0.1)
-            eval_desc = f"held-out last 10% of the calibration text ({_describe(calibration)})"
+            eval_desc = f"held-out last 10% of the calibration text ({data.describe(calibration)})"
         else:
             cal_ids, held = ids, data.tokenize(tok, eval_str)
-            eval_desc = _describe(eval_text)
-        cal_win = _windows(cal_ids, L, calibration_tokens, "calibration text")
-        cal_desc = _describe(calibration)
+            eval_desc = data.describe(eval_text)
+        cal_win = _windows(cal_ids, L, calibration_tokens, "calibration text", models.id_limit(model))
+        cal_desc = data.describe(calibration)
         mode = "threshold" if threshold is not None else "calibrated"
     else:
         mode = "data-free"
         if eval_str is not None:
-            held, eval_desc = data.tokenize(tok, eval_str), _describe(eval_text)
+            held, eval_desc = data.tokenize(tok, eval_str), data.describe(eval_text)
         else:
             builtin = data.tokenize(tok, data.builtin_text("pydoc"))
             held = builtin[-min(eval_tokens, builtin.numel() // 2):]
@@ -307,11 +308,11 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             cal_win = datafree.sample_ids(model, tok, tokens=n_free, seq_len=dl, seed=seed, progress=progress)
             cal_desc = f"data-free: {cal_win.numel()} tokens sampled from the source model (seed {seed}, temperature 1)"
         else:
-            cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L))
+            cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L), vocab=models.id_limit(model))
             cal_desc = "data-free: built-in text (CPython pydoc topics, first windows)"
         if threshold is not None:
             mode = "threshold (data-free)"
-    eval_win = _windows(held, L, eval_tokens, "evaluation text")
+    eval_win = _windows(held, L, eval_tokens, "evaluation text", models.id_limit(model))
     batches = [cal_win[i:i + st.batch_size * max(1, 512 // cal_win.shape[1])]
                for i in range(0, len(cal_win), st.batch_size * max(1, 512 // cal_win.shape[1]))]
 

@@ -64,7 +64,7 @@ def _sample(model, tokenizer, tokens, seq_len, batch, temperature, seed, progres
     return torch.cat(out)
 
 
-def encoder_ids(tokenizer, *, tokens: int = 4096, seq_len: int = 128) -> torch.Tensor:
-    """Built-in English text in ``[n, seq_len]`` windows, for encoders."""
+def encoder_ids(tokenizer, *, tokens: int = 4096, seq_len: int = 128, vocab: int | None = None) -> torch.Tensor:
+    """Built-in English text in ``[n, seq_len]`` windows, for encoders (``vocab``: as :func:`pyshrink.data.windows`)."""
     ids = data.tokenize(tokenizer, data.builtin_text("pydoc"))
-    return data.windows(ids, seq_len, tokens, what="built-in calibration text")
+    return data.windows(ids, seq_len, tokens, what="built-in calibration text", vocab=vocab)

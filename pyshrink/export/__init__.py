@@ -67,8 +67,13 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     if max_length is not None:
         check_range("max_length", max_length, 16, 1 << 20, integer=True)
 
-    from ..models import check_output
+    from ..models import check_output, id_limit
 
+    if isinstance(model_or_path, (tuple, list)) and len(model_or_path) == 2 and isinstance(model_or_path[0],
+                                                                                          torch.nn.Module):
+        if tokenizer is not None:
+            raise InvalidSetting("export_onnx got a (model, tokenizer) pair and also tokenizer=: pass one of them")
+        model_or_path, tokenizer = model_or_path  # as contract and heal take it
     check_output(out_dir, overwrite=overwrite,  # before the model loads and the graph is built
                  sources=() if isinstance(model_or_path, torch.nn.Module) else (model_or_path,))
     source_meta: dict = {}
@@ -90,8 +95,23 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
         source = {"source": str(model_or_path)}
         if path is not None and kind == "folder":
             source_meta = read_metadata(path)
+    n_ids = id_limit(model)
+    if tokenizer is not None and n_ids is not None and len(tokenizer) > n_ids:
+        raise InvalidSetting(f"the tokenizer has {len(tokenizer)} ids but the model takes {n_ids}: it is not this "
+                             "model's tokenizer (generation would index past the embedding)")
+    was_training = model.training
     model.eval()
+    try:
+        return _export(model, model_or_path, out_dir, tokenizer, source, source_meta, int4=int4,
+                       accuracy_level=accuracy_level, opset=opset, group_size=group_size, symmetric=symmetric,
+                       max_length=max_length, logits=logits, external_data=external_data, validate=validate,
+                       tolerance=tolerance, overwrite=overwrite)
+    finally:
+        model.train(was_training)  # a caller's model is handed back in the mode it came in
 
+
+def _export(model, model_or_path, out_dir, tokenizer, source, source_meta, *, int4, accuracy_level, opset,
+            group_size, symmetric, max_length, logits, external_data, validate, tolerance, overwrite) -> Path:
     from ..arch import adapter_for
 
     adapter = adapter_for(model)

@@ -26,8 +26,8 @@ class IncompatibleModels(PyshrinkError):
 class HealResult:
     """What a healing run produced. ``model`` holds the best weights seen (by held-out perplexity)."""
 
-    model: Any
-    tokenizer: Any
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
     out: Path | None  # the run folder (None when nothing was written)
     stopped: str  # "until_ppl" | "budget" | "time"
     ppl_initial: float
@@ -39,9 +39,9 @@ class HealResult:
     steps: int
     seconds: float
     train_tokens_per_s: float | None
-    curve: list = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    optimizer_state: dict | None = None  # by parameter name; only for a segment (the run goes on from it)
+    curve: list = field(default_factory=list, repr=False)
+    config: dict = field(default_factory=dict, repr=False)
+    optimizer_state: dict | None = field(default=None, repr=False)  # by name; only for a segment (the run goes on)
 
     @property
     def path(self) -> Path | None:
@@ -130,7 +130,7 @@ def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pe
 
 def _ids(source, tokenizer, what: str) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
-        ids = source.flatten().long()
+        ids = data.as_ids(source, what).flatten()
         if ids.numel() == 0:
             raise DataError(f"the {what} is empty")
         return ids
@@ -140,8 +140,10 @@ def _ids(source, tokenizer, what: str) -> torch.Tensor:
     return data.tokenize(tokenizer, data.read_texts(source))
 
 
-def split_data(text_ids: torch.Tensor, eval_ids: torch.Tensor | None, seq_len: int, eval_tokens: int):
-    """(train windows [n, seq_len], held-out ids). Without ``eval_ids`` the end of the text is held out."""
+def split_data(text_ids: torch.Tensor, eval_ids: torch.Tensor | None, seq_len: int, eval_tokens: int,
+               vocab: int | None = None):
+    """(train windows [n, seq_len], held-out ids). Without ``eval_ids`` the end of the text is held out.
+    ``vocab``: as :func:`pyshrink.data.windows`."""
     if eval_ids is None:
         n_windows = text_ids.numel() // seq_len
         n_eval = min(max(1, eval_tokens // seq_len), max(1, n_windows // 10))
@@ -150,8 +152,8 @@ def split_data(text_ids: torch.Tensor, eval_ids: torch.Tensor | None, seq_len: i
                             f"(one {seq_len}-token window to train on and one held out); pass more text or eval_text")
         cut = (n_windows - n_eval) * seq_len
         text_ids, eval_ids = text_ids[:cut], text_ids[cut:cut + n_eval * seq_len]
-    train = data.windows(text_ids, seq_len, what="healing text")
-    held = data.windows(eval_ids, seq_len, eval_tokens, what="held-out evaluation text").flatten()
+    train = data.windows(text_ids, seq_len, what="healing text", vocab=vocab)
+    held = data.windows(eval_ids, seq_len, eval_tokens, what="held-out evaluation text", vocab=vocab).flatten()
     return train, held
 
 
@@ -244,7 +246,8 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     at most ``eval_tokens`` tokens, never trained on); training stops once it is ``<= until_ppl`` (default: the
     teacher's perplexity on the same windows; 0 disables the early stop), when ``tokens`` training tokens are
     spent, or after ``max_seconds`` (of this call: a resumed run gets them again). The returned model holds the
-    best weights seen.
+    best weights seen. A student passed in memory is trained in place (``result.model`` is that object; pass a
+    copy to keep it); the teacher is handed back unchanged.
 
     ``student``/``teacher``: model sources (folders, names), ``(model, tokenizer)`` pairs, a
     ``ContractionResult``, or models (then pass ``tokenizer=`` unless ``text`` is pre-tokenized ids).
@@ -299,7 +302,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     tok = tokenizer or s_tok or t_tok
     train, held = split_data(_ids(text, tok, "healing text"),
                              None if eval_text is None else _ids(eval_text, tok, "held-out evaluation text"),
-                             seq_len, eval_tokens)
+                             seq_len, eval_tokens, models.id_limit(s_model))
     metadata = {k: v for k, v in (models.read_metadata(s_src) if s_src and Path(s_src).is_dir() else {}).items()
                 if k not in ("transforms", "pyshrink_version", "heal")}
     # what trains is decided now, so that a choice that selects nothing fails before --overwrite empties `out`

@@ -354,7 +354,8 @@ def calibration_windows(tok, calibration, text, seq_len: int, contract_kwargs: d
     if calibration is not None:
         ids = data.split_ids(data.tokenize(tok, data.read_texts(calibration)), 0.1)[0]
     else:
-        ids = text.flatten().long() if hasattr(text, "flatten") else data.tokenize(tok, data.read_texts(text))
+        ids = (data.as_ids(text, "healing text").flatten() if hasattr(text, "flatten")
+               else data.tokenize(tok, data.read_texts(text)))
     return data.windows(ids, seq_len, contract_kwargs.get("calibration_tokens", 32768), what="calibration text")
 
 

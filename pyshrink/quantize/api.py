@@ -29,7 +29,7 @@ from .. import data
 from ..arch import adapter_for, get_path
 from ..arch.linears import in_features, is_projection, out_features, weight_out_in
 from ..errors import DataError, InvalidSetting
-from ..models import max_positions, record_transform, structure_handler, transforms_of, window_length
+from ..models import id_limit, max_positions, record_transform, structure_handler, transforms_of, window_length
 from . import awq
 from .calib import collect_stats, discover_groups, find_fold, first_batch, scale_inputs, scale_outputs
 from .config import HEAD, QuantConfig
@@ -79,6 +79,9 @@ class QuantReport:
 # public API
 
 
+_DEFAULTS = dict(bits=4, group_size=64, symmetric=True, method="auto", skip=("lm_head",))
+
+
 def quantize(model, bits: int = 4, group_size: int = 64, symmetric: bool = True, method: str = "auto",
              calibration=None, skip=("lm_head",), tokenizer=None, *, config: QuantConfig | None = None,
              **options):
@@ -92,6 +95,13 @@ def quantize(model, bits: int = 4, group_size: int = 64, symmetric: bool = True,
     :class:`QuantConfig`, which may also be passed whole as ``config``. See :func:`quantize_model` for the
     variant that returns a per-layer :class:`QuantReport`.
     """
+    if config is not None:  # the recipe is whole: a setting beside it would be ignored without a word
+        given = {k: v for k, v in dict(bits=bits, group_size=group_size, symmetric=symmetric, method=method,
+                                        skip=skip).items() if (tuple(v) if isinstance(v, list) else v) != _DEFAULTS[k]}
+        given.update(options)
+        if given:
+            raise InvalidSetting(f"quantize() got config= and also {', '.join(map(repr, given))}: put every setting "
+                                 "in the QuantConfig (dataclasses.replace(config, ...)), or pass none as config=")
     if config is None:
         unknown = sorted(set(options) - {f.name for f in fields(QuantConfig)})
         if unknown:  # a clear error instead of the dataclass's TypeError (e.g. device=: there is none to set)
@@ -115,16 +125,15 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
     limit = max_positions(model.config)
     seq_len = window_length(model, cfg.seq_len)
     if isinstance(calibration, torch.Tensor):
-        ids = calibration.long()
+        ids = data.as_ids(calibration, "calibration text")
+        if ids.dim() > 2:
+            raise DataError(f"calibration ids must be 1-D (a token stream) or [n, seq_len] windows, got shape "
+                            f"{tuple(ids.shape)}")
         if ids.dim() == 2:
             seq_len, ids = ids.shape[1], ids.reshape(-1)
             if limit and seq_len > limit:
                 raise DataError(f"calibration windows of {seq_len} tokens are longer than the model's {limit} "
                                 "positions: pass shorter windows, or a 1-D tensor of ids to be cut at seq_len")
-        vocab = getattr(model.config, "vocab_size", None)
-        if ids.numel() and (int(ids.min()) < 0 or (vocab and int(ids.max()) >= vocab)):
-            raise DataError(f"calibration ids must be token ids in 0..{vocab - 1 if vocab else '?'}, got "
-                            f"{int(ids.min())}..{int(ids.max())}")
     else:
         if tokenizer is None:
             raise DataError("calibration text needs the model's tokenizer (pass tokenizer=...)")
@@ -134,7 +143,7 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
         raise DataError(f"the calibration text has {ids.numel()} tokens; quantization with calibration needs at "
                         f"least {need} (min_calib_tokens={cfg.min_calib_tokens}, windows of {seq_len}); "
                         f"{cfg.calib_tokens} are used when available")
-    win = data.windows(ids, seq_len, cfg.calib_tokens, what="calibration text")
+    win = data.windows(ids, seq_len, cfg.calib_tokens, what="calibration text", vocab=id_limit(model))
     return [win[i:i + cfg.batch_size] for i in range(0, len(win), cfg.batch_size)]
 
 
@@ -277,6 +286,15 @@ class _Stage:
         return tied
 
 
+def _check_finite(model, skip):
+    """A NaN or inf weight would become a NaN or infinite scale for its whole group, silently: refuse it before
+    anything is changed."""
+    for name, m in model.named_modules():
+        if is_projection(m) and not _skipped(name, skip) and not bool(torch.isfinite(weight_out_in(m)).all()):
+            raise InvalidSetting(f"{name} has non-finite weights (NaN or inf): the model is damaged (a failed training "
+                                 "or conversion?), and quantizing it would hide that")
+
+
 def head_to_quantize(model, adapter, skip):
     """``(head, name)`` of the output head if the settings quantize it, else None. A head that is asked for but is
     not a Linear is an error, checked before anything is quantized, rather than left in float unasked."""
@@ -311,12 +329,16 @@ def _untie(model) -> None:
 
 def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None) -> QuantReport:
     """Quantize ``model`` in place as :func:`quantize` does; returns the per-layer :class:`QuantReport`."""
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidSetting(f"quantize() quantizes a loaded model in place, got a {type(model).__name__}: load it "
+                             "first (model, tok = pyshrink.load_model(...)), or use `pyshrink quantize SOURCE -o OUT`")
     cfg = config.validate()
     adapter = adapter_for(model)
     if is_quantized_model(model):
         raise InvalidSetting("the model is already quantized (it holds QuantLinear layers / its pyshrink.json "
                              "records a quantize step); quantize the floating-point model instead")
     head_to_quantize(model, adapter, cfg.skip)  # a head that cannot be packed fails here, before any change
+    _check_finite(model, cfg.skip)
     method = method_for(cfg, calibration is not None)
     t0 = time.perf_counter()
     model.eval()

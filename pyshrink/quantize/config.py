@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..errors import InvalidSetting, is_int
+from ..errors import InvalidSetting, is_int, is_number
 from ..ops.q4 import GROUP_SIZES
 
 BITS = (4, 8)
@@ -72,23 +72,30 @@ class QuantConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.skip = tuple(self.skip or ())
+        # one name is one pattern: tuple("lm_head") would be the patterns "l", "m", "_", ... (none of them the head)
+        self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip or ())
         self.validate()
 
     def validate(self) -> "QuantConfig":
         from .methods import METHODS
 
         for name, b in (("bits", self.bits), ("head_bits", self.head_bits)):
-            if b is not None and (isinstance(b, bool) or b not in BITS):
+            if b is not None and (not is_int(b) or b not in BITS):
                 raise InvalidSetting(f"{name} must be 4 or 8, got {b!r} (pyshrink stores 4-bit group-wise or "
                                      f"8-bit per-channel weights; other widths are not supported)")
-        if self.group_size not in GROUP_SIZES:
+        if not is_int(self.group_size) or self.group_size not in GROUP_SIZES:
             raise InvalidSetting(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))} (the group sizes "
                                  f"the 4-bit kernels and ONNX Runtime's MatMulNBits support), got {self.group_size!r}")
+        for name in ("symmetric", "fast", "act_order", "scale_unfoldable", "progress"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be truthy
+                raise InvalidSetting(f"{name} must be True or False, got {getattr(self, name)!r}")
+        bad = [p for p in self.skip if not isinstance(p, str)]
+        if bad:
+            raise InvalidSetting(f"skip must be module names or fnmatch patterns (strings), got {bad[0]!r}")
         if self.bits == 8 and not self.symmetric:
             raise InvalidSetting("8-bit weights are symmetric per output channel; asymmetric (zero-point) "
                                  "quantization is supported with bits=4 only")
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise InvalidSetting(f"unknown quantization method {self.method!r} (known: {', '.join(METHODS)})")
         for name, lo in (("calib_tokens", 1), ("min_calib_tokens", 1), ("seq_len", 2), ("batch_size", 1),
                          ("awq_grid", 1), ("clip_grid", 1), ("gptq_block", 1)):
@@ -97,6 +104,9 @@ class QuantConfig:
                 continue
             if not is_int(v) or v < lo:
                 raise InvalidSetting(f"{name} must be an integer >= {lo}, got {v!r}")
+        for name in ("clip_min", "damp"):
+            if not is_number(getattr(self, name)):
+                raise InvalidSetting(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0.0 < self.clip_min <= 1.0:
             raise InvalidSetting(f"clip_min must be in (0, 1], got {self.clip_min!r}")
         if not 0.0 < self.damp < 1.0:  # 0 leaves a rank-deficient Hessian (few tokens, wide layer) unfactorable

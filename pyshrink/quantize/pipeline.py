@@ -16,7 +16,7 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings
-from ..models import CACHE_DIR, check_output, load_model, max_positions, resolve, save, window_length
+from ..models import CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, save, window_length
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
@@ -121,7 +121,7 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
         before = measure(model)
     else:
         metric = "embedding cosine similarity"
-        win = data.windows(eval_ids, window, what="evaluation text")
+        win = data.windows(eval_ids, window, what="evaluation text", vocab=id_limit(model))
         ref = embeddings(model, win)
         measure = lambda m: float(torch.nn.functional.cosine_similarity(embeddings(m, win), ref).mean())  # noqa: E731
         before = 1.0

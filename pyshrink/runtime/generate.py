@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import is_int
 from .session import DecoderSession, read_meta
 
 
@@ -83,6 +84,12 @@ class OnnxLM:
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty (no tokens)")
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        vocab = self.meta.get("vocab_size")
+        bad = [t for t in prompt_ids if not is_int(t) or t < 0 or (vocab and t >= vocab)]
+        if bad:  # ONNX Runtime's Gather would wrap a negative id round to the end of the vocabulary
+            raise ValueError(f"prompt ids must be token ids in 0..{vocab - 1 if vocab else '?'}, got {bad[0]!r}")
         room = self.max_length - len(prompt_ids)
         if room <= 0:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's maximum length is {self.max_length}")

@@ -155,3 +155,29 @@ def test_every_candidate_plan_is_kept_in_the_models_dtype(tiny_folder, monkeypat
                             num_layers_to_contract=1, prune_heads=True, progress=False)
     assert len(seen) == 3 and all(c.neurons.weight.dtype == dtype and c.heads.weight.dtype == dtype for c in seen)
     assert res.model.model.layers[res.summary["layers"][0]["layer"]].mlp.down_proj.weight.dtype == dtype
+
+
+def test_an_in_memory_model_needs_its_tokenizer(tmp_path):
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    for source in (model, (model, None)):
+        with pytest.raises(InvalidSetting, match=r"contract needs the model's tokenizer .* pass \(model, tokenizer\)"):
+            _contract(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_must_be_text(tiny_folder, tmp_path):
+    with pytest.raises(DataError, match="text must be a string, a file path, or a list of them; got a Tensor"):
+        _contract(tiny_folder("llama"), tmp_path / "out", calibration=torch.arange(2, 100))
+
+
+def test_the_summary_does_not_copy_literal_calibration_text(tiny_folder, tmp_path):
+    one_line = "The quick brown fox jumps over the lazy dog. " * 80
+    res = _contract(tiny_folder("llama"), None, calibration=one_line)
+    assert res.summary["calibration"]["text"] == f"<text, {len(one_line)} chars>"
+    assert one_line not in str(res.summary)
+    s = res.summary  # and its repr is the numbers, not the module tree
+    assert repr(res) == (f"ContractionResult(LlamaForCausalLM, params_before={s['params_before']}, "
+                         f"params_after={s['params_after']}, ppl_source={s['ppl_source']!r}, "
+                         f"ppl_final={s['ppl_final']!r})")

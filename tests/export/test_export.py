@@ -416,3 +416,25 @@ def test_auto_needs_validation(tmp_path):
 
     with pytest.raises(InvalidSetting, match="validate=True"):
         export_onnx(tiny_model("llama"), tmp_path / "o", int4=True, accuracy_level="auto", validate=False)
+
+
+def test_a_model_tokenizer_pair_exports_and_the_model_keeps_its_mode(tmp_path):
+    from onnx_helpers import word_tokenizer
+
+    model, tok = tiny_model("llama").train(), word_tokenizer()
+    out = export_onnx((model, tok), tmp_path / "out")
+    assert (out / "tokenizer.json").exists() and model.training  # handed back in training mode, as it came
+    with pytest.raises(InvalidSetting, match="a \\(model, tokenizer\\) pair and also tokenizer="):
+        export_onnx((model, tok), tmp_path / "out2", tokenizer=tok)
+
+
+def test_another_models_larger_tokenizer_is_refused(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models as tkm, pre_tokenizers
+
+    big = Tokenizer(tkm.WordLevel({f"w{i}": i for i in range(VOCAB + 50)}, unk_token="w0"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=big, unk_token="w0")
+    with pytest.raises(InvalidSetting, match=f"the tokenizer has {VOCAB + 50} ids but the model takes {VOCAB}"):
+        export_onnx(tiny_model("llama"), tmp_path / "out", tokenizer=tok)
+    assert not (tmp_path / "out").exists()

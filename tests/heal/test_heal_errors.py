@@ -21,7 +21,7 @@ def test_a_budget_that_is_not_a_positive_integer_is_refused(student, teacher, to
 
 @pytest.mark.parametrize("setting", [{"alpha": 1.5}, {"temperature": 0}, {"lr": -1.0}, {"schedule": "step"},
                                      {"trainable": "attention"}, {"seq_len": 1}, {"seq_len": 1 << 19},
-                                     {"grad_accum": 0}])
+                                     {"grad_accum": 0}, {"lr": "1e-3"}, {"alpha": None}])
 def test_bad_settings_are_refused(student, teacher, tokenizer, texts, setting):
     with pytest.raises(InvalidSetting):
         heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**TINY, **setting})
@@ -47,6 +47,7 @@ def test_the_default_window_fits_the_students_positions(student, teacher, tokeni
     kw = {k: v for k, v in TINY.items() if k != "seq_len"}
     r = heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**kw, "tokens": 256 * 8})
     assert r.config["seq_len"] == student.config.max_position_embeddings == 256  # 512 shortened, as eval does
+    assert repr(r).startswith("HealResult(out=None, stopped=") and "Linear" not in repr(r)  # no module tree
     with pytest.raises(InvalidSetting, match="seq_len must be in 2..256, got 257"):
         heal((student, tokenizer), (teacher, tokenizer), texts["train"], **{**kw, "seq_len": 257})
 
@@ -135,3 +136,11 @@ def test_a_bad_max_grad_norm_is_refused(student, teacher, tokenizer, texts, norm
     with pytest.raises(InvalidSetting, match="max_grad_norm"):
         heal((student, tokenizer), (teacher, tokenizer), texts["train"], max_grad_norm=norm, **TINY)
 
+
+
+def test_healing_ids_must_be_integer_ids_the_models_know(student, teacher, tokenizer):
+    with pytest.raises(DataError, match="the healing text must be token ids \\(an integer tensor\\), got a torch.float32"):
+        heal((student, tokenizer), (teacher, tokenizer), torch.rand(4000) * 100, **TINY)
+    too_big = torch.full((4000,), student.config.vocab_size)
+    with pytest.raises(DataError, match=r"the healing text has token ids \d+\.\.\d+, but the model knows ids 0\.\."):
+        heal((student, tokenizer), (teacher, tokenizer), too_big, **TINY)

@@ -15,20 +15,21 @@ from tiny import VOCAB, random_ids, tiny_model  # noqa: E402
 FAMILY_NAMES = sorted({a.name for a in ADAPTERS.values()})
 
 
-def word_tokenizer():
+def word_tokenizer(n_words: int = VOCAB):
+    """Words w0 .. w{n_words - 1}; more words than the tiny models' VOCAB makes another model's tokenizer."""
     from tokenizers import Tokenizer, models as tkm, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab = {f"w{i}": i for i in range(n_words)}
     tok = Tokenizer(tkm.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", pad_token="w1")
 
 
-def word_text(n_words: int, seed: int = 0) -> str:
-    """A random Markov-ish word sequence over the tiny vocabulary."""
+def word_text(n_words: int, seed: int = 0, vocab: int = VOCAB) -> str:
+    """A random Markov-ish word sequence over the tiny vocabulary (or words w2 .. w{vocab - 1})."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (n_words,), generator=g)
+    ids = torch.randint(2, vocab, (n_words,), generator=g)
     return " ".join(f"w{i}" for i in ids.tolist())
 
 

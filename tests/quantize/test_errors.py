@@ -21,6 +21,14 @@ SMALL = dict(seq_len=64, min_calib_tokens=256, progress=False)
     (dict(damp=0.0), r"damp must be in \(0, 1\)"),
     (dict(head_bits=4), "remove 'lm_head' from skip"),
     (dict(device="cuda"), "quantize\\(\\) has no setting 'device'; its settings are the fields of QuantConfig: bits,"),
+    # values of the wrong type are refused here, not deep in an op or by a comparison with a string
+    (dict(bits=4.0), "bits must be 4 or 8, got 4.0"),
+    (dict(group_size=64.0), "group_size must be one of 32, 64, 128 .*got 64.0"),
+    (dict(symmetric="no"), "symmetric must be True or False, got 'no'"),
+    (dict(fast="no"), "fast must be True or False, got 'no'"),
+    (dict(clip_min="0.5"), "clip_min must be a number, got '0.5'"),
+    (dict(skip=["lm_head", 3]), "skip must be module names or fnmatch patterns \\(strings\\), got 3"),
+    (dict(method=None), "unknown quantization method None"),
 ])
 def test_bad_settings(kw, match):
     with pytest.raises(InvalidSetting, match=match):
@@ -107,6 +115,49 @@ def test_calibration_ids_out_of_range_or_too_long_windows_are_refused():
     limit = model.config.n_positions
     with pytest.raises(DataError, match=f"longer than the model's {limit} positions"):
         quantize(model, calibration=torch.randint(0, 100, (2, limit + 1)), **SMALL)
-    with pytest.raises(DataError, match=r"token ids in 0\.\."):
+    with pytest.raises(DataError, match=r"has token ids 128\.\.128, but the model knows ids 0\.\.127"):
         quantize(tiny_model("gpt2"), calibration=torch.full((2048,), model.config.vocab_size), **SMALL)
 
+
+
+def test_one_skip_name_given_as_a_string_is_one_pattern():
+    assert QuantConfig(skip="lm_head").skip == ("lm_head",)
+    model = quantize(tiny_model("llama"), method="rtn", skip="lm_head", progress=False)
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays in float, as skip asked
+    assert model.model.layers[0].mlp.down_proj.__class__.__name__ == "QuantLinear"
+
+
+def test_a_config_and_other_settings_together_are_refused():
+    cfg = QuantConfig(method="rtn", progress=False)
+    with pytest.raises(InvalidSetting, match=r"got config= and also 'bits', 'seq_len'"):
+        quantize(tiny_model("llama"), bits=8, config=cfg, seq_len=64)
+    model = quantize(tiny_model("llama"), config=cfg, skip=["lm_head"])  # the defaults, spelled out, are no conflict
+    assert model.model.layers[0].mlp.down_proj.__class__.__name__ == "QuantLinear"
+
+
+@pytest.mark.parametrize("source", ["smollm2-135m", ("model", "tokenizer")])
+def test_quantize_takes_a_loaded_model(source):
+    with pytest.raises(InvalidSetting, match="quantize\\(\\) quantizes a loaded model in place, got a (str|tuple)"):
+        quantize(source, method="rtn")
+
+
+def test_calibration_ids_must_be_integer_token_ids_of_this_model():
+    with pytest.raises(DataError, match="the calibration text must be token ids \\(an integer tensor\\), got a "
+                                        "torch.float32 tensor"):
+        quantize(tiny_model("llama"), calibration=torch.rand(4096), method="awq", **SMALL)
+    with pytest.raises(DataError, match="calibration ids must be 1-D .* got shape \\(2, 2, 1024\\)"):
+        quantize(tiny_model("llama"), calibration=torch.zeros(2, 2, 1024, dtype=torch.long), method="awq", **SMALL)
+    big = word_tokenizer(n_words=400)  # ids beyond the tiny model's 128
+    with pytest.raises(DataError, match=r"the calibration text has token ids \d+\.\.\d+, but the model knows ids "
+                                        r"0\.\.127: was it tokenized with another model's tokenizer\?"):
+        quantize(tiny_model("llama"), calibration=word_text(3000, vocab=400), tokenizer=big, method="awq", **SMALL)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_before_any_change(bad):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
+    with pytest.raises(InvalidSetting, match=r"model.layers.1.mlp.up_proj has non-finite weights \(NaN or inf\)"):
+        quantize(model, method="rtn", progress=False)
+    assert not any(m.__class__.__name__ == "QuantLinear" for m in model.modules())

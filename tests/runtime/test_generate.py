@@ -55,6 +55,17 @@ def test_prompt_longer_than_the_model_is_an_error(tiny_onnx):
         lm.generate_ids([5] * (lm.max_length + 1), 4)
 
 
+@pytest.mark.parametrize("prompt,n,match", [
+    ([5, 6], -5, "max_new_tokens must be an integer >= 1, got -5"),
+    ([5, 6], 2.5, "max_new_tokens must be an integer >= 1, got 2.5"),
+    ([5, -1], 3, r"prompt ids must be token ids in 0\.\.127, got -1"),  # ORT would wrap it to the last token
+    ([5, 128], 3, r"prompt ids must be token ids in 0\.\.127, got 128"),
+])
+def test_bad_generation_arguments_are_clear_errors(tiny_onnx, prompt, n, match):
+    with pytest.raises(ValueError, match=match):
+        OnnxLM(tiny_onnx("llama")).generate_ids(prompt, n)
+
+
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "pyshrink", *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={**os.environ, **(env or {})})
