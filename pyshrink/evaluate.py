@@ -32,11 +32,12 @@ def perplexity(model, tokenizer=None, text=None, *, ids: torch.Tensor | None = N
         if getattr(out, "logits", None) is None:
             raise InvalidSetting(f"perplexity needs next-token logits, and {type(model).__name__} returns none: "
                                  "it is an encoder or a model without its language-model head")
-        logits = out.logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        nll += loss.item()
+        # One window at a time: a [batch, L, vocab] float copy and log-softmax of all of them at once took more
+        # memory than the model (SmolLM2-135M, 4 windows of 512: 2.2 GB peak against 0.5 GB for the model).
+        for b in range(batch.shape[0]):
+            nll += torch.nn.functional.cross_entropy(out.logits[b, :-1].float(), batch[b, 1:], reduction="sum").item()
         count += batch[:, 1:].numel()
+        del out
     return math.exp(nll / count)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import jsonio
 from .errors import InvalidSetting, ModelLoadError, check_range, is_int
 
 META_FILE = "pyshrink.json"
@@ -402,7 +403,7 @@ def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / META_FILE).write_text(jsonio.dumps(meta, indent=2))
     return Path(out)
 
 
@@ -414,6 +415,15 @@ def max_positions(config) -> int | None:
         if is_int(v) and v > 0:
             return v
     return None
+
+
+def check_finite(model, doing: str) -> None:
+    """Refuse a model with a NaN or infinite parameter: every stage would carry it through (a NaN perplexity, NaN
+    scales) and hide the damage behind a run that seems to succeed."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise InvalidSetting(f"{name} has non-finite values (NaN or inf): the model is damaged (a failed training "
+                                 f"or conversion?), and {doing} it would hide that")
 
 
 def id_limit(model) -> int | None:

@@ -1,11 +1,12 @@
 """``pyshrink bench MODEL [MODEL ...]``: prefill and decode latency, tokens/s, peak memory, size on disk."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from .. import jsonio
 
 
 def register(app: typer.Typer) -> None:
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(json_out) as tmp:
-                tmp.write_text(json.dumps(rows, indent=2))
+                tmp.write_text(jsonio.dumps(rows, indent=2))
         if chart_out is not None:
             chart_out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(chart_out) as tmp:

@@ -1,12 +1,12 @@
 """``pyshrink contract SOURCE -o OUT``: structured pruning with a summary table (or JSON)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .. import jsonio
 from ..errors import InvalidSetting
 
 HELP = (
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         eval_text: Optional[List[Path]] = typer.Option(None, "--eval", exists=True, dir_okay=False, readable=True, help="Text file(s) to measure quality on."),
         prune_heads: bool = typer.Option(False, "--prune-heads", help="Also remove attention heads (grouped-query aware)."),
         prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Drop vocabulary the domain text never uses (needs --calibration)."),
-        threshold: Optional[float] = typer.Option(None, "--threshold", help="Contextual mode: remove neurons whose mean |activation| is below this (e.g. 1e-3)."),
+        threshold: Optional[float] = typer.Option(None, "--threshold", help="Contextual mode: remove neurons whose mean |activation| is below this (e.g. 1e-3), at most 90 % of a block's."),
         calibration_tokens: int = typer.Option(32768, "--calibration-tokens", help="Use at most this many calibration tokens."),
         eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Measure quality on at most this many tokens."),
         heal_tokens: Optional[int] = typer.Option(None, "--heal-tokens", help="After contracting, heal by distillation from SOURCE on this many tokens of the calibration text (needs --calibration)."),
@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
                                         slices=slices,
                                         overwrite=overwrite, progress=True)
             if as_json:
-                typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))
+                typer.echo(jsonio.dumps({**result.summary, "out": str(out)}, indent=2))
             else:
                 render_schedule(result.summary, out)
             return
@@ -151,6 +151,6 @@ def register(app: typer.Typer) -> None:
                           calibration=cal, layers=pinned, heal_tokens=heal_tokens, out=out, overwrite=overwrite,
                           progress=True, **settings)
         if as_json:
-            typer.echo(json.dumps({**result.summary, "out": str(out)}, indent=2, default=str))
+            typer.echo(jsonio.dumps({**result.summary, "out": str(out)}, indent=2))
         else:
             render(result.summary, out)

@@ -1,11 +1,12 @@
 """``pyshrink eval MODEL --text FILE``: perplexity of a model on a text."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from .. import jsonio
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +28,6 @@ def register(app: typer.Typer) -> None:
         seq_len = window_length(m, seq_len)
         ppl = perplexity(m, ids=data.tokenize(tok, data.read_texts(text)), seq_len=seq_len, max_tokens=max_tokens)
         if as_json:
-            typer.echo(json.dumps({"model": model, "perplexity": ppl, "seq_len": seq_len}))
+            typer.echo(jsonio.dumps({"model": model, "perplexity": ppl, "seq_len": seq_len}))
         else:
             typer.echo(f"perplexity of {model}: {ppl:.3f} ({seq_len}-token windows)")

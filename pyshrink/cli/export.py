@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .. import jsonio
+
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
                            overwrite=overwrite)
         meta = json.loads((path / "pyshrink_onnx.json").read_text())
         if as_json:
-            typer.echo(json.dumps(meta, indent=2))
+            typer.echo(jsonio.dumps(meta, indent=2))
             return
         size = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx"))
         v = meta.get("validation")

@@ -3,11 +3,12 @@
 (The iterative contract-heal schedule is ``pyshrink contract ... --heal-tokens N --steps K``.)"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from .. import jsonio
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
                       trainable=trainable, max_seconds=None if max_minutes is None else 60 * max_minutes, seed=seed,
                       out=out, resume=resume, overwrite=overwrite, progress=not as_json)
         if as_json:
-            typer.echo(json.dumps(result.summary, default=str))
+            typer.echo(jsonio.dumps(result.summary))
             return
         typer.echo(f"healed model: {result.path}")
         typer.echo(f"held-out perplexity: {result.ppl_initial:.3f} -> {result.ppl_best:.3f} "

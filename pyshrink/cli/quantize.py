@@ -1,11 +1,12 @@
 """``pyshrink quantize SOURCE -o OUT``: 4-bit group-wise or 8-bit weights, with before/after numbers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from .. import jsonio
 
 
 def _mib(n) -> str:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
                                  eval_tokens=eval_tokens, overwrite=overwrite, progress=not as_json)
         s = run.summary
         if as_json:
-            typer.echo(json.dumps(s, default=str))
+            typer.echo(jsonio.dumps(s))
             return
         _print_summary(source, s)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def _windows(ids: torch.Tensor, seq_len: int, max_tokens: int, what: str, vocab:
     if ids.numel() < 16:
         raise DataError(f"the {what} has {ids.numel()} tokens; at least 16 are needed")
     seq_len = min(seq_len, ids.numel())
-    return data.windows(ids, seq_len, max(max_tokens, seq_len), what=what, vocab=vocab)
+    return data.windows(ids, seq_len, max_tokens, what=what, vocab=vocab)  # at most max_tokens: less is an error
 
 
 def _is_pair(source) -> bool:
@@ -212,7 +213,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             grouped-query aware.
         prune_vocab: drop embedding/head rows of ids the domain text (calibration + eval) never uses.
         threshold: contextual mode: remove the neurons whose mean |activation| on the calibration text is
-            below ``threshold`` (instead of a fixed ratio).
+            below ``threshold`` (instead of a fixed ratio), at most 90 % of a block's (the ratio's upper bound).
         criterion / refit: neuron ranking (``fluctuation``, ``obs``, ``magnitude``) and compensation
             (``lstsq``: least-squares refit of the down projection and its bias; ``mean``: FLAP's bias
             compensation only; ``none``); the defaults are the best measured.
@@ -259,6 +260,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         raise InvalidSetting(f"{source_name} is quantized: contraction removes rows and columns of floating-point "
                              "weights; contract the floating-point model first, then quantize the result")
     adapter = adapter_for(model)
+    models.check_finite(model, "contracting")
     if prune_vocab and any(isinstance(m, (vocab.CompactEmbedding, vocab.CompactHead)) for m in model.modules()):
         raise InvalidSetting(f"{source_name} has a pruned vocabulary already; contract it again without "
                              "prune_vocab / --prune-vocab (its kept ids stay as they are)")
@@ -353,6 +355,10 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     else:
         chosen = [c for c in candidates if c is not None]  # block order, as choose() returns them
     del candidates  # the plans of the blocks not chosen (refit weights of every block) are freed here
+    if threshold is not None and not any(c.removed_neurons for c in chosen):
+        warnings.warn(f"threshold={threshold:g}: no neuron's mean |activation| on the calibration text is below it, "
+                      "so nothing was removed and the result is the source's size; try a larger threshold",
+                      UserWarning, stacklevel=2)
     rows, kept_neurons = [], {}
     for c in chosen:
         blk = adapter.blocks(model)[c.index]

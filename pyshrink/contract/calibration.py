@@ -13,7 +13,7 @@ called as soon as block ``i``'s statistics are complete, so only one block's Gra
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -12,12 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data
+from ..errors import InvalidSetting
 from .vocab import protected_ids
 
 
 def sample_ids(model, tokenizer, *, tokens: int = 4096, seq_len: int = 128, batch: int = 64,
                temperature: float = 1.0, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """``[n, seq_len]`` token ids sampled from ``model`` itself (``n * seq_len >= tokens``).
+    """``[n, seq_len]`` token ids sampled from ``model`` itself: ``tokens // seq_len`` sequences (``tokens`` is
+    a budget, "at most"; less than one sequence is an error).
 
     Decoding runs on one CPU thread: each step is a handful of tiny matmuls, where a second thread saves
     little and, on a busy machine, its synchronization barriers can stall every op for a scheduler quantum
@@ -37,7 +39,10 @@ def _sample(model, tokenizer, tokens, seq_len, batch, temperature, seed, progres
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     banned = sorted(i for i in protected_ids(tokenizer, config) if i < config.vocab_size)
-    n_seq = max(1, -(-tokens // seq_len))
+    n_seq = tokens // seq_len
+    if n_seq < 1:
+        raise InvalidSetting(f"at most {tokens} data-free calibration tokens were asked for, less than one sampled "
+                             f"sequence of {seq_len}: ask for at least {seq_len}")
     out = []
     bar = tqdm(total=n_seq * seq_len, desc="data-free calibration text", unit="tok", disable=not progress, leave=False)
     for start in range(0, n_seq, batch):

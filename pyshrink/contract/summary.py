@@ -50,9 +50,9 @@ def schedule_rows(summary: dict) -> list[tuple[str, str]]:
                     f"iterative: {len(s['steps'])} slice(s) faded out during one heal, each cut at factor 0"
                     if s.get("heal_schedule") == "fade" else
                     f"iterative: {len(s['steps'])} slices, each contracted then healed"),
-           ("params before", _fmt_params(s["source_params"])),
-           ("params after", _fmt_params(s["num_params"])),
-           ("reduction", f"{100 * s['fewer_params']:.1f} %")]
+           ("params before", _fmt_params(s["params_before"])),
+           ("params after", _fmt_params(s["params_after"])),
+           ("reduction", f"{s['reduction_pct']:.1f} %")]
     for st in s["steps"]:
         layers = ",".join(map(str, st["layers"])) if st.get("layers") is not None else "?"
         if st["ppl_contracted"] is None:  # a slice with no heal (weight 0 in --heal-split) was not measured

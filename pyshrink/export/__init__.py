@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import jsonio
 from ..errors import InvalidSetting, check_range
 from ..models import atomic_output_dir, read_metadata, transforms_of
 from .graph import DEFAULT_OPSET
@@ -154,7 +155,7 @@ def _export(model, model_or_path, out_dir, tokenizer, source, source_meta, *, in
             else:
                 meta["validation"] = _fixed_level(accuracy_level, check)
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(jsonio.dumps(meta, indent=2))
         if meta["kind"] == "decoder":
             (tmp / "genai_config.json").write_text(json.dumps(genai_config(meta), indent=2))
     return Path(out_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import jsonio
 from .. import models
 from ..errors import ModelLoadError, PyshrinkError
 
@@ -29,7 +30,7 @@ class CheckpointError(PyshrinkError):
 
 def write_json_atomic(path: Path, obj) -> None:
     with models.atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.write_text(jsonio.dumps(obj, indent=2))
 
 
 def save_checkpoint(folder: Path, model, tokenizer, *, metadata: dict, state: dict | None = None,

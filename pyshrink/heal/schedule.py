@@ -59,8 +59,9 @@ class ScheduleResult:
         (the tail of the heal text, never trained on; each heal keeps its best checkpoint by them)."""
         last = self.steps[-1] if self.steps else {}
         ppl_source, ppl_final = last.get("ppl_teacher"), last.get("ppl_healed")
-        return {"source": self.source, "num_params": self.num_params, "source_params": self.source_params,
-                "fewer_params": 1 - self.num_params / self.source_params if self.source_params else None,
+        # the size keys are one-shot contraction's (ContractionResult.summary), so one script reads both
+        return {"source": self.source, "params_before": self.source_params, "params_after": self.num_params,
+                "reduction_pct": 100.0 * (1 - self.num_params / self.source_params) if self.source_params else None,
                 "heal_tokens": self.heal_tokens, "heal_schedule": self.heal_schedule, "slices": self.slices,
                 "tokens_seen": sum(s["tokens"] for s in self.steps),
                 "ppl_source": ppl_source, "ppl_final": ppl_final,

@@ -27,9 +27,9 @@ import torch
 
 from .. import data
 from ..arch import adapter_for, get_path
-from ..arch.linears import in_features, is_projection, out_features, weight_out_in
+from ..arch.linears import in_features, is_projection, weight_out_in
 from ..errors import DataError, InvalidSetting
-from ..models import id_limit, max_positions, record_transform, structure_handler, transforms_of, window_length
+from ..models import check_finite, id_limit, max_positions, record_transform, structure_handler, transforms_of, window_length
 from . import awq
 from .calib import collect_stats, discover_groups, find_fold, first_batch, scale_inputs, scale_outputs
 from .config import HEAD, QuantConfig
@@ -286,15 +286,6 @@ class _Stage:
         return tied
 
 
-def _check_finite(model, skip):
-    """A NaN or inf weight would become a NaN or infinite scale for its whole group, silently: refuse it before
-    anything is changed."""
-    for name, m in model.named_modules():
-        if is_projection(m) and not _skipped(name, skip) and not bool(torch.isfinite(weight_out_in(m)).all()):
-            raise InvalidSetting(f"{name} has non-finite weights (NaN or inf): the model is damaged (a failed training "
-                                 "or conversion?), and quantizing it would hide that")
-
-
 def head_to_quantize(model, adapter, skip):
     """``(head, name)`` of the output head if the settings quantize it, else None. A head that is asked for but is
     not a Linear is an error, checked before anything is quantized, rather than left in float unasked."""
@@ -338,7 +329,7 @@ def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None)
         raise InvalidSetting("the model is already quantized (it holds QuantLinear layers / its pyshrink.json "
                              "records a quantize step); quantize the floating-point model instead")
     head_to_quantize(model, adapter, cfg.skip)  # a head that cannot be packed fails here, before any change
-    _check_finite(model, cfg.skip)
+    check_finite(model, "quantizing")  # a NaN weight would become a NaN scale for its whole group, silently
     method = method_for(cfg, calibration is not None)
     t0 = time.perf_counter()
     model.eval()

@@ -13,8 +13,9 @@ TEXT = "The quick brown fox jumps over the lazy dog.\n" * 80
 
 def _contract(src, out, **kw):
     kw.setdefault("num_layers_to_contract", 1)
-    return pyshrink.contract(src, calibration=kw.pop("calibration", TEXT), out=out, seq_len=32,
-                             calibration_tokens=256, eval_tokens=64, progress=False, **kw)
+    kw.setdefault("calibration_tokens", 256)
+    return pyshrink.contract(src, calibration=kw.pop("calibration", TEXT), out=out, seq_len=32, eval_tokens=64,
+                             progress=False, **kw)
 
 
 def test_the_default_layer_count_is_8_or_every_block_of_a_shallower_model(tiny_folder):
@@ -181,3 +182,21 @@ def test_the_summary_does_not_copy_literal_calibration_text(tiny_folder, tmp_pat
     assert repr(res) == (f"ContractionResult(LlamaForCausalLM, params_before={s['params_before']}, "
                          f"params_after={s['params_after']}, ppl_source={s['ppl_source']!r}, "
                          f"ppl_final={s['ppl_final']!r})")
+
+
+def test_a_model_with_non_finite_weights_is_refused(tiny_folder, tmp_path):
+    from pyshrink.models import load_model
+
+    model, tok = load_model(tiny_folder("llama"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(InvalidSetting, match=r"model.layers.1.mlp.up_proj.weight has non-finite values \(NaN or inf\)"
+                                             r".* contracting it would hide that"):
+        _contract((model, tok), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_tokens_are_an_upper_bound(tiny_folder, tmp_path):
+    with pytest.raises(InvalidSetting, match="at most 16 tokens of the calibration text were asked for, less than one "
+                                             "window of 32"):
+        _contract(tiny_folder("llama"), tmp_path / "out", calibration_tokens=16)

@@ -168,7 +168,7 @@ def test_cli_heal_schedule_fade(source_folder, capsys):
     # 4 steps of 1,024 tokens: slice 1 fades over 2, slice 2 over 1, the final model trains 1
     assert [st["fade_tokens"] for st in s["steps"]] == [2048, 1024] and s["tokens_seen"] == 4096
     assert mlp_widths(saved) == [48, 96, 48]
-    assert models.num_params(saved) == s["num_params"] < s["source_params"]
+    assert models.num_params(saved) == s["params_after"] < s["params_before"]
     # one step fades one-shot's neurons; the table names the mode
     assert contract_cli(source_folder, "--layers", "0,2", "--heal-tokens", "2048", "--heal-schedule", "fade",
                      "--overwrite") == 0

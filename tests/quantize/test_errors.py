@@ -158,6 +158,6 @@ def test_non_finite_weights_are_refused_before_any_change(bad):
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
-    with pytest.raises(InvalidSetting, match=r"model.layers.1.mlp.up_proj has non-finite weights \(NaN or inf\)"):
+    with pytest.raises(InvalidSetting, match=r"model.layers.1.mlp.up_proj.weight has non-finite values \(NaN or inf\)"):
         quantize(model, method="rtn", progress=False)
     assert not any(m.__class__.__name__ == "QuantLinear" for m in model.modules())
