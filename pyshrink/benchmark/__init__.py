@@ -90,11 +90,10 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
         if not is_onnx_folder(m):
             if runtime == "onnxruntime":
                 raise InvalidSetting(f"{m} is not a `pyshrink export` folder: export it first, or use --runtime both")
-            from ..models import resolve
-
-            resolve(m)  # a missing folder or .gguf file (a hub id is only tried when it is loaded)
         elif runtime == "torch":
             raise InvalidSetting(f"{m} is an exported ONNX folder: benchmark it with --runtime onnxruntime")
+        _check_generation(m, prompt_tokens + new_tokens)
+    names = _labels(models)
     rows = []
     kw = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads, repeats=repeats, warmup=warmup)
     tmp = None
@@ -103,27 +102,70 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
             onnx_folder = is_onnx_folder(m)
             jobs = []
             if runtime in ("torch", "both") and not onnx_folder:
-                jobs.append(("torch", m, None))
+                jobs.append(("torch", m, names[m]))
             if runtime in ("onnxruntime", "both"):
                 if onnx_folder:
-                    jobs.append(("onnxruntime", m, None))
+                    jobs.append(("onnxruntime", m, names[m]))
                 else:
                     if export_dir is None and tmp is None:
                         tmp = tempfile.TemporaryDirectory(prefix="pyshrink-bench-")
                     base = Path(export_dir) if export_dir is not None else Path(tmp.name)
                     out = _export_for(m, base, int4, progress)
-                    jobs.append(("onnxruntime", out, Path(str(m)).name + (" (int4)" if int4 else "")))
+                    jobs.append(("onnxruntime", out, names[m] + (" (int4)" if int4 else "")))
             for rt, path, label in jobs:
                 if progress:
                     progress(f"measuring {path} on {rt}")
                 opts = {"compile": True, "fuse": "auto"} if compile and rt == "torch" else None
                 if opts:
-                    label = (label or Path(str(path)).name) + " (compiled)"
+                    label = label + " (compiled)"
                 rows.append(run_one(rt, path, label=label, options=opts, **kw))
     finally:
         if tmp is not None:
             tmp.cleanup()
     return rows
+
+
+def _labels(models) -> dict:
+    """Each model's row label: its folder or file name, or the path as given where two names are the same
+    (``va/final`` and ``vb/final`` must not both read ``final``)."""
+    names = [Path(str(m)).name for m in models]
+    return {m: n if names.count(n) == 1 else str(m) for m, n in zip(models, names)}
+
+
+def _check_generation(model, total: int) -> None:
+    """Bench measures generation: an encoder, or a prompt and new tokens beyond the model's positions, is refused
+    before any export or measurement (where the model's config says so without loading it)."""
+    from ..errors import ModelLoadError
+
+    kind = limit = None
+    if is_onnx_folder(model):
+        meta_file = Path(model) / "pyshrink_onnx.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{meta_file} is corrupt: {exc}") from exc
+        kind, limit = meta.get("kind"), meta.get("max_length")
+    else:
+        from ..models import resolve
+
+        source_kind, path = resolve(model)  # a missing folder or .gguf file (a hub id is only tried when loaded)
+        if source_kind == "folder" and (path / "config.json").is_file():
+            from types import SimpleNamespace
+
+            from ..arch import adapter_for
+            from ..models import max_positions
+
+            try:
+                config = SimpleNamespace(**json.loads((path / "config.json").read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+                raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
+            kind, limit = adapter_for(config).kind, max_positions(config)
+    if kind == "encoder":
+        raise InvalidSetting(f"{model} is an encoder: bench measures generation (prefill and per-token decode), "
+                             "which needs a decoder")
+    if limit and total > limit:
+        raise InvalidSetting(f"prompt_tokens + new_tokens = {total} exceeds the {limit} positions of {model}: "
+                             "use a shorter prompt or fewer new tokens")
 
 
 def _source_stamp(model) -> str:
@@ -166,6 +208,15 @@ def markdown_table(rows: list[dict]) -> str:
                      f"| {r['decode_ms_p95']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
                      f"| {r['disk_mb']:.1f} |")
     return "\n".join(lines)
+
+
+def chart_formats() -> set | None:
+    """The file suffixes :func:`chart` can write (``png``, ``svg``, ``pdf`` ...), or None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return set(Figure().canvas.get_supported_filetypes())
 
 
 def chart(rows: list[dict], path) -> Path | None:

@@ -249,7 +249,8 @@ def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: i
         "prefill_ms": float(np.median(prefill) * 1e3), "prefill_ms_all": [round(x * 1e3, 2) for x in prefill],
         "decode_ms_median": float(np.median(steps_ms)), "decode_ms_p95": float(np.percentile(steps_ms, 95)),
         "decode_tokens_per_s": float(1e3 / np.median(steps_ms)),
-        "peak_rss_mb": peak_rss_bytes() / 2**20, "rss_after_load_mb": rss_loaded / 2**20,
+        # every *_mb is 10^6 bytes (memory was in MiB until 2026-11-24 while disk was in MB, both labelled MB)
+        "peak_rss_mb": peak_rss_bytes() / 1e6, "rss_after_load_mb": rss_loaded / 1e6,
         "disk_mb": disk_size(getattr(r, "disk_path", model)) / 1e6,
         "loadavg_1min": round(os.getloadavg()[0], 2),  # other work on the machine while this ran
         **({"options": options} if options else {}),

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from .. import jsonio
+from ..errors import InvalidSetting
 
 
 def register(app: typer.Typer) -> None:
@@ -33,12 +34,18 @@ def register(app: typer.Typer) -> None:
         A model that fails is reported in its row and on stderr; the exit status is then 2 if every failure was
         bad input (a model that cannot be read, a setting that does not apply to it), else 1.
         """
-        from ..benchmark import bench, chart, markdown_table
+        from ..benchmark import bench, chart, chart_formats, markdown_table
         from ..models import atomic_file
 
         for f in (json_out, chart_out):  # before any measurement, as every command checks its outputs
+            if f is not None and f.is_dir():
+                raise InvalidSetting(f"{f} is a folder: --json and --chart take file names")
             if f is not None and f.exists() and not overwrite:
                 raise FileExistsError(f"{f} already exists (pass --overwrite to replace it)")
+        formats = chart_formats() if chart_out is not None else None
+        if formats is not None and chart_out.suffix.lstrip(".").lower() not in formats:
+            raise InvalidSetting(f"--chart {chart_out}: the file name's suffix picks the format, one of "
+                                 f"{', '.join(sorted(formats))}")
         rows = bench(models, runtime=runtime, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
                      repeats=repeats, int4=int4, compile=compile, progress=lambda m: typer.echo(m, err=True))
         typer.echo(markdown_table(rows))

@@ -6,6 +6,7 @@ the step number: that is what makes ``resume`` reproduce an uninterrupted run ex
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -154,6 +155,33 @@ class RunState:
     stopped: str | None = None
     config: dict = field(default_factory=dict)
     lr_extension: list | None = None  # see lr_at: set when a resumed run changed the token budget
+    # what a resumed run must see again (see data_digest, teacher_digest); None in checkpoints from before them
+    data_digest: str | None = None
+    teacher_digest: str | None = None
+
+
+def data_digest(train_windows: torch.Tensor, eval_ids: torch.Tensor) -> str:
+    """sha256 of the training windows and the held-out ids: a resumed run on other text would mix perplexities
+    of two held-out sets in one curve and keep a best checkpoint chosen on the other."""
+    h = hashlib.sha256()
+    for t in (train_windows, eval_ids):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_digest(teacher) -> str:
+    """sha256 over every parameter's name and shape and 64 of its values, evenly spaced: tells another teacher
+    (whose restored perplexity and early-stop target would be stale) from the same one without reading all of
+    its weights."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class Trainer:
@@ -171,7 +199,8 @@ class Trainer:
         self.device = next(student.parameters()).device
         self.teacher_device = next(teacher.parameters()).device
         self.order = WindowOrder(len(train_windows), cfg.seed)
-        self.state = RunState(config=asdict(cfg))
+        self.state = RunState(config=asdict(cfg), data_digest=data_digest(train_windows, eval_ids),
+                              teacher_digest=teacher_digest(teacher))
         self.best_weights = None  # in-memory copy when there is no output folder
         self.resumed_rng = None  # the random state of a checkpoint being resumed
         self.last_loss = math.nan
@@ -267,13 +296,20 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------------------
     def resume_from(self, folder: Path):
+        from ..errors import InvalidSetting
+
         state, blob = ckpt.load_state(folder)
         saved = state.get("config", {})
         changed = [k for k in HealConfig.RESUME_KEYS if k in saved and saved[k] != getattr(self.cfg, k)]
         if changed:
-            from ..errors import InvalidSetting
             raise InvalidSetting("cannot resume with different settings: " + ", ".join(
                 f"{k} was {saved[k]!r}, now {getattr(self.cfg, k)!r}" for k in changed))
+        for key, what in (("data_digest", "training or held-out text (--text, --eval-text, --eval-tokens)"),
+                          ("teacher_digest", "teacher")):
+            if state.get(key) is not None and state[key] != getattr(self.state, key):
+                raise InvalidSetting(f"cannot resume with a different {what} than the interrupted run's: its curve, "
+                                     "best checkpoint and early-stop target were measured with the old one; resume "
+                                     "with the same, or start a new run")
         ckpt.load_weights(self.student, folder)
         try:
             self.optimizer.load_state_dict(blob["optimizer"])
@@ -281,7 +317,9 @@ class Trainer:
             raise ckpt.CheckpointError(f"the optimizer state in {folder} does not fit this student: {exc}") from exc
         self.resumed_rng = blob  # restored when run() starts
         fields = RunState.__dataclass_fields__
+        now = self.state
         self.state = RunState(**{k: v for k, v in state.items() if k in fields})
+        self.state.data_digest, self.state.teacher_digest = now.data_digest, now.teacher_digest
         if "tokens" in saved and saved["tokens"] != self.cfg.tokens:
             # a new budget: decay from the rate the old schedule had reached instead of jumping to the new one's
             old = replace(self.cfg, tokens=saved["tokens"])

@@ -87,7 +87,11 @@ class DecoderSession:
             raise ValueError(f"{folder} holds a {self.meta.get('kind')} model; generation needs a decoder")
         providers = providers or ["CPUExecutionProvider"]
         model = model_bytes if model_bytes is not None else str(folder / self.meta["model_file"])
-        self.sess = ort.InferenceSession(model, session_options(threads), providers=list(providers))
+        try:
+            self.sess = ort.InferenceSession(model, session_options(threads), providers=list(providers))
+        except Exception as exc:  # ORT's own exception types (InvalidProtobuf, Fail, ...): a file it cannot read
+            raise ModelLoadError(f"ONNX Runtime cannot load {folder / self.meta['model_file']}: is the export complete "
+                                 f"and unchanged? ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
         self.layers = self.meta["layers"]
         self.max_length = int(self.meta["max_length"])
         # past/present sharing through IOBinding is done on CPU memory

@@ -1,4 +1,5 @@
 """Benchmarks: every runtime row has its numbers, memory is measured per process, outputs are written."""
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -93,6 +94,45 @@ def test_cli_refuses_bad_input_before_measuring_anything(tiny_folder, tmp_path, 
         err = capsys.readouterr().err
         assert f"{kept} already exists (pass --overwrite" in err and "measuring" not in err
         assert kept.read_text() == "keep me"
+
+
+def test_cli_refuses_outputs_and_generation_settings_that_do_not_apply_before_measuring(tiny_folder, tmp_path,
+                                                                                           capsys):
+    from pyshrink.cli import main
+
+    (tmp_path / "adir").mkdir()
+    bert = tmp_path / "bert"
+    models.save(tiny_model("bert"), word_tokenizer(), bert)
+    cases = [
+        ([str(tiny_folder), "--json", str(tmp_path / "adir"), "--overwrite"], "adir is a folder: --json and --chart"),
+        ([str(bert)], "bert is an encoder: bench measures generation"),
+        ([str(tiny_folder), "--prompt-tokens", "250", "--new-tokens", "64"],
+         "prompt_tokens + new_tokens = 314 exceeds the 256 positions of"),
+    ]
+    if importlib.util.find_spec("matplotlib"):  # the suffix is checked where the chart can be drawn at all
+        cases.append(([str(tiny_folder), "--chart", str(tmp_path / "c.xyz")], "the file name's suffix picks the format"))
+    for args, message in cases:
+        assert main(["bench", *args, "--runtime", "both"]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "measuring" not in err and "exporting" not in err, err
+    assert not (tmp_path / "c.xyz").exists()
+
+
+def test_a_corrupt_export_is_bad_input(tiny_folder, tmp_path):
+    from pyshrink import export_onnx
+
+    good = export_onnx(str(tiny_folder), tmp_path / "onnx")
+    data = (good / "model.onnx").read_bytes()
+    (good / "model.onnx").write_bytes(data[:1000])  # truncated
+    (row,) = bench([str(good)], runtime="onnxruntime", prompt_tokens=4, new_tokens=2, repeats=1)
+    assert row["bad_input"] and "ModelLoadError: ONNX Runtime cannot load" in row["error"], row
+
+
+def test_rows_of_models_with_the_same_folder_name_are_told_apart(tmp_path):
+    from pyshrink.benchmark import _labels
+
+    assert _labels(["va/final", "vb/final", "x/other"]) == {"va/final": "va/final", "vb/final": "vb/final",
+                                                            "x/other": "other"}
 
 
 def test_ort_genai_peer_runner(tiny_folder, tmp_path):

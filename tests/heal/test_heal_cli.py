@@ -81,7 +81,7 @@ def test_contract_steps_runs_the_iterative_schedule(source_folder, capsys):
     assert s["tokens_seen"] == sum(st["tokens"] for st in s["steps"]) <= 2048
     assert s["ppl_final"] == s["steps"][-1]["ppl_healed"] and s["ppl_source"] == s["steps"][-1]["ppl_teacher"]
     assert mlp_widths(saved) == [48, 96, 48]  # half of 96 in blocks 0 and 2, in 2 slices
-    assert models.num_params(saved) == s["num_params"] < s["source_params"]
+    assert models.num_params(saved) == s["params_after"] < s["params_before"]
 
 
 def test_contract_steps_continuous_heals_once_across_the_cuts(source_folder, capsys):

@@ -122,6 +122,29 @@ def test_resume_refuses_changed_settings_and_existing_outputs(trained_teacher, t
     assert r.steps == 2
 
 
+def test_resume_refuses_other_text_or_another_teacher(trained_teacher, tokenizer, texts, tmp_path):
+    from pyshrink.errors import InvalidSetting
+
+    _run(trained_teacher, tokenizer, texts, tmp_path / "run", tokens=4 * 256)
+    student = contract_mlp(copy.deepcopy(trained_teacher), keep=24)
+    pair = (student, tokenizer)
+    other_eval = dict(eval_text=texts["train"][-3000:])  # another held-out set: its perplexities are not the curve's
+    for kw, what in ((other_eval, "training or held-out text"), (dict(eval_tokens=256), "training or held-out text")):
+        with pytest.raises(InvalidSetting, match=f"cannot resume with a different {what}"):
+            heal(pair, (trained_teacher, tokenizer), texts["train"], out=tmp_path / "run", resume=True,
+                 **{**TINY, "eval_text": texts["eval"], **kw})
+    other_teacher = copy.deepcopy(trained_teacher)
+    with torch.no_grad():
+        next(other_teacher.parameters()).add_(0.01)
+    with pytest.raises(InvalidSetting, match="cannot resume with a different teacher"):
+        heal(pair, (other_teacher, tokenizer), texts["train"], eval_text=texts["eval"], out=tmp_path / "run",
+             resume=True, **TINY)
+    assert torch.equal(next(student.parameters()), next(contract_mlp(copy.deepcopy(trained_teacher), keep=24)
+                                                         .parameters()))  # refused before loading the checkpoint
+    # the same text and teacher resume as before
+    assert _run(trained_teacher, tokenizer, texts, tmp_path / "run", resume=True, tokens=6 * 256).steps == 6
+
+
 def test_resume_with_nothing_to_resume_is_an_error(trained_teacher, tokenizer, texts, tmp_path):
     from pyshrink.errors import InvalidSetting
 
