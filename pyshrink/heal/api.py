@@ -312,6 +312,7 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
     old_threads = torch.get_num_threads()
     t_flags = {p: p.requires_grad for p in t_model.parameters()}
     t_training = t_model.training
+    trainer = None
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -330,6 +331,10 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
             if optimizer_state:
                 trainer.load_named_optimizer_state(optimizer_state)
         state = trainer.run(stop_step=stop)
+    except KeyboardInterrupt:  # the folder keeps heal.json and both checkpoints; the plot of the curve so far too
+        if out is not None and plot and trainer is not None and trainer.state.curve:
+            _plot(out, trainer.state, trainer.report(), stopped="interrupted")
+        raise
     finally:
         torch.set_num_threads(old_threads)
         t_model.train(t_training)
@@ -337,16 +342,20 @@ def heal(student, teacher, text=None, *, tokenizer=None, tokens: int = 200_000, 
             p.requires_grad_(flag)
     report = trainer.report()
     if out is not None and plot:
-        plot_curve(out / "curve.png", {"student": state.curve},
-                   reference={"teacher": state.teacher_ppl, "target": state.until_ppl
-                              if state.until_ppl != state.teacher_ppl else None},
-                   title=f"healing: {report['tokens_seen']:,} tokens, stopped: {state.stopped}")
+        _plot(out, state, report, stopped=state.stopped)
     return HealResult(model=s_model, tokenizer=tok, out=out, stopped=state.stopped, ppl_initial=report["ppl_initial"],
                       ppl_best=state.best_ppl, ppl_teacher=state.teacher_ppl, until_ppl=state.until_ppl,
                       tokens_seen=state.tokens_seen, best_tokens=state.best_tokens, steps=state.step,
                       seconds=round(state.seconds, 2), train_tokens_per_s=report["train_tokens_per_s"],
                       curve=list(state.curve), config=dict(state.config),
                       optimizer_state=trainer.named_optimizer_state() if segment is not None else None)
+
+
+def _plot(out: Path, state, report: dict, *, stopped) -> None:
+    plot_curve(out / "curve.png", {"student": state.curve},
+               reference={"teacher": state.teacher_ppl, "target": state.until_ppl
+                          if state.until_ppl != state.teacher_ppl else None},
+               title=f"healing: {report['tokens_seen']:,} tokens, stopped: {stopped}")
 
 
 def _check_segment(segment, tokens: int, resume: bool) -> None:

@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -83,6 +84,8 @@ def test_resume_after_an_interrupt_anywhere_equals_an_uninterrupted_run(trained_
     full = run(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", callback="mid-step" if how == "mid-step" else after)
+    if importlib.util.find_spec("matplotlib"):  # the curve so far is plotted, as heal.json holds it
+        assert (tmp_path / "cut" / "curve.png").stat().st_size > 1000
     assert load_state(tmp_path / "cut" / "checkpoint-last")[0]["step"] == at_step
     resumed = run(tmp_path / "cut", resume=True)
     assert [(p["step"], p["ppl"]) for p in resumed.curve] == [(p["step"], p["ppl"]) for p in full.curve]
