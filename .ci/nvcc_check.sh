@@ -8,7 +8,7 @@ files=(csrc/**/*.cu)
 if [ ${#files[@]} -eq 0 ]; then echo "[nvcc] no .cu files"; exit 0; fi
 # The flags a real torch CUDA build passes (cpp_extension's COMMON_NVCC_FLAGS turn off the implicit
 # half/bfloat16 conversions): without them this check misses breaks that `pip install` would hit.
-flags=(-std=c++17 -O3 --use_fast_math -lineinfo -DPYSHRINK_CUDA -D__CUDA_NO_HALF_OPERATORS__
+flags=(-std=c++17 -O3 -lineinfo -DPYSHRINK_CUDA -D__CUDA_NO_HALF_OPERATORS__
        -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
        --expt-relaxed-constexpr)
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT

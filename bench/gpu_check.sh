@@ -2,7 +2,7 @@
 # One-shot verification of pyshrink's CUDA kernels on a GPU machine with a CUDA build of torch:
 #   1. build the extension with CUDA (editable install, no dependency resolution: nothing is fetched),
 #   2. run the CUDA tests (tests/ops/test_cuda_ops.py, tests/test_cuda_pipeline.py) and the nvcc compile test,
-#   3. run a few kernels under compute-sanitizer (memcheck) when it is on PATH,
+#   3. run a few kernels under compute-sanitizer (memcheck, racecheck, synccheck) when it is on PATH,
 #   4. run the benchmark (bench/cuda_kernels.py),
 #   5. (only when asked for: `profile`) time linear_q4 by graph replay and profile it with Nsight Compute.
 # Everything is tee'd to $OUT/gpu_check.log when $OUT is set, else to ${TMPDIR:-/tmp}/pyshrink_gpu_check.log.
@@ -76,7 +76,10 @@ from pyshrink.ops import q4
 torch.manual_seed(0)
 for M in (1, 5, 17, 40):
     # (200, 7, 64): 14 bytes of zero points, so the last 32-bit word is partial
-    for K, N, g, sym in ((200, 7, 32, False), (200, 7, 64, False), (99, 33, 128, True), (1000, 130, 64, False)):
+    # (1000, 130, 32, False) at M = 40: a K over several k-tiles that is not a multiple of BK, and at M = 5 more
+    # than 48 KB of shared memory (the opt-in path)
+    for K, N, g, sym in ((200, 7, 32, False), (200, 7, 64, False), (99, 33, 128, True), (1000, 130, 64, False),
+                         (1000, 130, 32, False)):
         p, s, z = q4.quantize_q4_reference(torch.randn(N, K, device="cuda"), g, sym)
         x = torch.randn(M, K, device="cuda").half()
         os.environ["PYSHRINK_Q4_DEQUANT_MATMUL_MIN_M"] = str(1 << 40)
@@ -89,10 +92,13 @@ for x in (torch.randn(77, 130, device="cuda"), torch.randn(5, 140, device="cuda"
 torch.cuda.synchronize()
 print("sanitized run done")
 EOF
-  # without the caching allocator every tensor is its own allocation, so reads past a tensor are caught
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 \
-    compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" /tmp/pyshrink_sanitize.py \
-    || { echo "SANITIZER FAILED"; status=1; }
+  # without the caching allocator every tensor is its own allocation, so reads past a tensor are caught;
+  # racecheck and synccheck catch shared-memory hazards and barrier misuse in the pipelines, which memcheck does not
+  for tool in memcheck racecheck synccheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 600 \
+      compute-sanitizer --tool $tool --error-exitcode 3 "$PY" /tmp/pyshrink_sanitize.py \
+      || { echo "SANITIZER ($tool) FAILED"; status=1; }
+  done
 fi
 
 if want bench; then

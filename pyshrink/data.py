@@ -18,10 +18,14 @@ def read_texts(sources) -> str:
         raise DataError("no text given")
     if isinstance(sources, (str, Path)):
         sources = [sources]
-    if not isinstance(sources, (list, tuple)) or not all(isinstance(s, (str, Path)) for s in sources):
-        got = type(sources).__name__ if not isinstance(sources, (list, tuple)) else \
-            type(next(s for s in sources if not isinstance(s, (str, Path)))).__name__
-        raise DataError(f"text must be a string, a file path, or a list of them; got a {got}")
+    # any iterable of them (a list, Path.glob's generator); a tensor of token ids is refused: it is not text
+    bad = type(sources).__name__ if isinstance(sources, bytes) or not hasattr(sources, "__iter__") or hasattr(
+        sources, "dtype") else None
+    if bad is None:
+        sources = list(sources)
+        bad = next((type(s).__name__ for s in sources if not isinstance(s, (str, Path))), None)
+    if bad is not None:
+        raise DataError(f"text must be a string, a file path, or a list of them; got a {bad}")
     parts = []
     for s in sources:
         if _is_literal(s):

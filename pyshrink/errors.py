@@ -30,8 +30,17 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def as_scalar(value):
+    """A 0-d torch tensor or numpy scalar as the Python number (or bool) it holds; anything else as it is."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
 def check_range(name: str, value, lo, hi, *, integer: bool = False):
-    """Validate ``lo <= value <= hi`` (and integrality); returns the value."""
+    """Validate ``lo <= value <= hi`` (and integrality); returns the value (a torch or numpy scalar as a Python
+    number)."""
+    value = as_scalar(value)
     if integer and not (is_int(value) or (is_number(value) and float(value).is_integer())):
         raise InvalidSetting(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
     if not integer and not is_number(value):

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 # The flags the real build passes (torch.utils.cpp_extension's COMMON_NVCC_FLAGS, which turn off the
 # implicit half/bfloat16 conversions and operators, plus setup.py's), so this catches what breaks `pip install`.
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-lineinfo", "-DPYSHRINK_CUDA", "-D__CUDA_NO_HALF_OPERATORS__",
+NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-DPYSHRINK_CUDA", "-D__CUDA_NO_HALF_OPERATORS__",
               "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
               "--expt-relaxed-constexpr"]
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10)/', re.MULTILINE)

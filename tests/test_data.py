@@ -120,6 +120,12 @@ def test_windows_refuse_ids_the_model_does_not_know():
             data.windows(bad, 16, what="eval text", vocab=64)
 
 
+def test_read_texts_takes_any_iterable_of_files(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(name[0])
+    assert sorted(data.read_texts(tmp_path.glob("*.txt")).split("\n")) == ["a", "b"]  # a generator
+
+
 def test_describe_names_files_and_counts_literal_text(tmp_path):
     f = tmp_path / "corpus.txt"
     f.write_text("x")

@@ -26,10 +26,12 @@ Status launch_vec(const T* x, int64_t rows, int cols, int64_t row_stride, double
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
     sms = 108;
+    (void)cudaGetLastError();  // a failed query must not be reported as this launch's failure below
   }
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, act_stats_kernel<T, VEC>, kThreads, 0) != cudaSuccess ||
       per_sm <= 0) {
     per_sm = 2;
+    (void)cudaGetLastError();
   }
   const int64_t want_blocks = static_cast<int64_t>(sms) * per_sm;
   int64_t gy = (rows + static_cast<int64_t>(ty) * kChunk - 1) / (static_cast<int64_t>(ty) * kChunk);

@@ -37,6 +37,7 @@ inline bool device_smem_limit(int* device, int* limit) {
   int v = cached[*device].load(std::memory_order_relaxed);
   if (v == 0) {
     if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, *device) != cudaSuccess || v <= 0) {
+      (void)cudaGetLastError();  // reported through the status; left pending, the next op's check would blame itself
       return false;
     }
     cached[*device].store(v, std::memory_order_relaxed);
@@ -64,6 +65,7 @@ Status launch_cfg(Args a, cudaStream_t stream) {
     static std::atomic<int> opted[kMaxDevices];
     if (opted[device].load(std::memory_order_relaxed) < smem) {
       if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+        (void)cudaGetLastError();
         return Status::kLaunchFailed;
       }
       opted[device].store(smem, std::memory_order_relaxed);

@@ -163,9 +163,9 @@ def _check_generation(model, total: int) -> None:
     if kind == "encoder":
         raise InvalidSetting(f"{model} is an encoder: bench measures generation (prefill and per-token decode), "
                              "which needs a decoder")
-    if limit and total > limit:
-        raise InvalidSetting(f"prompt_tokens + new_tokens = {total} exceeds the {limit} positions of {model}: "
-                             "use a shorter prompt or fewer new tokens")
+    if limit and total - 1 > limit:  # the last new token is never fed back
+        raise InvalidSetting(f"prompt_tokens + new_tokens = {total} feeds {total - 1} positions, more than the "
+                             f"{limit} of {model}: use a shorter prompt or fewer new tokens")
 
 
 def _source_stamp(model) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import jsonio
-from ..errors import InvalidSetting, check_range
+from ..errors import InvalidSetting, check_range, is_int
 from ..models import atomic_output_dir, read_metadata, transforms_of
 from .graph import DEFAULT_OPSET
 from .validate import FLOAT_RTOL, INT4_RTOL, ExportValidationError, OnnxRuntimeFailure
@@ -96,9 +96,11 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
         source = {"source": str(model_or_path)}
         if path is not None and kind == "folder":
             source_meta = read_metadata(path)
-    n_ids = id_limit(model)
-    if tokenizer is not None and n_ids is not None and len(tokenizer) > n_ids:
-        raise InvalidSetting(f"the tokenizer has {len(tokenizer)} ids but the model takes {n_ids}: it is not this "
+    # The tokenizer's own vocabulary, without tokens added to it later (a pad token added without resizing the
+    # embedding is common, and harmless while nobody feeds it): larger than the model's, it is another model's.
+    n_ids, base = id_limit(model), getattr(tokenizer, "vocab_size", None)
+    if n_ids is not None and is_int(base) and base > n_ids:
+        raise InvalidSetting(f"the tokenizer has {base} ids but the model takes {n_ids}: it is not this "
                              "model's tokenizer (generation would index past the embedding)")
     was_training = model.training
     model.eval()

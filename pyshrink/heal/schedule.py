@@ -346,7 +346,7 @@ def _finish(result: ScheduleResult, source, t_model, t_start: float, out, overwr
     return result
 
 
-def calibration_windows(tok, calibration, text, seq_len: int, contract_kwargs: dict):
+def calibration_windows(tok, calibration, text, seq_len: int, contract_kwargs: dict, vocab: int | None = None):
     """The calibration windows contraction ranks on (the first ``calibration_tokens`` of the calibration text
     without its held-out last 10 %), else the heal text's first: what the fade's channel means (and
     bench/fisher_rank.py's gradients) are measured on."""
@@ -357,7 +357,8 @@ def calibration_windows(tok, calibration, text, seq_len: int, contract_kwargs: d
     else:
         ids = (data.as_ids(text, "healing text").flatten() if hasattr(text, "flatten")
                else data.tokenize(tok, data.read_texts(text)))
-    return data.windows(ids, seq_len, contract_kwargs.get("calibration_tokens", 32768), what="calibration text")
+    return data.windows(ids, seq_len, contract_kwargs.get("calibration_tokens", 32768), what="calibration text",
+                        vocab=vocab)
 
 
 def _fade_slices(result, source, t_model, teacher, text, calibration, eval_text, contract_fn, contract_kwargs,
@@ -373,7 +374,8 @@ def _fade_slices(result, source, t_model, teacher, text, calibration, eval_text,
     else:  # the student trains in place: never the caller's (or the teacher's) model
         model = copy.deepcopy(source[0] if isinstance(source, tuple) else getattr(source, "model", source))
         tok = source[1] if isinstance(source, tuple) else getattr(source, "tokenizer", None)
-    windows = calibration_windows(tok, calibration, text, heal_kwargs["seq_len"], contract_kwargs)
+    windows = calibration_windows(tok, calibration, text, heal_kwargs["seq_len"], contract_kwargs,
+                                  models.id_limit(model))
     cum = [sum(budgets[:k]) for k in range(steps + 1)]
     fade_end = cum[-2] + max(1, round(fade_share * budgets[-1]))
     position, opt_state = 0, None

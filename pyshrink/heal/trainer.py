@@ -178,7 +178,8 @@ def teacher_digest(teacher) -> str:
     with torch.no_grad():
         for name, p in teacher.named_parameters():
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            k = min(64, flat.numel())  # integer steps: a float32 linspace rounds n - 1 up to n above 2^24
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             h.update(f"{name}{tuple(p.shape)}".encode())
             h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()

@@ -7,9 +7,9 @@ quantizer registered in :data:`pyshrink.quantize.methods.METHODS`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from ..errors import InvalidSetting, is_int, is_number
+from ..errors import InvalidSetting, as_scalar, is_int, is_number
 from ..ops.q4 import GROUP_SIZES
 
 BITS = (4, 8)
@@ -72,6 +72,13 @@ class QuantConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # numpy and torch scalars as Python values, and 4.0 as 4, so that the checks below and the recorded
+        # config see plain numbers
+        for f in fields(self):
+            v = as_scalar(getattr(self, f.name))
+            if f.type in ("int", "int | None") and isinstance(v, float) and v.is_integer():
+                v = int(v)
+            setattr(self, f.name, v)
         # one name is one pattern: tuple("lm_head") would be the patterns "l", "m", "_", ... (none of them the head)
         self.skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip or ())
         self.validate()

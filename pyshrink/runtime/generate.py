@@ -81,15 +81,18 @@ class OnnxLM:
                      on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True):
         """Generate after ``prompt_ids``; returns (new token ids, finish_reason)."""
         sampling = sampling or Sampling()
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
+        arr = np.asarray(prompt_ids).reshape(-1)  # a list, a numpy array or a torch tensor of ids
+        if not arr.size:
             raise ValueError("the prompt is empty (no tokens)")
         if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         vocab = self.meta.get("vocab_size")
-        bad = [t for t in prompt_ids if not is_int(t) or t < 0 or (vocab and t >= vocab)]
-        if bad:  # ONNX Runtime's Gather would wrap a negative id round to the end of the vocabulary
-            raise ValueError(f"prompt ids must be token ids in 0..{vocab - 1 if vocab else '?'}, got {bad[0]!r}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"prompt ids must be integer token ids, got {arr.dtype} values")
+        bad = arr[(arr < 0) | ((arr >= vocab) if vocab else False)]
+        if bad.size:  # ONNX Runtime's Gather would wrap a negative id round to the end of the vocabulary
+            raise ValueError(f"prompt ids must be token ids in 0..{vocab - 1 if vocab else '?'}, got {int(bad[0])}")
+        prompt_ids = arr.tolist()
         room = self.max_length - len(prompt_ids)
         if room <= 0:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's maximum length is {self.max_length}")

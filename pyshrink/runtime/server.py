@@ -137,10 +137,11 @@ def make_handler(service: CompletionService):
                 return self._json(200, {"object": "list", "data": [{"id": service.model_name, "object": "model"}]})
             self._json(404, ApiError(404, f"no route GET {self.path}").body())
 
-        def _refuse_body(self, error: ApiError) -> ApiError:
-            """For an error found before the body is read: it must not be taken for the next request."""
+        def _refuse_body(self, error: ApiError, length: int | None = None) -> ApiError:
+            """For an error found before the body (of ``length`` bytes, None: unknown) is read: it must not be taken
+            for the next request."""
             self.close_connection = True
-            self.body_unread = True
+            self.body_unread, self.body_length = True, length
             return error
 
         def _too_large(self, n: int) -> ApiError:
@@ -153,6 +154,8 @@ def make_handler(service: CompletionService):
             if self.command == "POST" and length.isdigit() and int(length) > service.limits.max_body_bytes:
                 self.close_connection = True
                 self._json(413, self._too_large(int(length)).body())
+                self.body_length = int(length)
+                self._linger()  # a client that sends the body anyway must still read the answer
                 return False
             return super().handle_expect_100()
 
@@ -161,7 +164,9 @@ def make_handler(service: CompletionService):
             try:
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_WR)
-                deadline, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+                known = getattr(self, "body_length", None)  # the body's size where the request said it
+                left = LINGER_BYTES if known is None else min(LINGER_BYTES, known)
+                deadline = time.monotonic() + LINGER_SECONDS
                 while left > 0 and (wait := deadline - time.monotonic()) > 0:
                     self.connection.settimeout(wait)
                     chunk = self.connection.recv(min(left, 1 << 16))
@@ -173,10 +178,11 @@ def make_handler(service: CompletionService):
 
         def do_POST(self):
             self.streaming = self.body_unread = False
+            length = self.headers.get("Content-Length")
             try:
                 if self.path.rstrip("/") != "/v1/completions":
-                    raise self._refuse_body(ApiError(404, f"no route POST {self.path}"))
-                length = self.headers.get("Content-Length")
+                    known = int(length) if length is not None and length.isdigit() else None
+                    raise self._refuse_body(ApiError(404, f"no route POST {self.path}"), known)
                 if length is None:  # a chunked body would follow
                     raise self._refuse_body(ApiError(411, "a Content-Length header is required"))
                 try:
@@ -186,7 +192,7 @@ def make_handler(service: CompletionService):
                 if n < 0:
                     raise self._refuse_body(ApiError(400, f"bad Content-Length {length!r}"))
                 if n > service.limits.max_body_bytes:
-                    raise self._refuse_body(self._too_large(n))
+                    raise self._refuse_body(self._too_large(n), n)
                 try:
                     body = json.loads(self.rfile.read(n) or b"null")
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -107,7 +107,7 @@ def test_cli_refuses_outputs_and_generation_settings_that_do_not_apply_before_me
         ([str(tiny_folder), "--json", str(tmp_path / "adir"), "--overwrite"], "adir is a folder: --json and --chart"),
         ([str(bert)], "bert is an encoder: bench measures generation"),
         ([str(tiny_folder), "--prompt-tokens", "250", "--new-tokens", "64"],
-         "prompt_tokens + new_tokens = 314 exceeds the 256 positions of"),
+         "prompt_tokens + new_tokens = 314 feeds 313 positions, more than the 256 of"),
     ]
     if importlib.util.find_spec("matplotlib"):  # the suffix is checked where the chart can be drawn at all
         cases.append(([str(tiny_folder), "--chart", str(tmp_path / "c.xyz")], "the file name's suffix picks the format"))
@@ -116,6 +116,14 @@ def test_cli_refuses_outputs_and_generation_settings_that_do_not_apply_before_me
         err = capsys.readouterr().err
         assert message in err and "measuring" not in err and "exporting" not in err, err
     assert not (tmp_path / "c.xyz").exists()
+
+
+def test_the_length_check_counts_the_positions_fed(tiny_folder):
+    # 200 + 57 feeds 256 positions (the last new token is never fed back): it runs on the 256-position model
+    (row,) = bench([str(tiny_folder)], runtime="torch", prompt_tokens=200, new_tokens=57, repeats=1, threads=1)
+    assert "error" not in row, row
+    with pytest.raises(InvalidSetting, match="prompt_tokens \\+ new_tokens = 258 feeds 257 positions"):
+        bench([str(tiny_folder)], runtime="torch", prompt_tokens=200, new_tokens=58)
 
 
 def test_a_corrupt_export_is_bad_input(tiny_folder, tmp_path):

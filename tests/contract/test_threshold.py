@@ -31,7 +31,7 @@ def test_threshold_removes_neurons_below_it(tiny_folder):
 
 def test_tiny_threshold_removes_nothing(tiny_folder):
     # GELU never outputs exactly 0 (ReLU models would lose their dead neurons here, rightly)
-    with pytest.warns(UserWarning, match="threshold=1e-30: no neuron's mean |activation| .* nothing was removed"):
+    with pytest.warns(UserWarning, match=r"threshold=1e-30: no neuron's mean \|activation\| .* nothing was removed"):
         res = pyshrink.contract(tiny_folder("gpt2"), num_layers_to_contract=2, calibration=TEXT, threshold=1e-30,
                                 seq_len=64, calibration_tokens=512, eval_tokens=256, progress=False)
     assert res.summary["layers"] == [] and res.summary["params_after"] == res.summary["params_before"]

@@ -428,6 +428,16 @@ def test_a_model_tokenizer_pair_exports_and_the_model_keeps_its_mode(tmp_path):
         export_onnx((model, tok), tmp_path / "out2", tokenizer=tok)
 
 
+def test_a_token_added_to_the_tokenizer_beyond_the_embedding_is_allowed(tmp_path):
+    from onnx_helpers import word_tokenizer
+
+    tok = word_tokenizer()
+    tok.add_special_tokens({"pad_token": "<newpad>"})  # len(tok) == VOCAB + 1, the embedding not resized
+    assert len(tok) == VOCAB + 1
+    out = export_onnx(tiny_model("llama"), tmp_path / "out", tokenizer=tok)
+    assert (out / "tokenizer.json").exists()
+
+
 def test_another_models_larger_tokenizer_is_refused(tmp_path):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models as tkm, pre_tokenizers

@@ -251,3 +251,14 @@ def test_a_larger_budget_on_resume_continues_the_decay_instead_of_jumping_back_u
                      for i in range(6)]
     assert len(second) == 4 and all(floor - 1e-12 <= x <= first[-1] + 1e-12 for x in second)
     assert all(a >= b - 1e-12 for a, b in zip(second, second[1:]))
+
+
+def test_the_teacher_digest_reads_large_tensors_and_tells_teachers_apart():
+    from pyshrink.heal.trainer import teacher_digest
+
+    big = torch.nn.Embedding(2**24 + 3, 1)  # above 2^24 values a float32 index grid rounds past the end
+    d = teacher_digest(big)
+    assert d == teacher_digest(copy.deepcopy(big))
+    with torch.no_grad():
+        big.weight[-1] += 1.0  # the last value is always one of the sampled ones
+    assert teacher_digest(big) != d

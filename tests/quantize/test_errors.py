@@ -22,8 +22,8 @@ SMALL = dict(seq_len=64, min_calib_tokens=256, progress=False)
     (dict(head_bits=4), "remove 'lm_head' from skip"),
     (dict(device="cuda"), "quantize\\(\\) has no setting 'device'; its settings are the fields of QuantConfig: bits,"),
     # values of the wrong type are refused here, not deep in an op or by a comparison with a string
-    (dict(bits=4.0), "bits must be 4 or 8, got 4.0"),
-    (dict(group_size=64.0), "group_size must be one of 32, 64, 128 .*got 64.0"),
+    (dict(bits=4.5), "bits must be 4 or 8, got 4.5"),
+    (dict(group_size=64.5), "group_size must be one of 32, 64, 128 .*got 64.5"),
     (dict(symmetric="no"), "symmetric must be True or False, got 'no'"),
     (dict(fast="no"), "fast must be True or False, got 'no'"),
     (dict(clip_min="0.5"), "clip_min must be a number, got '0.5'"),
@@ -118,6 +118,15 @@ def test_calibration_ids_out_of_range_or_too_long_windows_are_refused():
     with pytest.raises(DataError, match=r"has token ids 128\.\.128, but the model knows ids 0\.\.127"):
         quantize(tiny_model("gpt2"), calibration=torch.full((2048,), model.config.vocab_size), **SMALL)
 
+
+
+def test_numpy_and_torch_scalars_and_integral_floats_are_plain_settings():
+    import numpy as np
+
+    cfg = QuantConfig(bits=torch.tensor(4), group_size=64.0, symmetric=np.False_, damp=torch.tensor(0.25),
+                      calib_tokens=np.int64(4096))
+    got = (cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.calib_tokens)
+    assert got == (4, 64, False, 0.25, 4096) and [type(v) for v in got] == [int, int, bool, float, int]
 
 
 def test_one_skip_name_given_as_a_string_is_one_pattern():

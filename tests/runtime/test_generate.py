@@ -66,6 +66,16 @@ def test_bad_generation_arguments_are_clear_errors(tiny_onnx, prompt, n, match):
         OnnxLM(tiny_onnx("llama")).generate_ids(prompt, n)
 
 
+def test_prompt_ids_may_be_a_list_a_numpy_array_or_a_torch_tensor(tiny_onnx):
+    import torch
+
+    lm = OnnxLM(tiny_onnx("llama"))
+    want = lm.generate_ids([5, 7, 9], 3)
+    assert lm.generate_ids(np.array([5, 7, 9]), 3) == want == lm.generate_ids(torch.tensor([[5, 7, 9]]), 3)
+    with pytest.raises(ValueError, match="prompt ids must be integer token ids, got float64 values"):
+        lm.generate_ids(np.array([5.0, 7.0]), 3)
+
+
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "pyshrink", *args], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={**os.environ, **(env or {})})

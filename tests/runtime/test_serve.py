@@ -178,3 +178,18 @@ def test_serve_cli_refuses_a_bad_thread_count(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path), "--threads", "-1"]) == 2
     assert "--threads must be in 1..1024, got -1" in capsys.readouterr().err
+
+
+def test_a_client_that_sends_the_body_despite_the_413_still_reads_it(server):
+    import socket
+
+    _, port = server
+    body = b"x" * (4 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        s.sendall(body)  # without waiting for "100 Continue": the server drains it instead of resetting
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"exceeds the limit of 4096" in reply
