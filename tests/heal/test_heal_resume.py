@@ -256,7 +256,7 @@ def test_a_larger_budget_on_resume_continues_the_decay_instead_of_jumping_back_u
 def test_the_teacher_digest_reads_large_tensors_and_tells_teachers_apart():
     from pyshrink.heal.trainer import teacher_digest
 
-    big = torch.nn.Embedding(2**24 + 3, 1)  # above 2^24 values a float32 index grid rounds past the end
+    big = torch.nn.Embedding(2**24 + 4, 1)  # a float32 index grid rounds n - 1 = 2^24 + 3 up to n, past the end
     d = teacher_digest(big)
     assert d == teacher_digest(copy.deepcopy(big))
     with torch.no_grad():
