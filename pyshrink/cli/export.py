@@ -18,11 +18,11 @@ def register(app: typer.Typer) -> None:
                                  "genai_config.json)."),
         int4: bool = typer.Option(False, "--int4", help="4-bit MatMulNBits for float projections and the LM head "
                                   "(round-to-nearest); pyshrink-quantized layers are always copied byte for byte."),
-        accuracy_level: str = typer.Option("4", "--accuracy-level", help="MatMulNBits compute for every 4-bit projection "
-                                           "(none without --int4 or a pyshrink-quantized model): "
+        accuracy_level: str = typer.Option("auto", "--accuracy-level", help="MatMulNBits compute for every 4-bit "
+                                           "projection (none without --int4 or a pyshrink-quantized model): "
                                            "4 = int8 activations (fastest on CPU), 0 = float; auto = 4 where validation "
                                            "allows, 0 only on the projections whose int8 activations move the logits "
-                                           "(measured; recorded in pyshrink_onnx.json)."),
+                                           "(measured; recorded in pyshrink_onnx.json; with --no-validate: 4)."),
         opset: int = typer.Option(21, "--opset", help="ONNX opset (17..23)."),
         group_size: int = typer.Option(32, "--group-size", help="4-bit group size for --int4 (32, 64 or 128)."),
         asymmetric: bool = typer.Option(False, "--asymmetric", help="--int4 with zero points."),
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         if accuracy_level != "auto" and not accuracy_level.isdigit():
             raise InvalidSetting(f"accuracy_level must be 0..4 or auto, got {accuracy_level!r}")
-        level = accuracy_level if accuracy_level == "auto" else int(accuracy_level)
+        level = accuracy_level if accuracy_level == "auto" else int(accuracy_level)  # auto unvalidated: 4
         path = export_onnx(model, out, int4=int4, accuracy_level=level, opset=opset, group_size=group_size,
                            symmetric=not asymmetric, max_length=max_length, logits="all" if all_logits else "last",
                            external_data=True if external_data else None, validate=not no_validate,

@@ -39,7 +39,8 @@ EXTERNAL_THRESHOLD = 1_500_000_000  # bytes of initializers above which weights 
 GROUP_SIZES = (32, 64, 128)
 
 
-def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: int = 4, opset: int = DEFAULT_OPSET,
+def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: int | str = "auto",
+                opset: int = DEFAULT_OPSET,
                 group_size: int = 32, symmetric: bool = True, tokenizer=None, max_length: int | None = None,
                 logits: str = "last", external_data: bool | None = None, validate: bool = True,
                 tolerance: float | None = None, overwrite: bool = False) -> Path:
@@ -48,18 +49,18 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     ``int4``: quantize the remaining float projections (and a float LM head) to 4 bits with round-to-nearest
     (``group_size``, ``symmetric``); projections that are already pyshrink QuantLinear layers are always
     exported by byte copy. ``accuracy_level``: MatMulNBits' compute mode for every projection (4 = int8
-    activations, fastest on CPU; 0 = float), or ``"auto"``: 4 where validation allows it, 0 only on the
-    projections whose int8 activations measurably move the logits (:mod:`.accuracy`; the choice is recorded
-    in ``pyshrink_onnx.json`` under ``weights.accuracy_levels``). ``logits``: ``"last"`` computes the LM head
+    activations, fastest on CPU; 0 = float), or ``"auto"`` (the default): 4 where validation allows it, 0 only
+    on the projections whose int8 activations measurably move the logits (:mod:`.accuracy`; the choice is
+    recorded in ``pyshrink_onnx.json`` under ``weights.accuracy_levels``); without validation, "auto" is 4. ``logits``: ``"last"`` computes the LM head
     for the last position only (generation), ``"all"`` for every position. ``external_data``: None = only
     above 1.5 GB of weights, True = always. ``tolerance``: the validation bound relative to
     max(1, max|logit|) (default 1e-3, or 0.15 when any 4-bit projection runs at accuracy_level 4). Returns
     the output folder.
     """
+    if accuracy_level == "auto" and not validate:
+        accuracy_level = 4  # auto chooses by validating; unvalidated, the level it keeps wherever it can
     if accuracy_level != "auto":
         check_range("accuracy_level", accuracy_level, 0, 4, integer=True)
-    elif not validate:
-        raise InvalidSetting("accuracy_level='auto' chooses levels by validating them: it needs validate=True")
     check_range("opset", opset, 17, 23, integer=True)
     if group_size not in GROUP_SIZES:
         raise InvalidSetting(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")

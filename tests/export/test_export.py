@@ -411,11 +411,10 @@ def test_accuracy_level_auto_falls_back_to_0_when_nothing_else_validates(tmp_pat
     assert meta["validation"]["rejected"][0].startswith("accuracy_level 4 on every projection")
 
 
-def test_auto_needs_validation(tmp_path):
-    from pyshrink.errors import InvalidSetting
-
-    with pytest.raises(InvalidSetting, match="validate=True"):
-        export_onnx(tiny_model("llama"), tmp_path / "o", int4=True, accuracy_level="auto", validate=False)
+def test_auto_without_validation_is_level_4(tmp_path):
+    out = export_onnx(tiny_model("llama"), tmp_path / "o", int4=True, validate=False)  # the default: auto
+    meta = json.loads((out / "pyshrink_onnx.json").read_text())
+    assert meta["weights"]["accuracy_level"] == 4 and set(_levels(out).values()) == {4}
 
 
 def test_a_model_tokenizer_pair_exports_and_the_model_keeps_its_mode(tmp_path):

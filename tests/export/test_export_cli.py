@@ -42,3 +42,16 @@ def test_export_cli_errors(tmp_path):
 def test_bench_cli_errors(tmp_path):
     r = cli("bench", tmp_path, "--runtime", "tensorflow")
     assert r.returncode == 2 and "runtime must be one of" in r.stderr
+
+
+def test_the_cli_default_accuracy_level_validates_where_level_4_alone_fails(tmp_path):
+    from onnx_helpers import outlier_llama
+
+    src = tmp_path / "outlier"
+    models.save(outlier_llama(), word_tokenizer(), src)
+    r = cli("export", src, "-o", tmp_path / "four", "--int4", "--accuracy-level", "4")
+    assert r.returncode != 0 and "accuracy_level='auto'" in r.stderr and not (tmp_path / "four").exists()
+    r = cli("export", src, "-o", tmp_path / "default", "--int4")  # auto: level 0 only where level 4 breaks
+    assert r.returncode == 0, r.stderr
+    levels = json.loads((tmp_path / "default" / "pyshrink_onnx.json").read_text())["weights"]["accuracy_levels"]
+    assert {n for n, lvl in levels.items() if lvl == 0} == {"layers.1.mlp.gate_up"}
