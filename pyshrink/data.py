@@ -5,6 +5,8 @@ serve as built-in corpora for tests and demos (``builtin_text``).
 """
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping, Set as AbstractSet
 from pathlib import Path
 
 import torch
@@ -19,8 +21,9 @@ def read_texts(sources) -> str:
     if isinstance(sources, (str, Path)):
         sources = [sources]
     # any iterable of them (a list, Path.glob's generator); a tensor of token ids is refused: it is not text
-    bad = type(sources).__name__ if isinstance(sources, bytes) or not hasattr(sources, "__iter__") or hasattr(
-        sources, "dtype") else None
+    # (not a dict's keys, a set's unordered members, nor an open file's lines: none is a list of texts)
+    bad = type(sources).__name__ if isinstance(sources, (bytes, Mapping, AbstractSet, io.IOBase)) or not hasattr(
+        sources, "__iter__") or hasattr(sources, "dtype") else None
     if bad is None:
         sources = list(sources)
         bad = next((type(s).__name__ for s in sources if not isinstance(s, (str, Path))), None)

@@ -38,9 +38,9 @@ def as_scalar(value):
 
 
 def check_range(name: str, value, lo, hi, *, integer: bool = False):
-    """Validate ``lo <= value <= hi`` (and integrality); returns the value (a torch or numpy scalar as a Python
-    number)."""
-    value = as_scalar(value)
+    """Validate ``lo <= value <= hi`` (and integrality); returns the value."""
+    if hasattr(value, "dim"):  # a torch tensor would flow on past this check (into JSON, shapes, ranges)
+        raise InvalidSetting(f"{name} must be a number, got a tensor {value!r}: pass tensor.item()")
     if integer and not (is_int(value) or (is_number(value) and float(value).is_integer())):
         raise InvalidSetting(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
     if not integer and not is_number(value):

@@ -99,7 +99,8 @@ def test_builtin_texts_are_real_text():
         data.builtin_text("klingon")
 
 
-@pytest.mark.parametrize("bad,got", [(torch.arange(4), "Tensor"), ([b"bytes"], "bytes"), (42, "int")])
+@pytest.mark.parametrize("bad,got", [(torch.arange(4), "Tensor"), ([b"bytes"], "bytes"), (42, "int"),
+                                     ({"a text": 1}, "dict"), ({"a", "b"}, "set")])
 def test_read_texts_names_what_is_not_text(bad, got):
     with pytest.raises(DataError, match=f"text must be a string, a file path, or a list of them; got a {got}"):
         data.read_texts(bad)
@@ -124,6 +125,8 @@ def test_read_texts_takes_any_iterable_of_files(tmp_path):
     for name in ("a.txt", "b.txt"):
         (tmp_path / name).write_text(name[0])
     assert sorted(data.read_texts(tmp_path.glob("*.txt")).split("\n")) == ["a", "b"]  # a generator
+    with open(tmp_path / "a.txt") as f, pytest.raises(DataError, match="got a TextIOWrapper"):
+        data.read_texts(f)  # an open file's lines are not a list of texts: pass its path
 
 
 def test_describe_names_files_and_counts_literal_text(tmp_path):

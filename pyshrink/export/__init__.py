@@ -99,7 +99,10 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
             source_meta = read_metadata(path)
     # The tokenizer's own vocabulary, without tokens added to it later (a pad token added without resizing the
     # embedding is common, and harmless while nobody feeds it): larger than the model's, it is another model's.
-    n_ids, base = id_limit(model), getattr(tokenizer, "vocab_size", None)
+    n_ids = id_limit(model)
+    base = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    if tokenizer is not None and not is_int(base) and hasattr(tokenizer, "__len__"):
+        base = len(tokenizer)
     if n_ids is not None and is_int(base) and base > n_ids:
         raise InvalidSetting(f"the tokenizer has {base} ids but the model takes {n_ids}: it is not this "
                              "model's tokenizer (generation would index past the embedding)")

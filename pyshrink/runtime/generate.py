@@ -81,13 +81,21 @@ class OnnxLM:
                      on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True):
         """Generate after ``prompt_ids``; returns (new token ids, finish_reason)."""
         sampling = sampling or Sampling()
-        arr = np.asarray(prompt_ids).reshape(-1)  # a list, a numpy array or a torch tensor of ids
+        if not hasattr(prompt_ids, "__array__") and not isinstance(prompt_ids, (list, tuple)):
+            prompt_ids = list(prompt_ids)  # a generator or map of ids
+        if isinstance(prompt_ids, (list, tuple)) and any(isinstance(t, (bool, np.bool_)) for t in prompt_ids):
+            raise ValueError("prompt ids must be integer token ids, got bool values")  # numpy would make them 0/1
+        arr = np.asarray(prompt_ids)  # a list, a numpy array or a torch tensor of ids: one prompt
+        if arr.ndim == 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 1:
+            raise ValueError(f"prompt ids must be one prompt, [n] or [1, n], got shape {arr.shape}")
         if not arr.size:
             raise ValueError("the prompt is empty (no tokens)")
         if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         vocab = self.meta.get("vocab_size")
-        if not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
             raise ValueError(f"prompt ids must be integer token ids, got {arr.dtype} values")
         bad = arr[(arr < 0) | ((arr >= vocab) if vocab else False)]
         if bad.size:  # ONNX Runtime's Gather would wrap a negative id round to the end of the vocabulary

@@ -90,6 +90,11 @@ class CompletionService:
         limit = min(limit, self.lm.max_length - 1)
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens", "prompt", "invalid_value")
+        vocab = self.lm.meta.get("vocab_size")
+        if vocab and max(ids) >= vocab:  # a token added to the tokenizer after the model (e.g. a pad token)
+            raise ApiError(400, f"the prompt has token id {max(ids)}, which the model does not know (it takes ids "
+                           f"0..{vocab - 1}): a token added to the tokenizer after the model?", "prompt",
+                           "invalid_value")
         if len(ids) > limit:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {limit}", "prompt",
                            "context_length_exceeded")

@@ -412,7 +412,7 @@ def test_accuracy_level_auto_falls_back_to_0_when_nothing_else_validates(tmp_pat
 
 
 def test_auto_without_validation_is_level_4(tmp_path):
-    out = export_onnx(tiny_model("llama"), tmp_path / "o", int4=True, validate=False)  # the default: auto
+    out = export_onnx(tiny_model("llama"), tmp_path / "o", int4=True, accuracy_level="auto", validate=False)
     meta = json.loads((out / "pyshrink_onnx.json").read_text())
     assert meta["weights"]["accuracy_level"] == 4 and set(_levels(out).values()) == {4}
 
@@ -435,6 +435,13 @@ def test_a_token_added_to_the_tokenizer_beyond_the_embedding_is_allowed(tmp_path
     assert len(tok) == VOCAB + 1
     out = export_onnx(tiny_model("llama"), tmp_path / "out", tokenizer=tok)
     assert (out / "tokenizer.json").exists()
+    # a prompt that uses the added token is the client's error (400), not the server's (500)
+    from pyshrink.runtime import OnnxLM
+    from pyshrink.runtime.server import ApiError, CompletionService
+
+    with pytest.raises(ApiError, match=r"token id 128, which the model does not know \(it takes ids 0\.\.127\)") as e:
+        CompletionService(OnnxLM(out)).parse({"prompt": "w5 <newpad>"})
+    assert e.value.status == 400
 
 
 def test_another_models_larger_tokenizer_is_refused(tmp_path):

@@ -72,8 +72,13 @@ def test_prompt_ids_may_be_a_list_a_numpy_array_or_a_torch_tensor(tiny_onnx):
     lm = OnnxLM(tiny_onnx("llama"))
     want = lm.generate_ids([5, 7, 9], 3)
     assert lm.generate_ids(np.array([5, 7, 9]), 3) == want == lm.generate_ids(torch.tensor([[5, 7, 9]]), 3)
+    assert lm.generate_ids(iter([5, 7, 9]), 3) == want
     with pytest.raises(ValueError, match="prompt ids must be integer token ids, got float64 values"):
         lm.generate_ids(np.array([5.0, 7.0]), 3)
+    with pytest.raises(ValueError, match="prompt ids must be integer token ids, got bool values"):
+        lm.generate_ids([True, 5], 3)
+    with pytest.raises(ValueError, match=r"prompt ids must be one prompt, \[n\] or \[1, n\], got shape \(2, 3\)"):
+        lm.generate_ids(np.array([[5, 7, 9], [11, 12, 13]]), 3)
 
 
 def _cli(*args, env=None):
