@@ -263,7 +263,7 @@ def main(argv=None) -> int:
             w = meta["weights"]
             levels = w.get("accuracy_levels") or {}
             level = (f"auto: 4 on {sum(x == 4 for x in levels.values())} of {len(levels)} projections"
-                     if levels else w["accuracy_level"])
+                     if levels else w["accuracy_level"] if w["accuracy_level"] is not None else "n/a (float)")
             notes.append(f"{label} ONNX: MatMulNBits accuracy_level {level}, projections {w['projections']}, "
                          f"max |ORT - PyTorch| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}) over a "
                          f"{v['prompt_tokens']}-token prompt + {v['kv_steps']} KV steps"

@@ -145,7 +145,9 @@ def _export(model, model_or_path, out_dir, tokenizer, source, source_meta, *, in
         # group_size: the exporter's own rounding (--int4); block_sizes: every MatMulNBits block size in the graph,
         # which also holds the group sizes of projections pyshrink quantized before (their bytes are copied)
         "weights": {"int4": int4, "group_size": group_size if int4 else None, "block_sizes": _block_sizes(proto),
-                    "symmetric": symmetric, "accuracy_level": accuracy_level, "projections": dict(policy.counts)},
+                    "symmetric": symmetric,
+                    # None: no 4-bit projection for a level to apply to
+                    "accuracy_level": accuracy_level if quantized else None, "projections": dict(policy.counts)},
         "source": source, "transforms": [r.get("kind") for r in (source_meta.get("transforms") or transforms_of(model))],
         "pyshrink_version": __import__("pyshrink").__version__,
     })

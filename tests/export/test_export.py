@@ -454,3 +454,9 @@ def test_another_models_larger_tokenizer_is_refused(tmp_path):
     with pytest.raises(InvalidSetting, match=f"the tokenizer has {VOCAB + 50} ids but the model takes {VOCAB}"):
         export_onnx(tiny_model("llama"), tmp_path / "out", tokenizer=tok)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float_export_records_no_accuracy_level(tmp_path):
+    out = export_onnx(tiny_model("llama"), tmp_path / "o")  # no 4-bit projection for a level to apply to
+    w = json.loads((out / "pyshrink_onnx.json").read_text())["weights"]
+    assert w["accuracy_level"] is None and w["projections"].get("copied", 0) + w["projections"].get("rtn", 0) == 0
