@@ -35,7 +35,8 @@ def rows(summary: dict) -> list[tuple[str, str]]:
         out.append(("healing", f"{h['tokens_seen']:,} of {h['tokens']:,} tokens in {h['seconds']:.1f} s, "
                                f"perplexity {h['ppl_before']:.3f} -> {h['ppl_after']:.3f} (stopped: {h['stopped']})"))
     if s.get("vocab"):
-        out.append(("vocabulary", f"{s['vocab']['vocab_before']:,} -> {s['vocab']['vocab_after']:,}"))
+        out.append(("vocabulary", f"{s['vocab']['vocab_before']:,} -> {s['vocab']['vocab_after']:,} (a removed id "
+                                  "gets probability 0: text outside the domain may score infinite perplexity)"))
     out.append(("time", f"{s['contraction_time_s']:.1f} s contraction + {s['evaluation_time_s']:.1f} s evaluation "
                         f"({s['wall_time_s']:.1f} s total)"))
     return out
