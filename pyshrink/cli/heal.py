@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
         text: List[Path] = typer.Option(..., "--text", exists=True, dir_okay=False, readable=True, help="Text file(s) to heal on."),
         out: Path = typer.Option(..., "-o", "--out", help="Run folder: checkpoint-best/ (the healed model), "
                                  "checkpoint-last/, heal.json, curve.png."),
-        tokens: int = typer.Option(200_000, help="Training-token budget."),
+        tokens: int = typer.Option(200_000, help="Training-token budget (rounded up to whole optimizer steps of "
+                                   "batch size x accumulation x window)."),
         until_ppl: Optional[float] = typer.Option(None, "--until-ppl", help="Stop once held-out perplexity is at or "
                                                   "below this (default: the teacher's; 0 never stops early)."),
         lr: float = typer.Option(2e-4, help="Peak learning rate (AdamW, warm-up then cosine decay)."),
@@ -28,7 +29,9 @@ def register(app: typer.Typer) -> None:
         hidden_weight: float = typer.Option(0.0, help="Weight of hidden-state matching (MSE, normalized)."),
         eval_text: Optional[List[Path]] = typer.Option(None, "--eval-text", exists=True, dir_okay=False, readable=True, help="Held-out text (default: the "
                                                         "end of --text, never trained on)."),
-        eval_tokens: int = typer.Option(8192, help="Held-out tokens measured at each evaluation."),
+        eval_tokens: int = typer.Option(8192, help="Held-out tokens measured at each evaluation, at most (without "
+                                        "--eval-text, at most a tenth of the text is held out; heal.json records "
+                                        "held_out_tokens)."),
         eval_every: Optional[int] = typer.Option(None, help="Evaluate and checkpoint every N training tokens "
                                                  "(default: an eighth of the budget)."),
         seq_len: Optional[int] = typer.Option(None, help="Window length in tokens; default 512, or the model's "

@@ -281,6 +281,9 @@ class Trainer:
             "ppl_initial": s.curve[0]["ppl"] if s.curve else None, "ppl_best": s.best_ppl if s.curve else None,
             "best_tokens": s.best_tokens, "best_step": s.best_step, "ppl_teacher": s.teacher_ppl,
             "until_ppl": s.until_ppl, "seconds": round(s.seconds, 2),
+            # what each evaluation measured (eval_tokens is an upper bound: without eval_text at most a tenth of the
+            # text is held out) and trained on
+            "held_out_tokens": int(self.eval_ids.numel()), "train_windows": int(len(self.train_windows)),
             "train_tokens_per_s": round(s.tokens_seen / s.train_seconds, 1) if s.train_seconds else None,
             "curve": s.curve, "config": s.config,
         }

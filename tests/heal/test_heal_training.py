@@ -77,6 +77,7 @@ def test_best_checkpoint_is_kept_loadable_and_reported(student, teacher, tokeniz
     report = json.loads((out / "heal.json").read_text())
     assert [p["tokens"] for p in report["curve"]] == [0, 1024, 2048, 3072]
     assert report["ppl_best"] == pytest.approx(min(p["ppl"] for p in report["curve"]))
+    assert report["held_out_tokens"] == ids.numel()  # the windows ppl_best was measured on, as checked above
     assert (out / "curve.png").stat().st_size > 1000
     assert json.loads((r.path / "pyshrink.json").read_text())["heal"]["held_out_ppl"] == pytest.approx(r.ppl_best)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
