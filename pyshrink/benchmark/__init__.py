@@ -1,4 +1,5 @@
 """Latency benchmarks: prefill, per-token decode (median, p95), tokens/s, peak memory and size on disk.
+Encoders (BERT) are timed as one forward pass over the prompt per repeat (latency and tokens/s; no decode).
 
 Recipe::
 
@@ -86,13 +87,14 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
     check_range("repeats", repeats, 1, 1000, integer=True)
     if threads is not None:
         check_range("threads", threads, 1, 1024, integer=True)
+    kinds = {}
     for m in models:  # every source before any measurement: a typo in the last one fails now, not in an hour
         if not is_onnx_folder(m):
             if runtime == "onnxruntime":
                 raise InvalidSetting(f"{m} is not a `pyshrink export` folder: export it first, or use --runtime both")
         elif runtime == "torch":
             raise InvalidSetting(f"{m} is an exported ONNX folder: benchmark it with --runtime onnxruntime")
-        _check_generation(m, prompt_tokens + new_tokens)
+        kinds[m] = _check_lengths(m, prompt_tokens, new_tokens)
     names = _labels(models)
     rows = []
     kw = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads, repeats=repeats, warmup=warmup)
@@ -115,7 +117,9 @@ def bench(models, *, runtime: str = "both", prompt_tokens: int = 128, new_tokens
             for rt, path, label in jobs:
                 if progress:
                     progress(f"measuring {path} on {rt}")
-                opts = {"compile": True, "fuse": "auto"} if compile and rt == "torch" else None
+                # an encoder's forward is timed as it is (TorchDecoder compiles decoders' steps)
+                decoder_torch = rt == "torch" and kinds[m] == "decoder"
+                opts = {"compile": True, "fuse": "auto"} if compile and decoder_torch else None
                 if opts:
                     label = label + " (compiled)"
                 rows.append(run_one(rt, path, label=label, options=opts, **kw))
@@ -132,9 +136,9 @@ def _labels(models) -> dict:
     return {m: n if names.count(n) == 1 else str(m) for m, n in zip(models, names)}
 
 
-def _check_generation(model, total: int) -> None:
-    """Bench measures generation: an encoder, or a prompt and new tokens beyond the model's positions, is refused
-    before any export or measurement (where the model's config says so without loading it)."""
+def _check_lengths(model, prompt_tokens: int, new_tokens: int) -> str:
+    """The model's kind ("encoder", "decoder"), where its config or export says so without loading it; a prompt (and,
+    for a decoder, new tokens) beyond the model's positions is refused before any export or measurement."""
     from ..errors import ModelLoadError
 
     kind = limit = None
@@ -160,12 +164,16 @@ def _check_generation(model, total: int) -> None:
             except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
                 raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
             kind, limit = adapter_for(config).kind, max_positions(config)
-    if kind == "encoder":
-        raise InvalidSetting(f"{model} is an encoder: bench measures generation (prefill and per-token decode), "
-                             "which needs a decoder")
+    if kind == "encoder":  # one forward pass over the prompt: no new tokens
+        if limit and prompt_tokens > limit:
+            raise InvalidSetting(f"prompt_tokens = {prompt_tokens} is more than the {limit} positions of the encoder "
+                                 f"{model}: use a shorter prompt")
+        return kind
+    total = prompt_tokens + new_tokens
     if limit and total - 1 > limit:  # the last new token is never fed back
         raise InvalidSetting(f"prompt_tokens + new_tokens = {total} feeds {total - 1} positions, more than the "
                              f"{limit} of {model}: use a shorter prompt or fewer new tokens")
+    return kind or "decoder"
 
 
 def _source_stamp(model) -> str:
@@ -204,6 +212,10 @@ def markdown_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r.get('label', r['model'])} | {r['runtime']} | error: {r['error'][:120]} | | | | | |")
             continue
+        if r.get("kind") == "encoder":  # one forward pass: its time in "prefill", its tokens/s marked as forward
+            lines.append(f"| {r.get('label', r['model'])} | {r['runtime']} | {r['prefill_ms']:.1f} | - | - "
+                         f"| {r['forward_tokens_per_s']:.1f} (forward) | {r['peak_rss_mb']:.0f} | {r['disk_mb']:.1f} |")
+            continue
         lines.append(f"| {r.get('label', r['model'])} | {r['runtime']} | {r['prefill_ms']:.1f} | {r['decode_ms_median']:.2f} "
                      f"| {r['decode_ms_p95']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
                      f"| {r['disk_mb']:.1f} |")
@@ -231,9 +243,9 @@ def chart(rows: list[dict], path) -> Path | None:
     ok = [r for r in rows if "error" not in r]
     labels = [f"{r.get('label', r['model'])}\n{r['runtime']}" for r in ok]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok) * 2), 4.5))
-    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s (higher is better)"),
-                           (axes[1], "prefill_ms", "prefill latency, ms (lower is better)")):
-        vals = [r[key] for r in ok]
+    for ax, key, title in ((axes[0], "decode_tokens_per_s", "tokens/s: decode, or an encoder's forward (higher is better)"),
+                           (axes[1], "prefill_ms", "prefill (encoders: forward) latency, ms (lower is better)")):
+        vals = [r[key] if r.get(key) is not None else r.get("forward_tokens_per_s", 0.0) for r in ok]
         bars = ax.bar(range(len(ok)), vals, color=[f"C{i % 10}" for i in range(len(ok))])
         ax.set_xticks(range(len(ok)), labels, fontsize=7)
         ax.set_title(title)

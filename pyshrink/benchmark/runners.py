@@ -201,6 +201,125 @@ class LlamaCppRunner:
         return self._argmax()
 
 
+# Encoders (BERT: sentence embeddings) have no generation: one forward pass over the prompt is what a request
+# costs, so they are timed as that (``forward(ids)``), with no decode steps.
+ENCODER_RUNNERS: dict = {}
+
+
+def encoder_runner(name: str):
+    def deco(cls):
+        cls.name = name
+        ENCODER_RUNNERS[name] = cls
+        return cls
+    return deco
+
+
+@encoder_runner("torch")
+class TorchEncoderRunner:
+    """An encoder in PyTorch: its base model's last hidden states for the prompt."""
+
+    def __init__(self, model: str, threads: int | None):
+        self.source, self.threads = model, threads
+
+    def load(self):
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        from ..models import load_model
+
+        self.torch = torch
+        model = load_model(self.source, with_tokenizer=False)
+        self.model = getattr(model, "base_model", model)  # a task head is not part of the embedding
+        self.vocab = self.model.config.vocab_size
+
+    def forward(self, ids):
+        with self.torch.inference_mode():
+            return self.model(input_ids=self.torch.tensor([ids])).last_hidden_state
+
+
+@encoder_runner("onnxruntime")
+class OrtEncoderRunner:
+    """An exported encoder folder in ONNX Runtime (the inputs its pyshrink_onnx.json names)."""
+
+    def __init__(self, model: str, threads: int | None):
+        self.folder, self.threads = Path(model), threads
+
+    def load(self):
+        import onnxruntime as ort
+
+        from ..errors import ModelLoadError
+        from ..runtime.session import read_meta, session_options
+
+        self.meta = read_meta(self.folder)
+        try:
+            self.sess = ort.InferenceSession(str(self.folder / self.meta["model_file"]), session_options(self.threads),
+                                             providers=["CPUExecutionProvider"])
+        except Exception as exc:  # as DecoderSession: a file ONNX Runtime cannot read is bad input
+            raise ModelLoadError(f"ONNX Runtime cannot load {self.folder / self.meta['model_file']}: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        vocab = self.meta.get("vocab_size")  # exports before 2026-11-24 lack it: their tokenizer's size, then
+        if vocab is None and (self.folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            vocab = Tokenizer.from_file(str(self.folder / "tokenizer.json")).get_vocab_size()
+        if not vocab:
+            raise ModelLoadError(f"{self.folder} records no vocabulary size and has no tokenizer.json: export it again")
+        self.vocab = int(vocab)
+
+    def forward(self, ids):
+        x = np.asarray([ids], dtype=np.int64)
+        feed = {"input_ids": x, "attention_mask": np.ones_like(x), "token_type_ids": np.zeros_like(x)}
+        return self.sess.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
+
+
+def model_kind(runtime: str, model: str) -> str:
+    """"encoder" or "decoder", from the export's metadata or the model folder's config (without loading it)."""
+    import json
+
+    p = Path(str(model))
+    if runtime == "onnxruntime" and (p / "pyshrink_onnx.json").is_file():
+        return json.loads((p / "pyshrink_onnx.json").read_text()).get("kind", "decoder")
+    if (p / "config.json").is_file():
+        from types import SimpleNamespace
+
+        from ..arch import adapter_for
+
+        return adapter_for(SimpleNamespace(**json.loads((p / "config.json").read_text()))).kind
+    return "decoder"  # GGUF files, embedded names and hub ids: pyshrink's are decoders
+
+
+def measure_encoder(runtime: str, model: str, *, prompt_tokens: int = 128, threads: int | None = None,
+                    repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
+    """Forward passes over one ``prompt_tokens``-token input: median latency and tokens/s (no decode steps)."""
+    import psutil
+
+    if runtime not in ENCODER_RUNNERS:
+        raise ValueError(f"runtime {runtime!r} does not run encoders (those that do: {', '.join(ENCODER_RUNNERS)})")
+    r = ENCODER_RUNNERS[runtime](model, threads)
+    t0 = time.perf_counter()
+    r.load()
+    load_s = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss
+    ids = np.random.default_rng(seed).integers(3, min(r.vocab, 32000), size=prompt_tokens).tolist()
+    times = []
+    for rep in range(warmup + repeats):
+        t = time.perf_counter()
+        r.forward(ids)
+        if rep >= warmup:
+            times.append(time.perf_counter() - t)
+    return {
+        "runtime": runtime, "model": str(model), "kind": "encoder", "prompt_tokens": prompt_tokens, "new_tokens": 0,
+        "threads": threads, "repeats": repeats, "load_s": round(load_s, 3),
+        "prefill_ms": float(np.median(times) * 1e3), "prefill_ms_all": [round(x * 1e3, 2) for x in times],
+        "decode_ms_median": None, "decode_ms_p95": None, "decode_tokens_per_s": None,
+        "forward_tokens_per_s": float(prompt_tokens / np.median(times)),
+        "peak_rss_mb": peak_rss_bytes() / 1e6, "rss_after_load_mb": rss_loaded / 1e6,
+        "disk_mb": disk_size(model) / 1e6, "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size: Linux's VmHWM (ru_maxrss would carry over the parent's peak,
     which Linux keeps across fork and exec)."""
@@ -221,6 +340,9 @@ def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: i
     """``options``: keyword arguments of the runtime's runner (the torch runner's ``compile``, ``fuse``...)."""
     import psutil
 
+    if model_kind(runtime, model) == "encoder":
+        return measure_encoder(runtime, model, prompt_tokens=prompt_tokens, threads=threads, repeats=repeats,
+                               warmup=warmup, seed=seed)
     if runtime not in RUNNERS:
         raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNNERS)})")
     r = RUNNERS[runtime](model, threads, prompt_tokens + new_tokens, **(options or {}))

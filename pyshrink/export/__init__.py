@@ -135,7 +135,8 @@ def _export(model, model_or_path, out_dir, tokenizer, source, source_meta, *, in
 
             graph, info = build_encoder(model, policy, opset=opset, accuracy_level=_first_level(accuracy_level))
             meta = {"kind": "encoder", "family": adapter.name, "inputs": ["input_ids", "attention_mask", "token_type_ids"],
-                    "outputs": info["outputs"], "hidden_size": int(model.config.hidden_size)}
+                    "outputs": info["outputs"], "hidden_size": int(model.config.hidden_size),
+                    "vocab_size": int(model.config.vocab_size)}
     quantized = policy.counts["copied"] + policy.counts["rtn"] > 0
     proto = graph.model()
     external = external_data if external_data is not None else graph.initializer_bytes > EXTERNAL_THRESHOLD

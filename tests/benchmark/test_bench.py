@@ -105,7 +105,7 @@ def test_cli_refuses_outputs_and_generation_settings_that_do_not_apply_before_me
     models.save(tiny_model("bert"), word_tokenizer(), bert)
     cases = [
         ([str(tiny_folder), "--json", str(tmp_path / "adir"), "--overwrite"], "adir is a folder: --json and --chart"),
-        ([str(bert)], "bert is an encoder: bench measures generation"),
+        ([str(bert), "--prompt-tokens", "257"], "prompt_tokens = 257 is more than the 256 positions of the encoder"),
         ([str(tiny_folder), "--prompt-tokens", "250", "--new-tokens", "64"],
          "prompt_tokens + new_tokens = 314 feeds 313 positions, more than the 256 of"),
     ]
@@ -124,6 +124,24 @@ def test_the_length_check_counts_the_positions_fed(tiny_folder):
     assert "error" not in row, row
     with pytest.raises(InvalidSetting, match="prompt_tokens \\+ new_tokens = 258 feeds 257 positions"):
         bench([str(tiny_folder)], runtime="torch", prompt_tokens=200, new_tokens=58)
+
+
+def test_encoders_are_timed_as_one_forward_pass_in_both_runtimes(tmp_path):
+    bert = tmp_path / "tiny-bert"
+    models.save(tiny_model("bert"), word_tokenizer(), bert)
+    rows = bench([str(bert)], runtime="both", prompt_tokens=16, new_tokens=4, repeats=2, threads=1,
+                 export_dir=tmp_path / "exports")
+    assert [r["runtime"] for r in rows] == ["torch", "onnxruntime"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["kind"] == "encoder" and r["new_tokens"] == 0 and r["decode_ms_median"] is None
+        assert r["prefill_ms"] > 0 and len(r["prefill_ms_all"]) == 2
+        assert r["forward_tokens_per_s"] == pytest.approx(16 / (r["prefill_ms"] / 1e3))
+        assert r["peak_rss_mb"] > 0 and r["disk_mb"] > 0
+    table = markdown_table(rows)
+    assert table.count("(forward)") == 2 and "| - | - |" in table
+    if importlib.util.find_spec("matplotlib"):
+        assert chart(rows, tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_a_corrupt_export_is_bad_input(tiny_folder, tmp_path):
