@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 
 RUNNERS: dict = {}
+# Encoders (BERT: sentence embeddings) have no generation: one forward pass over the prompt is what a request
+# costs, so they are timed as that (``forward(ids)``), with no decode steps.
+ENCODER_RUNNERS: dict = {}
 
 
-def runner(name: str):
+def runner(name: str, registry: dict = RUNNERS):
     def deco(cls):
         cls.name = name
-        RUNNERS[name] = cls
+        registry[name] = cls
         return cls
     return deco
 
@@ -201,20 +204,7 @@ class LlamaCppRunner:
         return self._argmax()
 
 
-# Encoders (BERT: sentence embeddings) have no generation: one forward pass over the prompt is what a request
-# costs, so they are timed as that (``forward(ids)``), with no decode steps.
-ENCODER_RUNNERS: dict = {}
-
-
-def encoder_runner(name: str):
-    def deco(cls):
-        cls.name = name
-        ENCODER_RUNNERS[name] = cls
-        return cls
-    return deco
-
-
-@encoder_runner("torch")
+@runner("torch", ENCODER_RUNNERS)
 class TorchEncoderRunner:
     """An encoder in PyTorch: its base model's last hidden states for the prompt."""
 
@@ -238,7 +228,7 @@ class TorchEncoderRunner:
             return self.model(input_ids=self.torch.tensor([ids])).last_hidden_state
 
 
-@encoder_runner("onnxruntime")
+@runner("onnxruntime", ENCODER_RUNNERS)
 class OrtEncoderRunner:
     """An exported encoder folder in ONNX Runtime (the inputs its pyshrink_onnx.json names)."""
 
