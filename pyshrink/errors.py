@@ -2,7 +2,6 @@
 import numbers
 
 
-
 class PyshrinkError(Exception):
     """Base class: the CLI prints these as one clear line and exits non-zero."""
 

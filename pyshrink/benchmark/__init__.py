@@ -139,31 +139,13 @@ def _labels(models) -> dict:
 def _check_lengths(model, prompt_tokens: int, new_tokens: int) -> str:
     """The model's kind ("encoder", "decoder"), where its config or export says so without loading it; a prompt (and,
     for a decoder, new tokens) beyond the model's positions is refused before any export or measurement."""
-    from ..errors import ModelLoadError
+    from .runners import model_facts
 
-    kind = limit = None
-    if is_onnx_folder(model):
-        meta_file = Path(model) / "pyshrink_onnx.json"
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{meta_file} is corrupt: {exc}") from exc
-        kind, limit = meta.get("kind"), meta.get("max_length")
-    else:
+    if not is_onnx_folder(model):
         from ..models import resolve
 
-        source_kind, path = resolve(model)  # a missing folder or .gguf file (a hub id is only tried when loaded)
-        if source_kind == "folder" and (path / "config.json").is_file():
-            from types import SimpleNamespace
-
-            from ..arch import adapter_for
-            from ..models import max_positions
-
-            try:
-                config = SimpleNamespace(**json.loads((path / "config.json").read_text()))
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
-                raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
-            kind, limit = adapter_for(config).kind, max_positions(config)
+        resolve(model)  # a missing folder or .gguf file (a hub id is only tried when it is loaded)
+    kind, limit = model_facts(model)
     if kind == "encoder":  # one forward pass over the prompt: no new tokens
         if limit and prompt_tokens > limit:
             raise InvalidSetting(f"prompt_tokens = {prompt_tokens} is more than the {limit} positions of the encoder "

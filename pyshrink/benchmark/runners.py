@@ -236,18 +236,12 @@ class OrtEncoderRunner:
         self.folder, self.threads = Path(model), threads
 
     def load(self):
-        import onnxruntime as ort
-
         from ..errors import ModelLoadError
-        from ..runtime.session import read_meta, session_options
+        from ..runtime.session import open_session, read_meta
 
         self.meta = read_meta(self.folder)
-        try:
-            self.sess = ort.InferenceSession(str(self.folder / self.meta["model_file"]), session_options(self.threads),
-                                             providers=["CPUExecutionProvider"])
-        except Exception as exc:  # as DecoderSession: a file ONNX Runtime cannot read is bad input
-            raise ModelLoadError(f"ONNX Runtime cannot load {self.folder / self.meta['model_file']}: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        path = self.folder / self.meta["model_file"]
+        self.sess = open_session(str(path), path, threads=self.threads)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         vocab = self.meta.get("vocab_size")  # exports before 2026-11-24 lack it: their tokenizer's size, then
         if vocab is None and (self.folder / "tokenizer.json").is_file():
@@ -264,20 +258,41 @@ class OrtEncoderRunner:
         return self.sess.run(None, {k: v for k, v in feed.items() if k in self.inputs})[0]
 
 
-def model_kind(runtime: str, model: str) -> str:
-    """"encoder" or "decoder", from the export's metadata or the model folder's config (without loading it)."""
+def model_facts(model) -> tuple[str | None, int | None]:
+    """(kind: "encoder" or "decoder", positions) from an export's pyshrink_onnx.json or a model folder's
+    config.json, without loading the model; (None, None) for other sources (GGUF files, embedded names and hub
+    ids, which pyshrink loads as decoders)."""
     import json
 
+    from ..errors import ModelLoadError
+    from ..runtime.session import META_FILE, read_meta
+
     p = Path(str(model))
-    if runtime == "onnxruntime" and (p / "pyshrink_onnx.json").is_file():
-        return json.loads((p / "pyshrink_onnx.json").read_text()).get("kind", "decoder")
-    if (p / "config.json").is_file():
-        from types import SimpleNamespace
+    if (p / META_FILE).is_file():
+        meta = read_meta(p)
+        return meta.get("kind"), meta.get("max_length")
+    if not (p / "config.json").is_file():
+        return None, None
+    from types import SimpleNamespace
 
-        from ..arch import adapter_for
+    from ..arch import adapter_for
+    from ..models import max_positions
 
-        return adapter_for(SimpleNamespace(**json.loads((p / "config.json").read_text()))).kind
-    return "decoder"  # GGUF files, embedded names and hub ids: pyshrink's are decoders
+    try:
+        config = SimpleNamespace(**json.loads((p / "config.json").read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        raise ModelLoadError(f"cannot read {p / 'config.json'}: {exc}") from exc
+    return adapter_for(config).kind, max_positions(config)
+
+
+def _resources(rss_loaded: int, disk_path) -> dict:
+    """The memory, size and machine-load fields every row has."""
+    return {
+        # every *_mb is 10^6 bytes (memory was in MiB until 2026-11-24 while disk was in MB, both labelled MB)
+        "peak_rss_mb": peak_rss_bytes() / 1e6, "rss_after_load_mb": rss_loaded / 1e6,
+        "disk_mb": disk_size(disk_path) / 1e6,
+        "loadavg_1min": round(os.getloadavg()[0], 2),  # other work on the machine while this ran
+    }
 
 
 def measure_encoder(runtime: str, model: str, *, prompt_tokens: int = 128, threads: int | None = None,
@@ -304,9 +319,7 @@ def measure_encoder(runtime: str, model: str, *, prompt_tokens: int = 128, threa
         "threads": threads, "repeats": repeats, "load_s": round(load_s, 3),
         "prefill_ms": float(np.median(times) * 1e3), "prefill_ms_all": [round(x * 1e3, 2) for x in times],
         "decode_ms_median": None, "decode_ms_p95": None, "decode_tokens_per_s": None,
-        "forward_tokens_per_s": float(prompt_tokens / np.median(times)),
-        "peak_rss_mb": peak_rss_bytes() / 1e6, "rss_after_load_mb": rss_loaded / 1e6,
-        "disk_mb": disk_size(model) / 1e6, "loadavg_1min": round(os.getloadavg()[0], 2),
+        "forward_tokens_per_s": float(prompt_tokens / np.median(times)), **_resources(rss_loaded, model),
     }
 
 
@@ -330,7 +343,7 @@ def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: i
     """``options``: keyword arguments of the runtime's runner (the torch runner's ``compile``, ``fuse``...)."""
     import psutil
 
-    if model_kind(runtime, model) == "encoder":
+    if model_facts(model)[0] == "encoder":
         return measure_encoder(runtime, model, prompt_tokens=prompt_tokens, threads=threads, repeats=repeats,
                                warmup=warmup, seed=seed)
     if runtime not in RUNNERS:
@@ -361,10 +374,7 @@ def measure(runtime: str, model: str, *, prompt_tokens: int = 128, new_tokens: i
         "prefill_ms": float(np.median(prefill) * 1e3), "prefill_ms_all": [round(x * 1e3, 2) for x in prefill],
         "decode_ms_median": float(np.median(steps_ms)), "decode_ms_p95": float(np.percentile(steps_ms, 95)),
         "decode_tokens_per_s": float(1e3 / np.median(steps_ms)),
-        # every *_mb is 10^6 bytes (memory was in MiB until 2026-11-24 while disk was in MB, both labelled MB)
-        "peak_rss_mb": peak_rss_bytes() / 1e6, "rss_after_load_mb": rss_loaded / 1e6,
-        "disk_mb": disk_size(getattr(r, "disk_path", model)) / 1e6,
-        "loadavg_1min": round(os.getloadavg()[0], 2),  # other work on the machine while this ran
+        **_resources(rss_loaded, getattr(r, "disk_path", model)),
         **({"options": options} if options else {}),
         **({"compile_s": round(r.compile_s, 2)} if getattr(r, "compile_s", None) else {}),
         # what fuse="auto" came to: projection groups run as one call (0: none fused)

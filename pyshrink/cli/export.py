@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         if accuracy_level != "auto" and not accuracy_level.isdigit():
             raise InvalidSetting(f"accuracy_level must be 0..4 or auto, got {accuracy_level!r}")
-        level = accuracy_level if accuracy_level == "auto" else int(accuracy_level)  # auto unvalidated: 4
+        level = accuracy_level if accuracy_level == "auto" else int(accuracy_level)
         path = export_onnx(model, out, int4=int4, accuracy_level=level, opset=opset, group_size=group_size,
                            symmetric=not asymmetric, max_length=max_length, logits="all" if all_logits else "last",
                            external_data=True if external_data else None, validate=not no_validate,

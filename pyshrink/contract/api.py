@@ -283,6 +283,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
 
     # ---- data ------------------------------------------------------------------------------------------
     L = st.seq_len = models.window_length(model, seq_len)  # the summary records the window used
+    n_ids = models.id_limit(model)  # every window's ids are checked against it
     if cal_text is not None:
         ids = data.tokenize(tok, cal_text)
         if eval_str is None:
@@ -291,7 +292,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         else:
             cal_ids, held = ids, data.tokenize(tok, eval_str)
             eval_desc = data.describe(eval_text)
-        cal_win = _windows(cal_ids, L, calibration_tokens, "calibration text", models.id_limit(model))
+        cal_win = _windows(cal_ids, L, calibration_tokens, "calibration text", n_ids)
         cal_desc = data.describe(calibration)
         mode = "threshold" if threshold is not None else "calibrated"
     else:
@@ -310,11 +311,11 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
             cal_win = datafree.sample_ids(model, tok, tokens=n_free, seq_len=dl, seed=seed, progress=progress)
             cal_desc = f"data-free: {cal_win.numel()} tokens sampled from the source model (seed {seed}, temperature 1)"
         else:
-            cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L), vocab=models.id_limit(model))
+            cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L), vocab=n_ids)
             cal_desc = "data-free: built-in text (CPython pydoc topics, first windows)"
         if threshold is not None:
             mode = "threshold (data-free)"
-    eval_win = _windows(held, L, eval_tokens, "evaluation text", models.id_limit(model))
+    eval_win = _windows(held, L, eval_tokens, "evaluation text", n_ids)
     batches = [cal_win[i:i + st.batch_size * max(1, 512 // cal_win.shape[1])]
                for i in range(0, len(cal_win), st.batch_size * max(1, 512 // cal_win.shape[1]))]
 

@@ -51,11 +51,11 @@ def export_onnx(model_or_path, out_dir, *, int4: bool = False, accuracy_level: i
     exported by byte copy. ``accuracy_level``: MatMulNBits' compute mode for every projection (4 = int8
     activations, fastest on CPU; 0 = float), or ``"auto"`` (the default): 4 where validation allows it, 0 only
     on the projections whose int8 activations measurably move the logits (:mod:`.accuracy`; the choice is
-    recorded in ``pyshrink_onnx.json`` under ``weights.accuracy_levels``); without validation, "auto" is 4. ``logits``: ``"last"`` computes the LM head
-    for the last position only (generation), ``"all"`` for every position. ``external_data``: None = only
-    above 1.5 GB of weights, True = always. ``tolerance``: the validation bound relative to
-    max(1, max|logit|) (default 1e-3, or 0.15 when any 4-bit projection runs at accuracy_level 4). Returns
-    the output folder.
+    recorded in ``pyshrink_onnx.json`` under ``weights.accuracy_levels``); without validation, "auto" is 4.
+    ``logits``: ``"last"`` computes the LM head for the last position only (generation), ``"all"`` for every
+    position. ``external_data``: None = only above 1.5 GB of weights, True = always. ``tolerance``: the
+    validation bound relative to max(1, max|logit|) (default 1e-3, or 0.15 when any 4-bit projection runs at
+    accuracy_level 4). Returns the output folder.
     """
     if accuracy_level == "auto" and not validate:
         accuracy_level = 4  # auto chooses by validating; unvalidated, the level it keeps wherever it can

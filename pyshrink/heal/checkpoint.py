@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import jsonio
-from .. import models
+from .. import jsonio, models
 from ..errors import ModelLoadError, PyshrinkError
 
 BEST = "checkpoint-best"

@@ -19,6 +19,7 @@ The model's ``pyshrink.json`` transform lists every quantized module with its sh
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -29,7 +30,8 @@ from .. import data
 from ..arch import adapter_for, get_path
 from ..arch.linears import in_features, is_projection, weight_out_in
 from ..errors import DataError, InvalidSetting
-from ..models import check_finite, id_limit, max_positions, record_transform, structure_handler, transforms_of, window_length
+from ..models import (check_finite, id_limit, max_positions, record_transform, structure_handler, transforms_of,
+                      window_length)
 from . import awq
 from .calib import collect_stats, discover_groups, find_fold, first_batch, scale_inputs, scale_outputs
 from .config import HEAD, QuantConfig
@@ -79,9 +81,6 @@ class QuantReport:
 # public API
 
 
-_DEFAULTS = dict(bits=4, group_size=64, symmetric=True, method="auto", skip=("lm_head",))
-
-
 def quantize(model, bits: int = 4, group_size: int = 64, symmetric: bool = True, method: str = "auto",
              calibration=None, skip=("lm_head",), tokenizer=None, *, config: QuantConfig | None = None,
              **options):
@@ -96,8 +95,10 @@ def quantize(model, bits: int = 4, group_size: int = 64, symmetric: bool = True,
     variant that returns a per-layer :class:`QuantReport`.
     """
     if config is not None:  # the recipe is whole: a setting beside it would be ignored without a word
+        defaults = inspect.signature(quantize).parameters
         given = {k: v for k, v in dict(bits=bits, group_size=group_size, symmetric=symmetric, method=method,
-                                        skip=skip).items() if (tuple(v) if isinstance(v, list) else v) != _DEFAULTS[k]}
+                                        skip=skip).items()
+                 if (tuple(v) if isinstance(v, list) else v) != defaults[k].default}
         given.update(options)
         if given:
             raise InvalidSetting(f"quantize() got config= and also {', '.join(map(repr, given))}: put every setting "

@@ -157,9 +157,8 @@ def make_handler(service: CompletionService):
             # "100 Continue", and never sends the body.
             length = self.headers.get("Content-Length", "")
             if self.command == "POST" and length.isdigit() and int(length) > service.limits.max_body_bytes:
-                self.close_connection = True
-                self._json(413, self._too_large(int(length)).body())
-                self.body_length = int(length)
+                error = self._refuse_body(self._too_large(int(length)), int(length))
+                self._json(error.status, error.body())
                 self._linger()  # a client that sends the body anyway must still read the answer
                 return False
             return super().handle_expect_100()

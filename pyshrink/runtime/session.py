@@ -31,6 +31,19 @@ def read_meta(folder) -> dict:
         raise ModelLoadError(f"{f} is corrupt: {exc}") from exc
 
 
+def open_session(model, label, *, threads: int | None = None, providers=None):
+    """An ONNX Runtime session of ``model`` (a path or serialized bytes; ``label`` names it in errors). A file ONNX
+    Runtime cannot read (its own exception types: InvalidProtobuf, Fail, ...) is a one-line ModelLoadError."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(model, session_options(threads),
+                                    providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"ONNX Runtime cannot load {label}: is the export complete and unchanged? "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+
+
 def session_options(threads: int | None = None):
     import onnxruntime as ort
 
@@ -78,20 +91,14 @@ class DecoderSession:
 
     def __init__(self, folder, *, providers=None, threads: int | None = None, meta: dict | None = None,
                  model_bytes: bytes | None = None):
-        import onnxruntime as ort
-
         folder = Path(folder)
         self.folder = folder
         self.meta = meta or read_meta(folder)
         if self.meta.get("kind") != "decoder":
             raise ValueError(f"{folder} holds a {self.meta.get('kind')} model; generation needs a decoder")
-        providers = providers or ["CPUExecutionProvider"]
-        model = model_bytes if model_bytes is not None else str(folder / self.meta["model_file"])
-        try:
-            self.sess = ort.InferenceSession(model, session_options(threads), providers=list(providers))
-        except Exception as exc:  # ORT's own exception types (InvalidProtobuf, Fail, ...): a file it cannot read
-            raise ModelLoadError(f"ONNX Runtime cannot load {folder / self.meta['model_file']}: is the export complete "
-                                 f"and unchanged? ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+        path = folder / self.meta["model_file"]
+        self.sess = open_session(model_bytes if model_bytes is not None else str(path), path, threads=threads,
+                                 providers=providers)
         self.layers = self.meta["layers"]
         self.max_length = int(self.meta["max_length"])
         # past/present sharing through IOBinding is done on CPU memory
