@@ -28,7 +28,7 @@ import torch
 
 from .. import jsonio
 from ..errors import InvalidSetting, check_range, is_int
-from ..models import atomic_output_dir, read_metadata, transforms_of
+from ..models import atomic_output_dir, max_positions, read_metadata, transforms_of
 from .graph import DEFAULT_OPSET
 from .validate import FLOAT_RTOL, INT4_RTOL, ExportValidationError, OnnxRuntimeFailure
 from .weights import WeightPolicy, apply_substitutions
@@ -136,7 +136,8 @@ def _export(model, model_or_path, out_dir, tokenizer, source, source_meta, *, in
             graph, info = build_encoder(model, policy, opset=opset, accuracy_level=_first_level(accuracy_level))
             meta = {"kind": "encoder", "family": adapter.name, "inputs": ["input_ids", "attention_mask", "token_type_ids"],
                     "outputs": info["outputs"], "hidden_size": int(model.config.hidden_size),
-                    "vocab_size": int(model.config.vocab_size)}
+                    "vocab_size": int(model.config.vocab_size),
+                    "max_length": max_positions(model.config)}  # longer inputs fail in the position embedding
     quantized = policy.counts["copied"] + policy.counts["rtn"] > 0
     proto = graph.model()
     external = external_data if external_data is not None else graph.initializer_bytes > EXTERNAL_THRESHOLD

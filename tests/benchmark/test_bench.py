@@ -140,6 +140,9 @@ def test_encoders_are_timed_as_one_forward_pass_in_both_runtimes(tmp_path):
         assert r["peak_rss_mb"] > 0 and r["disk_mb"] > 0
     table = markdown_table(rows)
     assert table.count("(forward)") == 2 and "| - | - |" in table
+    (export,) = (tmp_path / "exports").glob("tiny-bert-*-onnx")  # its length is checked up front too
+    with pytest.raises(InvalidSetting, match="prompt_tokens = 257 is more than the 256 positions of the encoder"):
+        bench([str(export)], runtime="onnxruntime", prompt_tokens=257)
     if importlib.util.find_spec("matplotlib"):
         assert chart(rows, tmp_path / "c.png").stat().st_size > 1000
 
