@@ -42,6 +42,13 @@ class Adapter:
     # value names one of: "q_heads", "kv_heads", "groups" (query heads per kv head), "q_width" (q_heads*head_dim).
     head_attrs: dict = field(default_factory=dict)
     head_module: str | None = None
+    # Post-LayerNorm blocks (BERT; OPT with do_layer_norm_before=False): the LayerNorms (paths inside a block) that
+    # the attention's and the MLP's residual sums pass through, in that order. Contraction measures each
+    # sub-block's relative error at its norm's INPUT, where the projection's change lands; the block output
+    # is after the norm, on another scale (BERT's error read 7-8x too high against it). ``post_norm_applies``
+    # (block -> bool) says whether a block of a family that can be either is post-norm.
+    post_norm: tuple[str, str] | None = None
+    post_norm_applies: Callable | None = None
     # ``fuse(block)`` (optional): make the block run its q|k|v and its gate|up projections as one call each
     # (fewer operator calls per decode step; see pyshrink.runtime.torch_decoder). Returns how many groups it
     # fused. Families without one cannot be fused.
@@ -63,6 +70,12 @@ class Adapter:
     def attn_out_module(self, block: nn.Module) -> nn.Module:
         """The attention output projection (its input features are heads x head_dim)."""
         return get_path(block, self.o)
+
+    def post_norm_modules(self, block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """(attention's, MLP's) post-LayerNorm of a post-norm block; None for a pre-norm one."""
+        if self.post_norm is None or (self.post_norm_applies is not None and not self.post_norm_applies(block)):
+            return None
+        return get_path(block, self.post_norm[0]), get_path(block, self.post_norm[1])
 
     def embedding(self, model: nn.Module) -> nn.Embedding:
         return get_path(model.base_model, self.embed)

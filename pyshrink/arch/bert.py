@@ -14,4 +14,5 @@ ADAPTER = register(Adapter(
     embed="embeddings.word_embeddings",
     head_attrs={"num_attention_heads": "q_heads", "all_head_size": "q_width"},
     head_module="attention.self",
+    post_norm=("attention.output.LayerNorm", "output.LayerNorm"),
 ))

@@ -15,4 +15,6 @@ ADAPTER = register(Adapter(
     final_norm="decoder.final_layer_norm",
     intermediate_attr="ffn_dim",
     head_attrs={"num_heads": "q_heads"},
+    post_norm=("self_attn_layer_norm", "final_layer_norm"),  # OPT-350m: norms after the residual sums
+    post_norm_applies=lambda block: not block.do_layer_norm_before,
 ))

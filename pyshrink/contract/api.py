@@ -347,7 +347,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         obs.mlp.gram = None  # free the Gram matrices as soon as the block is planned
         if obs.attn is not None:
             obs.attn.gram = None
-        return layer_selection.LayerCandidate(i, npl, hpl, obs.out_sq / max(obs.tokens, 1))
+        return layer_selection.LayerCandidate(i, npl, hpl, *obs.scales)
 
     t_c = time.perf_counter()
     candidates = stats_pass.observe_blocks(model, adapter, batches, consume, heads=prune_heads, progress=progress)

@@ -78,8 +78,15 @@ class BlockObservation:
     index: int
     mlp: ChannelStats  # input of the down projection (neurons)
     attn: ChannelStats | None = None  # input of the attention output projection (heads x head_dim)
-    out_sq: float = 0.0  # sum of squares of the block's output hidden states
+    out_sq: float = 0.0  # sum of squares of the block's output hidden states (post-norm: the MLP's norm input)
+    attn_sq: float | None = None  # post-norm blocks only: sum of squares of the attention's norm input
     tokens: int = 0
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """E||.||^2 per token that the MLP's and the attention's output errors are relative to."""
+        t = max(self.tokens, 1)
+        return self.out_sq / t, (self.out_sq if self.attn_sq is None else self.attn_sq) / t
 
 
 def _input_hook(stats: ChannelStats):
@@ -111,7 +118,22 @@ class _Observer:
             obs.out_sq += float(h.detach().double().pow(2).sum())
             obs.tokens += h.shape[0] * h.shape[1]
 
-        handles.append(block.register_forward_hook(out_hook))
+        norms = self.adapter.post_norm_modules(block)
+        if norms is None:
+            handles.append(block.register_forward_hook(out_hook))
+        else:  # post-norm: each sub-block's error is relative to its residual sum, the input of its norm
+            obs.attn_sq = 0.0
+
+            def attn_norm_hook(module, args):
+                obs.attn_sq += float(args[0].detach().double().pow(2).sum())
+
+            def mlp_norm_hook(module, args):
+                h = args[0]
+                obs.out_sq += float(h.detach().double().pow(2).sum())
+                obs.tokens += h.shape[0] * h.shape[1]
+
+            handles.append(norms[0].register_forward_pre_hook(attn_norm_hook))
+            handles.append(norms[1].register_forward_pre_hook(mlp_norm_hook))
         self.current = (i, block, obs, handles)
 
     def finish(self):

@@ -3,7 +3,9 @@
 Every block gets a candidate plan (its neurons, and heads when asked, removed at the requested ratio, with
 the refit applied), and the plan's cost is the relative output error of the block it would cause on the
 calibration tokens: ``E||change of the block output||^2 / E||block output||^2``. Both terms come from the
-calibration statistics in closed form, so scoring all blocks costs no extra forward pass. The
+calibration statistics in closed form, so scoring all blocks costs no extra forward pass. In post-LayerNorm
+blocks (BERT) each sub-block's change is relative to its residual sum instead, the input of the norm it lands
+in: the output after the norm is on another scale, and the norm passes on a relative change. The
 ``num_layers_to_contract`` cheapest blocks are contracted (in threshold mode, where blocks remove different
 numbers of neurons, the cost per removed neuron ranks them).
 """
@@ -20,16 +22,15 @@ class LayerCandidate:
     index: int
     neurons: NeuronPlan | None
     heads: HeadPlan | None
-    out_ms: float  # E||block output||^2 per token
-
-    @property
-    def error(self) -> float:
-        return (self.neurons.error if self.neurons else 0.0) + (self.heads.error if self.heads else 0.0)
+    out_ms: float  # E||block output||^2 per token (post-norm blocks: of the MLP's residual sum)
+    attn_ms: float | None = None  # post-norm blocks: E||attention's residual sum||^2 per token; else out_ms
 
     @property
     def cost(self) -> float:
         """Relative output error of the block if this plan is applied."""
-        return self.error / max(self.out_ms, 1e-30)
+        mlp = self.neurons.error / max(self.out_ms, 1e-30) if self.neurons else 0.0
+        attn_ms = self.out_ms if self.attn_ms is None else self.attn_ms
+        return mlp + (self.heads.error / max(attn_ms, 1e-30) if self.heads else 0.0)
 
     @property
     def removed_neurons(self) -> int:
