@@ -86,22 +86,27 @@ def _tied(model) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def _fallback(config, kept: torch.Tensor) -> int:
-    """The row removed ids read: unk's if kept, else the first kept id's."""
-    unk = getattr(config, "unk_token_id", None)
-    pos = (kept == unk).nonzero() if isinstance(unk, int) else torch.empty(0)
-    return int(pos[0, 0]) if len(pos) else 0
+def _fallback(config, kept: torch.Tensor, unk_id=None) -> int:
+    """The row removed ids read: unk's if kept (the tokenizer's, else the config's), else the first kept id's.
+    The tokenizer's comes first because BertConfig names no unk id: removed ids read [PAD]'s row there."""
+    for unk in (unk_id, getattr(config, "unk_token_id", None)):
+        pos = (kept == unk).nonzero() if isinstance(unk, int) else torch.empty(0)
+        if len(pos):
+            return int(pos[0, 0])
+    return 0
 
 
 @torch.no_grad()
-def apply(model, kept: torch.Tensor) -> dict:
-    """Keep vocabulary ``kept`` (sorted original ids) in the input embedding and the output head."""
+def apply(model, kept: torch.Tensor, unk_id: int | None = None) -> dict:
+    """Keep vocabulary ``kept`` (sorted original ids) in the input embedding and the output head; removed ids
+    read the row of ``unk_id`` (the tokenizer's unknown token) where it is kept."""
     config = model.config
+    fallback = _fallback(config, kept, unk_id)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = _tied(model)
     V, dim = emb.weight.shape
-    new_emb = CompactEmbedding(kept, V, dim, _fallback(config, kept), dtype=emb.weight.dtype, device=emb.weight.device)
+    new_emb = CompactEmbedding(kept, V, dim, fallback, dtype=emb.weight.dtype, device=emb.weight.device)
     new_emb.weight.copy_(emb.weight[kept])
     model.set_input_embeddings(new_emb)
     has_head = head is not None
@@ -116,7 +121,7 @@ def apply(model, kept: torch.Tensor) -> dict:
         if head_bias:
             new_head.bias.copy_(head.bias[kept])
         model.set_output_embeddings(new_head)
-    record = dict(vocab_size=V, kept_ids=kept.tolist(), fallback_row=_fallback(config, kept),
+    record = dict(vocab_size=V, kept_ids=kept.tolist(), fallback_row=fallback,
                   head=has_head, head_bias=bool(head_bias), tied=tied)
     record_transform(model, KIND, **record)
     return {"vocab_before": V, "vocab_after": len(kept)}

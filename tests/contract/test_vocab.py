@@ -37,3 +37,17 @@ def test_untied_head_and_removed_input_ids():
     # a removed id still embeds (to the fallback row) instead of failing
     out = emb(torch.tensor([[300, 11]]))
     assert out.shape == (1, 2, model.config.n_embd)
+
+
+def test_removed_ids_read_the_tokenizers_unk_row():
+    # BertConfig names no unk id: the tokenizer's (passed by contract) must pick the row, not row 0 ([PAD] in BERT)
+    model = tiny_model("bert")
+    assert getattr(model.config, "unk_token_id", None) is None
+    original = model.get_input_embeddings().weight.detach().clone()
+    kept = vocab.kept_ids(torch.arange(10, 50), None, model.config)
+    assert kept[0] != 7 and 7 not in kept.tolist()
+    kept = torch.cat([kept, torch.tensor([7])]).sort().values  # 7 plays the tokenizer's unk
+    vocab.apply(model, kept, unk_id=7)
+    emb = model.get_input_embeddings()
+    torch.testing.assert_close(emb(torch.tensor([[300]]))[0, 0], original[7])
+    torch.testing.assert_close(emb(torch.tensor([[7]]))[0, 0], original[7])
