@@ -123,11 +123,14 @@ class _Builder:
             g.input(nm, FLOAT, ["batch_size", layer.num_kv_heads, "past_sequence_length", D])
         for nm in (present_k, present_v):
             g.output(nm, FLOAT, ["batch_size", layer.num_kv_heads, "total_sequence_length", D])
+        # sliding-window layers: ONNX Runtime's local_window_size counts as transformers' sliding_window does (a tiny
+        # Mistral with a 16-token window matched over a 150-token prompt and 49 steps; window - 1 did not)
+        local = {"local_window_size": layer.window} if layer.window else {}
         out = g.node(
             "GroupQueryAttention", [*qkv, past_k, past_v, self.seqlens_k, self.total_len, *rot],
             f"{name}/GQA", domain=MS, outputs=[f"{name}/GQA/out", present_k, present_v],
             num_heads=layer.num_heads, kv_num_heads=layer.num_kv_heads, scale=float(layer.scale),
-            do_rotary=int(bool(rot)), rotary_interleaved=0,
+            do_rotary=int(bool(rot)), rotary_interleaved=0, **local,
         )[0]
         if last_only:  # the last layer feeds only the last position onward (its keys/values are all cached)
             out = self.last(out, f"{name}/last_position")

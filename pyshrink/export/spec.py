@@ -33,6 +33,7 @@ class Layer:
     num_heads: int
     num_kv_heads: int
     scale: float
+    window: int | None = None  # sliding-window attention (Mistral, Qwen2's sliding layers): keys within the last N
 
 
 @dataclass
@@ -96,6 +97,21 @@ FAMILY = {
 }
 
 
+def sliding_windows(cfg, depth: int) -> list:
+    """Per layer, the sliding attention window in positions (each query sees itself and the window - 1 before
+    it, as transformers masks them), or None for full attention. Mistral slides in every layer; Qwen2 and later
+    configs name each layer's kind in ``layer_types``."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return [None] * depth
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * depth
+    return [int(window)] * depth
+
+
 def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) -> DecoderSpec:
     adapter = adapter_for(model)
     cfg = model.config
@@ -119,6 +135,7 @@ def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) 
                              f"{max_pos}")
     max_len = min(max_pos, max_length or max_pos)
 
+    windows = sliding_windows(cfg, adapter.depth(model))
     layers = []
     for i, block in enumerate(adapter.blocks(model)):
         if adapter.qkv:
@@ -145,7 +162,7 @@ def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) 
             qkv=qkv, o=policy.proj(get_path(block, adapter.o)),
             mlp_in=[policy.proj(m) for m in adapter.mlp_in_modules(block)],
             mlp_out=policy.proj(adapter.mlp_out_module(block)),
-            num_heads=H, num_kv_heads=kvH, scale=scale,
+            num_heads=H, num_kv_heads=kvH, scale=scale, window=windows[i],
         ))
 
     embed_mod = adapter.embedding(model)

@@ -82,7 +82,7 @@ class TorchDecoder:
                                      "(use fuse=False)")
             self.fused_groups = sum(adapter.fuse(b) for b in adapter.blocks(model))
         self.gqa_attention = attention.use_for_decoding(model)
-        self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
+        self.cache = StaticCache(config=_full_attention_config(model.config), max_cache_len=self.max_length)
         self._compiled = (torch.compile(self._forward, fullgraph=True, dynamic=False, options=compile_options)
                           if compile else self._forward)
 
@@ -115,3 +115,19 @@ class TorchDecoder:
                                     torch.tensor([self.length], device=self.device))
         self.length += 1
         return logits
+
+
+def _full_attention_config(config):
+    """``config`` with every layer's cache full-length. A sliding-window layer's static cache (Mistral, Qwen2's
+    sliding layers) keeps a Python count of the tokens seen, which torch.compile guards on: the compiled step
+    recompiled every token and failed at the recompile limit. Full-length caches hold the same keys, and the
+    model's own masks still keep each query to its window."""
+    import copy
+
+    if not getattr(config, "sliding_window", None):
+        return config
+    config = copy.deepcopy(config)
+    config.sliding_window = None
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return config

@@ -228,6 +228,27 @@ def test_partial_rotary_with_a_head_size_gqa_cannot_rotate(tmp_path):
     assert _steps_parity(tmp_path / "phi", model) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_sliding_window_attention_past_the_window(kind, tmp_path):
+    """Mistral (every layer) and Qwen2 (layers from max_window_layers on) attend to the last sliding_window
+    positions only: a prompt and steps well past an 8-token window match PyTorch. The graph used to attend to
+    everything (validation's 8-token prompt is shorter than real windows, so it passed)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=8)
+    if kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common)).eval()
+    else:
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)).eval()
+    export_onnx(model, tmp_path / kind)
+    windows = {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "local_window_size"), -1)
+               for n in onnx.load(str(tmp_path / kind / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"}
+    assert windows == ({8} if kind == "mistral" else {-1, 8})
+    assert _steps_parity(tmp_path / kind, model, prompt_len=20, steps=10) < 1e-4
+
+
 def _gqa_rotary(folder) -> set:
     """The do_rotary attributes of the graph's GroupQueryAttention nodes."""
     return {next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "do_rotary"), 0)

@@ -93,3 +93,24 @@ def test_step_threads_split_and_restored(monkeypatch):
     assert seen[1:] == [("_compiled", 2, 1)] and (get_num_threads(), torch.get_num_threads()) == before
     with pytest.raises(InvalidSetting, match="torch_threads must be"):
         TorchDecoder(model, 16, compile=False, torch_threads=0)
+
+
+def test_sliding_window_model_compiles_and_keeps_its_window():
+    """Mistral's sliding-window layers: transformers' sliding static cache made the compiled step recompile every
+    token until torch.compile's limit (8) failed it; the full-length cache decodes past the window, as one forward."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=4, **cfg)).eval()
+    ids = random_ids(1, 18)[0].tolist()  # a 6-token prompt, then 12 steps, past the 4-token window
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0, 5:]
+        full = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **cfg))
+        full.load_state_dict(model.state_dict())
+        assert (full.eval()(torch.tensor([ids])).logits[0, 5:] - ref).abs().max() > 1e-3  # the window matters
+    dec = TorchDecoder(model, 24, fuse=False)
+    for _ in range(2):  # a second sequence: cache reset
+        got = torch.stack([dec.prefill(ids[:6])] + [dec.step(t) for t in ids[6:]])
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
