@@ -308,7 +308,9 @@ def _decoder(model, policy, *, opset, accuracy_level, logits, max_length):
         "kind": "decoder", "family": spec.family, "model_type": cfg.model_type,
         "inputs": ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{k}" for i in range(len(layers)) for k in ("key", "value")],
         "outputs": ["logits"] + [f"present.{i}.{k}" for i in range(len(layers)) for k in ("key", "value")],
-        "logits": logits, "past_present_share_buffer": True, "num_layers": len(layers), "layers": layers,
+        # batches: shorter rows padded on the RIGHT (mask 0 after their tokens), GroupQueryAttention's convention;
+        # a left-padded row attends to its pads
+        "logits": logits, "padding": "right", "past_present_share_buffer": True, "num_layers": len(layers), "layers": layers,
         "hidden_size": spec.hidden, "head_dim": spec.head_dim,
         "vocab_size": spec.extra.get("full_vocab_size", spec.vocab_size), "max_length": spec.max_positions,
         "vocab_keep": spec.extra.get("vocab_keep"),

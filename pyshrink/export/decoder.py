@@ -97,7 +97,20 @@ class _Builder:
         return self.g.node("Split", [y, self.g.const([p.N for p in projs])], f"{name}/Split", n_out=len(projs), axis=-1)
 
     def last(self, x: str, name: str) -> str:
-        return self.g.node("Slice", [x, self.g.const([-1]), self.g.const([INT64_MAX]), self.g.const([1])], name)
+        """Each row's last real new position of ``x [batch, seq, hidden]``, as ``[batch, 1, hidden]``."""
+        g = self.g
+        picked = g.node("GatherND", [x, self.last_index], f"{name}/GatherND", batch_dims=1)
+        return g.node("Unsqueeze", [picked, g.const([1])], f"{name}/Unsqueeze")
+
+    def last_positions(self, ids: str, mask: str) -> str:
+        """Per row, the index among the new tokens of the last one the mask keeps, ``[batch, 1]``. Batches are
+        right-padded (GroupQueryAttention's seqlens_k counts each row's tokens from the left), so a shorter
+        prompt's last token is not the last column: the final column's logits were a pad's."""
+        g = self.g
+        seq = g.node("Shape", [ids], "last/SeqLen", start=1, end=2)
+        new = g.node("Slice", [mask, g.node("Neg", [seq], "last/Neg"), g.const([INT64_MAX]), g.const([1])], "last/Mask")
+        count = g.node("ReduceSum", [new, g.const([1])], "last/Count", keepdims=1)
+        return g.node("Max", [g.node("Sub", [count, g.const(1)], "last/Sub"), g.const(0)], "last/Index")
 
     def attention(self, i: int, x: str, last_only: bool = False) -> str:
         s, g = self.s, self.g
@@ -202,6 +215,8 @@ class _Builder:
         self.seqlens_k = g.node("Cast", [g.node("Sub", [summed, g.const(1)], "mask/Sub")], "mask/seqlens_k", to=INT32)
         total = g.node("Gather", [g.node("Shape", [mask], "mask/Shape"), g.const(1)], "mask/Gather", axis=0)
         self.total_len = g.node("Cast", [total], "mask/total_len", to=INT32)
+        if self.logits == "last":
+            self.last_index = self.last_positions(ids, mask)
         if s.rotary is not None:
             self.cos = g.initializer("cos_cache", to_numpy(s.rotary[0]))
             self.sin = g.initializer("sin_cache", to_numpy(s.rotary[1]))

@@ -45,6 +45,35 @@ def test_decoder_export_matches_pytorch_over_kv_cache_steps(family, exported):
     assert _steps_parity(folder, tiny_model(family)) < 1e-4
 
 
+@pytest.mark.parametrize("family", DECODERS)
+def test_right_padded_batch_matches_each_row_alone(family, exported):
+    """A batch of an 8-token and a 5-token prompt, the shorter padded on the right (GroupQueryAttention's
+    convention), then two cached steps: every row's logits are its own prompt's. The prefill used to return the
+    last column's logits, a pad's, for the shorter row."""
+    meta = json.loads((exported(family) / "pyshrink_onnx.json").read_text())
+    assert meta["padding"] == "right"
+    sess = ort.InferenceSession(str(exported(family) / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = tiny_model(family)
+    ids = random_prompt(16, seed=3)
+    rows = [ids[:8], ids[8:13]]
+    inp, mask = np.zeros((2, 8), np.int64), np.zeros((2, 8), np.int64)
+    for r, row in enumerate(rows):
+        inp[r, :len(row)], mask[r, :len(row)] = row, 1
+    feeds = {f"past_key_values.{i}.{k}": np.zeros((2, layer["num_kv_heads"], 0, layer["head_dim"]), np.float32)
+             for i, layer in enumerate(meta["layers"]) for k in ("key", "value")}
+    names = [o.name for o in sess.get_outputs()]
+    for step in range(3):
+        out = dict(zip(names, sess.run(None, {"input_ids": inp, "attention_mask": mask, **feeds})))
+        for r, row in enumerate(rows):
+            with torch.no_grad():
+                ref = model(torch.tensor([row])).logits[0, -1].numpy()
+            assert np.abs(out["logits"][r, -1] - ref).max() < 1e-4 * max(1.0, np.abs(ref).max()), (step, r)
+        nxt = [int(t) for t in out["logits"][:, -1].argmax(-1)]
+        rows = [row + [t] for row, t in zip(rows, nxt)]
+        inp, mask = np.array([[t] for t in nxt]), np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        feeds = {k: out[k.replace("past_key_values.", "present.")] for k in feeds}
+
+
 def test_all_logits_export_validates_and_decodes(tmp_path):
     from onnx_helpers import word_tokenizer
 
