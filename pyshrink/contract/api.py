@@ -347,7 +347,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         obs.mlp.gram = None  # free the Gram matrices as soon as the block is planned
         if obs.attn is not None:
             obs.attn.gram = None
-        return layer_selection.LayerCandidate(i, npl, hpl, *obs.scales)
+        return layer_selection.LayerCandidate(i, npl, hpl, **obs.scales)
 
     t_c = time.perf_counter()
     candidates = stats_pass.observe_blocks(model, adapter, batches, consume, heads=prune_heads, progress=progress)
@@ -375,7 +375,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         if prune_heads:
             row["heads_after"], row["kv_heads_after"] = adapter.head_counts(blk, model.config)
             row["head_shape"] = c.heads.shape if c.heads is not None else None
-        row["relative_error"] = c.cost
+        row["relative_error"] = c.relative_error
         rows.append(row)
     contraction_time = time.perf_counter() - t_c
 

@@ -78,15 +78,17 @@ class BlockObservation:
     index: int
     mlp: ChannelStats  # input of the down projection (neurons)
     attn: ChannelStats | None = None  # input of the attention output projection (heads x head_dim)
-    out_sq: float = 0.0  # sum of squares of the block's output hidden states (post-norm: the MLP's norm input)
-    attn_sq: float | None = None  # post-norm blocks only: sum of squares of the attention's norm input
+    out_sq: float = 0.0  # sum of squares of the block's output hidden states
+    # post-norm blocks only: sums of squares of the attention's and the MLP's residual sums (their norms' inputs)
+    residual_sq: tuple[float, float] | None = None
     tokens: int = 0
 
     @property
-    def scales(self) -> tuple[float, float]:
-        """E||.||^2 per token that the MLP's and the attention's output errors are relative to."""
+    def scales(self) -> dict:
+        """E||.||^2 per token of the block output and, for post-norm blocks, of the two residual sums."""
         t = max(self.tokens, 1)
-        return self.out_sq / t, (self.out_sq if self.attn_sq is None else self.attn_sq) / t
+        res = None if self.residual_sq is None else (self.residual_sq[0] / t, self.residual_sq[1] / t)
+        return {"out_ms": self.out_sq / t, "residual_ms": res}
 
 
 def _input_hook(stats: ChannelStats):
@@ -118,22 +120,17 @@ class _Observer:
             obs.out_sq += float(h.detach().double().pow(2).sum())
             obs.tokens += h.shape[0] * h.shape[1]
 
+        handles.append(block.register_forward_hook(out_hook))
         norms = self.adapter.post_norm_modules(block)
-        if norms is None:
-            handles.append(block.register_forward_hook(out_hook))
-        else:  # post-norm: each sub-block's error is relative to its residual sum, the input of its norm
-            obs.attn_sq = 0.0
+        if norms is not None:  # post-norm: the residual sums the projections' changes land in, before their norms
+            obs.residual_sq = [0.0, 0.0]
 
-            def attn_norm_hook(module, args):
-                obs.attn_sq += float(args[0].detach().double().pow(2).sum())
+            def residual_hook(k):
+                def hook(module, args):
+                    obs.residual_sq[k] += float(args[0].detach().double().pow(2).sum())
+                return hook
 
-            def mlp_norm_hook(module, args):
-                h = args[0]
-                obs.out_sq += float(h.detach().double().pow(2).sum())
-                obs.tokens += h.shape[0] * h.shape[1]
-
-            handles.append(norms[0].register_forward_pre_hook(attn_norm_hook))
-            handles.append(norms[1].register_forward_pre_hook(mlp_norm_hook))
+            handles += [norm.register_forward_pre_hook(residual_hook(k)) for k, norm in enumerate(norms)]
         self.current = (i, block, obs, handles)
 
     def finish(self):
