@@ -80,6 +80,25 @@ def test_transforms_are_replayed_on_load(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_transformed_model_reloads_in_16_bits_with_float32_rotary_frequencies(tmp_path, dtype):
+    """transformers keeps the rotary frequencies (an unsaved buffer) in float32 whatever the dtype; a transformed
+    folder's loader cast them with the model, and the reloaded logits drifted from the saved model's."""
+    import pyshrink
+
+    models.save(tiny_model("llama"), tiny_tokenizer(), tmp_path / "src")
+    model, tok = models.load_model(tmp_path / "src", dtype=dtype)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    pyshrink.quantize(model, method="rtn", progress=False)
+    models.save(model, tok, tmp_path / "q")
+    loaded, _ = models.load_model(tmp_path / "q", dtype=dtype)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert loaded.model.embed_tokens.weight.dtype == dtype
+    ids = torch.randint(2, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_transformed_masked_lm_reloads_with_its_shared_decoder_bias(tmp_path, tie):
     import transformers as tf
