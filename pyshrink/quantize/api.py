@@ -148,10 +148,30 @@ def calibration_batches(model, cfg: QuantConfig, calibration, tokenizer, adapter
     return [win[i:i + cfg.batch_size] for i in range(0, len(win), cfg.batch_size)]
 
 
+def _subpaths(name: str) -> list:
+    """Every run of consecutive dotted parts of ``name`` ("a.b.c": a, a.b, a.b.c, b, b.c, c)."""
+    parts = name.split(".")
+    return [".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Whether skip ``pattern`` names the module ``name`` or a module it sits in: an fnmatch pattern against the
+    qualified name or any run of its parts ("down_proj", "self_attn", "mlp.*", "model.layers.0.*")."""
+    return any(fnmatch.fnmatchcase(sub, pattern) for sub in _subpaths(name))
+
+
 def _skipped(name: str, patterns) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return any(name == p or last == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p)
-               or fnmatch.fnmatchcase(last, p) for p in patterns)
+    return any(_matches(name, p) for p in patterns)
+
+
+def _check_skip(model, patterns) -> None:
+    """A skip pattern that names no projection of the model is a mistake (a typo, another family's names)
+    that would quietly quantize what the user meant to keep: refuse it."""
+    names = [n for n, m in model.named_modules() if is_projection(m)]
+    unknown = [p for p in patterns if p != HEAD and not any(_matches(n, p) for n in names)]
+    if unknown:
+        raise InvalidSetting(f"skip pattern(s) {', '.join(map(repr, unknown))} match no projection of this model "
+                             f"(its projections are named like {', '.join(names[:3])}, ...)")
 
 
 def _module_name(model, module) -> str | None:
@@ -329,6 +349,7 @@ def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None)
     if is_quantized_model(model):
         raise InvalidSetting("the model is already quantized (it holds QuantLinear layers / its pyshrink.json "
                              "records a quantize step); quantize the floating-point model instead")
+    _check_skip(model, cfg.skip)
     head_to_quantize(model, adapter, cfg.skip)  # a head that cannot be packed fails here, before any change
     check_finite(model, "quantizing")  # a NaN weight would become a NaN scale for its whole group, silently
     method = method_for(cfg, calibration is not None)

@@ -27,8 +27,10 @@ class QuantConfig:
                     zero-padded (as MatMulNBits does); any K works.
     symmetric       4-bit only: zero point fixed at 8 (True) or one 4-bit zero point per group (False).
     method          "rtn", "awq", "gptq" or "auto" (best the calibration data allows; "rtn" without data).
-    skip            module names (fnmatch patterns, matched on the qualified name or its last part) to keep
-                    in floating point. "lm_head" names the output head whatever the model calls it (BERT's
+    skip            module names (fnmatch patterns) to keep in floating point, with the modules inside them:
+                    a pattern matches the qualified name or any run of its dotted parts ("down_proj",
+                    "self_attn", "mlp.*", "model.layers.0.*"); one that matches no projection is an error.
+                    "lm_head" names the output head whatever the model calls it (BERT's
                     cls.predictions.decoder); it is skipped by default.
     head_bits       bits for the output head when it is not skipped (None: ``bits``). A tied head is
                     untied: the embedding stays in floating point.

@@ -136,6 +136,26 @@ def test_one_skip_name_given_as_a_string_is_one_pattern():
     assert model.model.layers[0].mlp.down_proj.__class__.__name__ == "QuantLinear"
 
 
+@pytest.mark.parametrize("pattern,kept", [
+    ("self_attn", {"q_proj", "k_proj", "v_proj", "o_proj"}),  # a parent module: the projections inside it
+    ("mlp.*", {"gate_proj", "up_proj", "down_proj"}),
+    ("down_proj", {"down_proj"}),
+    ("model.layers.0.*", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+])
+def test_skip_patterns_name_modules_and_what_is_inside_them(pattern, kept):
+    model = quantize(tiny_model("llama"), method="rtn", skip=("lm_head", pattern), progress=False)
+    for i, block in enumerate(model.model.layers):
+        floats = {n.rsplit(".", 1)[-1] for n, m in block.named_modules() if type(m) is torch.nn.Linear}
+        assert floats == (kept if pattern != "model.layers.0.*" or i == 0 else set()), (i, floats)
+
+
+@pytest.mark.parametrize("pattern", ["self_atn", "fc1", "layers.9.*"])
+def test_a_skip_pattern_that_matches_nothing_is_refused(pattern):
+    # a typo or another family's names quietly quantized every layer the user meant to keep
+    with pytest.raises(InvalidSetting, match=f"skip pattern\\(s\\) '{pattern}' match no projection"):
+        quantize(tiny_model("llama"), method="rtn", skip=("lm_head", pattern), progress=False)
+
+
 def test_a_config_and_other_settings_together_are_refused():
     cfg = QuantConfig(method="rtn", progress=False)
     with pytest.raises(InvalidSetting, match=r"got config= and also 'bits', 'seq_len'"):
