@@ -405,12 +405,54 @@ def atomic_file(path):
         tmp.unlink(missing_ok=True)
 
 
-def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (safetensors), its config, its tokenizer and ``pyshrink.json`` atomically to ``out``."""
+def stored_float_dtype(source) -> torch.dtype | None:
+    """The dtype a model folder stores its floating-point weights in (read from the first safetensors header),
+    or None where that is not a folder of safetensors (GGUF, embedded, hub)."""
+    from safetensors import safe_open
+
+    kind, path = resolve(source)
+    files = sorted(path.glob("*.safetensors")) if kind == "folder" else []
+    for f in files:
+        try:
+            with safe_open(f, "pt") as st:
+                for key in st.keys():
+                    dtype = st.get_slice(key).get_dtype()
+                    if dtype in _SAFETENSORS_FLOATS:
+                        return _SAFETENSORS_FLOATS[dtype]
+        except Exception:  # a corrupt file is the loader's to report
+            return None
+    return None
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@contextlib.contextmanager
+def _parameters_as(model, dtype):
+    """The model's floating-point parameters in ``dtype`` for the duration (buffers, such as quantized layers'
+    float32 scales, stay as they are)."""
+    if dtype is None:
+        yield
+        return
+    params = {id(p): p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}.values()
+    before = [(p, p.data) for p in params]
+    try:
+        for p, data in before:
+            p.data = data.to(dtype)
+        yield
+    finally:
+        for p, data in before:
+            p.data = data
+
+
+def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool = False,
+         float_dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` (safetensors), its config, its tokenizer and ``pyshrink.json`` atomically to ``out``;
+    ``float_dtype``: store the floating-point parameters in that dtype (the model in memory is unchanged)."""
     meta = dict(metadata or {})
     meta["transforms"] = list(transforms_of(model))
     meta.setdefault("pyshrink_version", __import__("pyshrink").__version__)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, _parameters_as(model, float_dtype):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -65,7 +65,7 @@ def _print_summary(source, s: dict) -> None:
                f"{s['calib_tokens']:,} calibration tokens, {s['quantize_seconds']:.0f} s)")
     rows = [
         ("weights on disk", _mib(s["source_bytes"]), _mib(s["out_bytes"])),
-        ("bits per weight (quantized layers)", "32" if s["source_bytes"] else "-", f"{s['bits_per_weight_quantized']:.2f}"),
+        ("bits per weight (quantized layers)", str(s["source_bits_per_weight"] or "-"), f"{s['bits_per_weight_quantized']:.2f}"),
         ("bits per weight (whole model)", "", f"{s['bits_per_weight_model']:.2f}"),
         (s["metric"], f"{s['before']:.4f}", f"{s['after']:.4f}"),
     ]

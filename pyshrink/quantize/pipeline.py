@@ -16,7 +16,8 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings
-from ..models import CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, save, window_length
+from ..models import (CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, save, stored_float_dtype,
+                      window_length)
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
@@ -50,6 +51,7 @@ class QuantRun:
             "bits_per_weight_model": 8 * self.out_bytes / max(self.params, 1),
             "quantize_seconds": self.report.seconds, "seconds": self.seconds,
             "untied_head": self.report.untied_head, "layers": r["layers"],
+            "source_bits_per_weight": self.extra.get("source_bits"),
         }
 
 
@@ -130,15 +132,24 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     if calib_ids is not None and calib_ids.numel() == 0:
         raise DataError("the calibration text is empty")
     report = quantize_model(model, cfg, calibration=calib_ids, tokenizer=tok)
+    # A 16-bit source keeps its float weights (embedding, norms, an unquantized head) in 16 bits: stored in
+    # float32 they took twice the source's bytes. They are rounded now, so that "after" is what the folder holds.
+    src_dtype = stored_float_dtype(source)
+    store = src_dtype if src_dtype in (torch.bfloat16, torch.float16) else None
+    if store is not None:
+        with torch.no_grad():
+            for p in {id(p): p for p in model.parameters() if p.is_floating_point()}.values():
+                p.copy_(p.to(store))
     after = measure(model)
     meta = {"source": str(source), "quantize": {k: v for k, v in report.to_dict().items() if k != "layers"},
             "quality": {"metric": metric, "before": before, "after": after, "eval_tokens": int(eval_ids.numel()),
                         "eval_source": eval_source}}
-    save(model, tok, out, metadata=meta, overwrite=overwrite)
+    save(model, tok, out, metadata=meta, overwrite=overwrite, float_dtype=store)
     return QuantRun(out=out, report=report, metric=metric, before=before, after=after,
                     eval_tokens=int(eval_ids.numel()), eval_source=eval_source, source_bytes=_source_bytes(source),
                     out_bytes=weights_bytes(out), params=represented_params(model),
-                    seconds=time.perf_counter() - t0)
+                    seconds=time.perf_counter() - t0,
+                    extra={"source_bits": None if src_dtype is None else torch.finfo(src_dtype).bits})
 
 
 __all__ = ["quantize_to_folder", "QuantRun", "weights_bytes"]

@@ -48,6 +48,43 @@ def test_cli_quantize_table(source, capsys):
         assert needle in cap.out
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cli_a_16_bit_source_keeps_its_float_weights_in_16_bits(source, capsys, dtype):
+    """The embedding, norms and float head of a bf16/fp16 source were stored in float32 (twice the source's
+    bytes) and the summary said the source had 32 bits per weight."""
+    import torch
+    from safetensors import safe_open
+
+    src = source / f"src-{dtype}"
+    models.save(tiny_model("llama").to(getattr(torch, dtype)), word_tokenizer(), src)
+    out = source / f"q-{dtype}"
+    rc, cap = _main(["quantize", str(src), "-o", str(out), "--method", "rtn", "--group-size", "32",
+                     "--calibration", str(source / "calib.txt"), "--seq-len", "64", "--json"], capsys)
+    assert rc == 0, cap.err
+    s = json.loads(cap.out.strip().splitlines()[-1])
+    assert s["source_bits_per_weight"] == 16
+    with safe_open(str(out / "model.safetensors"), "pt") as st:
+        dtypes = {k: st.get_slice(k).get_dtype() for k in st.keys()}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == {"bfloat16": "BF16"}.get(dtype, "F16")
+    assert {dtypes[k] for k in dtypes if k.endswith(".scales")} == {"F32"}  # the kernels' scales stay float32
+    loaded, _ = models.load_model(out)  # float32 by default: the 16-bit values, widened
+    from pyshrink.evaluate import perplexity
+
+    assert s["after"] == pytest.approx(perplexity(loaded, ids=_eval_ids(out), seq_len=64, progress=False), rel=1e-5)
+    rc, cap = _main(["quantize", str(src), "-o", str(source / f"qt-{dtype}"), "--method", "rtn", "--group-size", "32",
+                     "--calibration", str(source / "calib.txt"), "--seq-len", "64"], capsys)
+    assert re.search(r"bits per weight \(quantized layers\)\s+16\s", cap.out), cap.out
+
+
+def _eval_ids(out):
+    """The held-out ids the summary's perplexity was measured on (the last 10 % of calib.txt, up to 2,048)."""
+    from pyshrink import data
+
+    tok = models.load_model(out)[1]
+    ids = data.tokenize(tok, data.read_texts(out.parent / "calib.txt"))
+    return data.split_ids(ids, 0.1)[1][:2048]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--bits", "3"], "bits must be 4 or 8"),
     (["--group-size", "100"], "group_size must be one of 32, 64, 128"),
