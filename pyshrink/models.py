@@ -427,6 +427,23 @@ def stored_float_dtype(source) -> torch.dtype | None:
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def storage_dtype(source) -> torch.dtype | None:
+    """The 16-bit dtype to save a model made from ``source`` in (its float weights' dtype when that is bfloat16
+    or float16), or None to save float32: a 16-bit source's output stored in float32 took twice its bytes."""
+    dtype = stored_float_dtype(source) if isinstance(source, (str, os.PathLike)) else None
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+@torch.no_grad()
+def round_floats_to(model, dtype: torch.dtype | None) -> None:
+    """Round the model's floating-point parameters to values ``dtype`` holds (kept in their own dtype), so
+    that what is measured before saving in ``dtype`` is what the saved folder gives."""
+    if dtype is None:
+        return
+    for p in {id(p): p for p in model.parameters() if p.is_floating_point()}.values():
+        p.copy_(p.to(dtype))
+
+
 @contextlib.contextmanager
 def _parameters_as(model, dtype):
     """The model's floating-point parameters in ``dtype`` for the duration (buffers, such as quantized layers'

@@ -146,6 +146,7 @@ class ContractionResult:
     # block index -> indices (in the width before contraction) of the MLP neurons kept; not saved. Lets a
     # schedule that trains across contractions slice the optimizer state of the narrowed projections alike.
     kept_neurons: dict = field(default_factory=dict)
+    float_dtype: torch.dtype | None = None  # what save() stores float weights in (a 16-bit source's; None: float32)
 
     def __repr__(self) -> str:  # the numbers that matter, not the whole module tree
         keys = ("params_before", "params_after", "ppl_source", "ppl_final")
@@ -156,7 +157,8 @@ class ContractionResult:
         """Write safetensors + config + tokenizer + pyshrink.json atomically; ``load_model(out)`` reads it."""
         meta = {"stage": "contract", "contraction": self.summary,
                 "source": {"name": self.summary.get("source"), "fingerprint": self.summary.get("source_fingerprint")}}
-        return models.save(self.model, self.tokenizer, out, metadata=meta, overwrite=overwrite)
+        return models.save(self.model, self.tokenizer, out, metadata=meta, overwrite=overwrite,
+                           float_dtype=self.float_dtype)
 
 
 def _windows(ids: torch.Tensor, seq_len: int, max_tokens: int, what: str, vocab: int | None) -> torch.Tensor:
@@ -399,6 +401,8 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
                      "curve": h["curve"], "options": heal_opts}
 
     # ---- result ------------------------------------------------------------------------------------------
+    store = models.storage_dtype(source)  # a 16-bit source's output is saved in 16 bits: measure what is saved
+    models.round_floats_to(model, store)
     t_eval = time.perf_counter()
     q_final = quality.measure(model)
     eval_time += time.perf_counter() - t_eval
@@ -441,7 +445,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     else:
         summary.update(embedding_cosine=q_final)
     summary["wall_time_s"] = time.perf_counter() - t_start
-    result = ContractionResult(model, tok, summary, kept_neurons)
+    result = ContractionResult(model, tok, summary, kept_neurons, float_dtype=store)
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result

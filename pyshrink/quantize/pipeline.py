@@ -16,8 +16,8 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings
-from ..models import (CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, save, stored_float_dtype,
-                      window_length)
+from ..models import (CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, round_floats_to, save,
+                      storage_dtype, stored_float_dtype, window_length)
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
@@ -134,12 +134,8 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     report = quantize_model(model, cfg, calibration=calib_ids, tokenizer=tok)
     # A 16-bit source keeps its float weights (embedding, norms, an unquantized head) in 16 bits: stored in
     # float32 they took twice the source's bytes. They are rounded now, so that "after" is what the folder holds.
-    src_dtype = stored_float_dtype(source)
-    store = src_dtype if src_dtype in (torch.bfloat16, torch.float16) else None
-    if store is not None:
-        with torch.no_grad():
-            for p in {id(p): p for p in model.parameters() if p.is_floating_point()}.values():
-                p.copy_(p.to(store))
+    src_dtype, store = stored_float_dtype(source), storage_dtype(source)
+    round_floats_to(model, store)
     after = measure(model)
     meta = {"source": str(source), "quantize": {k: v for k, v in report.to_dict().items() if k != "layers"},
             "quality": {"metric": metric, "before": before, "after": after, "eval_tokens": int(eval_ids.numel()),

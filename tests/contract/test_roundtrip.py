@@ -117,3 +117,20 @@ def test_a_pruned_vocabulary_is_not_pruned_again(contracted):
         pyshrink.contract((res.model, res.tokenizer), 0.5, 1, calibration=TEXT, prune_vocab=True, seq_len=64,
                           calibration_tokens=1024, eval_tokens=256, progress=False)
 
+
+
+def test_a_bfloat16_source_is_saved_in_bfloat16_as_it_was_measured(tiny_folder, tmp_path):
+    """A contracted bf16 model was stored in float32: fewer parameters than the source, but more bytes."""
+    from safetensors import safe_open
+
+    model, tok = pyshrink.load_model(tiny_folder("llama"))
+    pyshrink.save(model.to(torch.bfloat16), tok, tmp_path / "src")
+    res = pyshrink.contract(tmp_path / "src", 0.5, 1, calibration=TEXT, seq_len=64, calibration_tokens=1024,
+                            eval_tokens=256, progress=False, out=tmp_path / "c")
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as st:
+        assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
+    assert (tmp_path / "c" / "model.safetensors").stat().st_size < (tmp_path / "src" / "model.safetensors").stat().st_size
+    loaded, _ = pyshrink.load_model(tmp_path / "c")  # float32, as res.model: the bf16 values it was measured with
+    ids = torch.randint(5, 300, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, res.model(input_ids=ids).logits, rtol=0, atol=0)
