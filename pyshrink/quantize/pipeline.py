@@ -17,7 +17,7 @@ from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings
 from ..models import (CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, round_floats_to, save,
-                      storage_dtype, stored_float_dtype, window_length)
+                      storage_dtype, stored_float_dtype, transforms_of, window_length)
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
@@ -115,6 +115,12 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
         raise DataError(f"the calibration text has {calib_ids.numel() + eval_ids.numel()} tokens, so its held-out "
                         f"last {held_out:.0%} ({eval_ids.numel()} tokens) is shorter than one {window}-token window "
                         "for the before/after quality: pass more calibration text, or an evaluation text (--eval)")
+    pruned = next((r for r in transforms_of(model) if r["kind"] == "contract.vocab"), None)
+    if pruned is not None and adapter.kind == "decoder":
+        # the model's softmax runs over its kept ids only: not comparable with perplexities over the whole vocabulary
+        # (contract's ppl_final is measured before the vocabulary is dropped)
+        eval_source += (f"; over the {len(pruned['kept_ids']):,} ids the pruned vocabulary keeps, not comparable "
+                        "with contract's ppl_final")
     if adapter.kind == "decoder":
         metric = "perplexity"
         if eval_tokens < window:

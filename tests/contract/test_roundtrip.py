@@ -134,3 +134,16 @@ def test_a_bfloat16_source_is_saved_in_bfloat16_as_it_was_measured(tiny_folder, 
     ids = torch.randint(5, 300, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, res.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_quantizing_a_vocabulary_pruned_model_says_its_perplexity_is_over_the_kept_ids(tiny_folder, tmp_path):
+    from pyshrink.quantize import QuantConfig
+    from pyshrink.quantize.pipeline import quantize_to_folder
+
+    pyshrink.contract(tiny_folder("llama"), 0.5, 1, calibration=TEXT, prune_vocab=True, seq_len=64,
+                      calibration_tokens=1024, eval_tokens=256, progress=False, out=tmp_path / "c")
+    (tmp_path / "t.txt").write_text(TEXT)
+    run = quantize_to_folder(tmp_path / "c", tmp_path / "q", QuantConfig(method="rtn", seq_len=64, progress=False),
+                             calibration=tmp_path / "t.txt", eval_tokens=256, progress=False)
+    kept = len(json.loads((tmp_path / "c" / "pyshrink.json").read_text())["transforms"][-1]["kept_ids"])
+    assert f"over the {kept:,} ids the pruned vocabulary keeps" in run.summary["eval_source"]
