@@ -49,6 +49,10 @@ class Adapter:
     # (block -> bool) says whether a block of a family that can be either is post-norm.
     post_norm: tuple[str, str] | None = None
     post_norm_applies: Callable | None = None
+    # Decoding over a static cache (pyshrink.runtime.torch_decoder) passes the positions and a mask of the cache's
+    # length: without them transformers' OPT derives positions from how much of the cache is filled, a
+    # data-dependent shape torch.compile cannot trace ("Could not guard on data-dependent expression").
+    decode_with_mask: bool = False
     # ``fuse(block)`` (optional): make the block run its q|k|v and its gate|up projections as one call each
     # (fewer operator calls per decode step; see pyshrink.runtime.torch_decoder). Returns how many groups it
     # fused. Families without one cannot be fused.

@@ -17,4 +17,5 @@ ADAPTER = register(Adapter(
     head_attrs={"num_heads": "q_heads"},
     post_norm=("self_attn_layer_norm", "final_layer_norm"),  # OPT-350m: norms after the residual sums
     post_norm_applies=lambda block: not block.do_layer_norm_before,
+    decode_with_mask=True,
 ))

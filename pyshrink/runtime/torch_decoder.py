@@ -83,11 +83,16 @@ class TorchDecoder:
             self.fused_groups = sum(adapter.fuse(b) for b in adapter.blocks(model))
         self.gqa_attention = attention.use_for_decoding(model)
         self.cache = StaticCache(config=_full_attention_config(model.config), max_cache_len=self.max_length)
+        # the whole cache unmasked: the causal mask from the positions keeps each query to the filled part
+        self._mask = (torch.ones(1, self.max_length, dtype=torch.long, device=self.device)
+                      if adapter.decode_with_mask else None)
         self._compiled = (torch.compile(self._forward, fullgraph=True, dynamic=False, options=compile_options)
                           if compile else self._forward)
 
     def _forward(self, ids, positions):
-        out = self.model(ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1)
+        extra = {} if self._mask is None else {"attention_mask": self._mask, "position_ids": positions[None]}
+        out = self.model(ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1,
+                         **extra)
         return out.logits[0, -1]
 
     def prefill(self, ids) -> torch.Tensor:
