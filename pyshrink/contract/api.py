@@ -409,7 +409,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     vocab_info = None
     if prune_vocab:
         used = torch.cat([cal_ids, held]).unique()
-        vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config), unk_id=getattr(tok, "unk_token_id", None))
+        vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config), unk_id=vocab.unknown_token_id(tok))
         if quality.metric == "perplexity":
             # The kept ids include every id of the evaluation text (so none of it scores -inf), and dropping the
             # others renormalises the softmax over them: a perplexity measured now would be flattered by the test

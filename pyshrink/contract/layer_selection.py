@@ -7,8 +7,9 @@ calibration statistics in closed form, so scoring all blocks costs no extra forw
 
 Post-LayerNorm blocks (BERT; OPT with do_layer_norm_before=False) are the exception. A projection's change
 lands in a residual sum that a LayerNorm then rescales, so the block's own relative output error is the
-change relative to that residual sum (``relative_error``, what the summary reports; it matches the measured
-error of the block output). Blocks are still ranked by the change relative to the block output's energy
+change relative to that residual sum (``relative_error``, what the summary reports; on tiny random BERT and
+post-norm OPT blocks it was within 10 % of the measured relative error of the block output; the norm's
+per-channel gain is not in it). Blocks are still ranked by the change relative to the block output's energy
 (``cost``), a figure 7-8x larger on BERT: ranking by the relative error picked worse blocks on MiniLM-L6
 (3 blocks at ratio 0.5 on 8,192 WikiText tokens: embedding cosine 0.968 against 0.981 with MLP neurons
 removed, 0.867 against 0.952 with heads too). Its residual sums are dominated by a few large channels, which

@@ -86,6 +86,14 @@ def _tied(model) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
+def unknown_token_id(tokenizer) -> int | None:
+    """The tokenizer's unknown token, unless it doubles as its end, start or padding token (GPT-2's and OPT's
+    unk is their end-of-text token: removed ids should not read as the end of the text)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    others = {getattr(tokenizer, f"{t}_token_id", None) for t in ("eos", "bos", "pad")}
+    return unk if isinstance(unk, int) and unk not in others else None
+
+
 def _fallback(config, kept: torch.Tensor, unk_id=None) -> int:
     """The row removed ids read: unk's if kept (the tokenizer's, else the config's), else the first kept id's.
     The tokenizer's comes first because BertConfig names no unk id: removed ids read [PAD]'s row there."""

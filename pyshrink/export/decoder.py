@@ -103,13 +103,15 @@ class _Builder:
         return g.node("Unsqueeze", [picked, g.const([1])], f"{name}/Unsqueeze")
 
     def last_positions(self, ids: str, mask: str) -> str:
-        """Per row, the index among the new tokens of the last one the mask keeps, ``[batch, 1]``. Batches are
-        right-padded (GroupQueryAttention's seqlens_k counts each row's tokens from the left), so a shorter
-        prompt's last token is not the last column: the final column's logits were a pad's."""
+        """Per row, the index among the new tokens of its last real one, ``[batch, 1]``: min(new tokens, tokens
+        the mask keeps) - 1. Batches are right-padded (GroupQueryAttention's seqlens_k counts each row's tokens
+        from the left), so a shorter prompt's last token is not the last column, whose logits were a pad's. A
+        row whose new tokens are all real (batch 1, and every step) gets the last column, also when the mask
+        spans a whole preallocated cache (ONNX Runtime GenAI's static masks)."""
         g = self.g
         seq = g.node("Shape", [ids], "last/SeqLen", start=1, end=2)
-        new = g.node("Slice", [mask, g.node("Neg", [seq], "last/Neg"), g.const([INT64_MAX]), g.const([1])], "last/Mask")
-        count = g.node("ReduceSum", [new, g.const([1])], "last/Count", keepdims=1)
+        kept = g.node("ReduceSum", [mask, g.const([1])], "last/Kept", keepdims=1)
+        count = g.node("Min", [kept, seq], "last/Count")
         return g.node("Max", [g.node("Sub", [count, g.const(1)], "last/Sub"), g.const(0)], "last/Index")
 
     def attention(self, i: int, x: str, last_only: bool = False) -> str:
@@ -136,8 +138,9 @@ class _Builder:
             g.input(nm, FLOAT, ["batch_size", layer.num_kv_heads, "past_sequence_length", D])
         for nm in (present_k, present_v):
             g.output(nm, FLOAT, ["batch_size", layer.num_kv_heads, "total_sequence_length", D])
-        # sliding-window layers: ONNX Runtime's local_window_size counts as transformers' sliding_window does (a tiny
-        # Mistral with a 16-token window matched over a 150-token prompt and 49 steps; window - 1 did not)
+        # sliding-window layers: ONNX Runtime's local_window_size counts as transformers' sliding_window does (on the
+        # CPU provider, a tiny Mistral with a 16-token window matched over a 150-token prompt and 49 steps; window - 1
+        # did not; the CUDA provider's count was not checked)
         local = {"local_window_size": layer.window} if layer.window else {}
         out = g.node(
             "GroupQueryAttention", [*qkv, past_k, past_v, self.seqlens_k, self.total_len, *rot],

@@ -109,6 +109,9 @@ def sliding_windows(cfg, depth: int) -> list:
         return [int(window) if t == "sliding_attention" else None for t in types]
     if getattr(cfg, "use_sliding_window", True) is False:
         return [None] * depth
+    first = getattr(cfg, "max_window_layers", None)  # Qwen2 before layer_types: the layers from this one slide
+    if getattr(cfg, "use_sliding_window", None) and first is not None:
+        return [int(window) if i >= first else None for i in range(depth)]
     return [int(window)] * depth
 
 

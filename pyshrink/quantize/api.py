@@ -164,14 +164,22 @@ def _skipped(name: str, patterns) -> bool:
     return any(_matches(name, p) for p in patterns)
 
 
-def _check_skip(model, patterns) -> None:
+def _check_skip(model, adapter, patterns) -> None:
     """A skip pattern that names no projection of the model is a mistake (a typo, another family's names)
-    that would quietly quantize what the user meant to keep: refuse it."""
+    that would quietly quantize what the user meant to keep; patterns that keep every projection in float
+    ("model", GPT-2's "h"; the head is skipped too) would quietly quantize nothing: refuse both. Skipping every
+    block but quantizing the head is allowed."""
     names = [n for n, m in model.named_modules() if is_projection(m)]
     unknown = [p for p in patterns if p != HEAD and not any(_matches(n, p) for n in names)]
     if unknown:
         raise InvalidSetting(f"skip pattern(s) {', '.join(map(repr, unknown))} match no projection of this model "
                              f"(its projections are named like {', '.join(names[:3])}, ...)")
+    head = adapter.output_head(model)
+    blocks = [n for n, m in model.named_modules() if is_projection(m) and m is not head]
+    if blocks and all(_skipped(n, patterns) for n in blocks) and head_to_quantize(model, adapter, patterns) is None:
+        raise InvalidSetting(f"skip {tuple(patterns)!r} keeps every projection in floating point: "
+                             "nothing would be quantized (name the modules to keep, e.g. 'down_proj' or "
+                             "'model.layers.0.*')")
 
 
 def _module_name(model, module) -> str | None:
@@ -349,7 +357,7 @@ def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None)
     if is_quantized_model(model):
         raise InvalidSetting("the model is already quantized (it holds QuantLinear layers / its pyshrink.json "
                              "records a quantize step); quantize the floating-point model instead")
-    _check_skip(model, cfg.skip)
+    _check_skip(model, adapter, cfg.skip)
     head_to_quantize(model, adapter, cfg.skip)  # a head that cannot be packed fails here, before any change
     check_finite(model, "quantizing")  # a NaN weight would become a NaN scale for its whole group, silently
     method = method_for(cfg, calibration is not None)

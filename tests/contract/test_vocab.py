@@ -51,3 +51,13 @@ def test_removed_ids_read_the_tokenizers_unk_row():
     emb = model.get_input_embeddings()
     torch.testing.assert_close(emb(torch.tensor([[300]]))[0, 0], original[7])
     torch.testing.assert_close(emb(torch.tensor([[7]]))[0, 0], original[7])
+
+
+def test_the_unknown_row_is_the_tokenizers_unk_only_when_it_is_no_end_of_text_token():
+    from types import SimpleNamespace
+
+    bert_like = SimpleNamespace(unk_token_id=100, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    gpt2_like = SimpleNamespace(unk_token_id=50256, eos_token_id=50256, bos_token_id=50256, pad_token_id=None)
+    assert vocab.unknown_token_id(bert_like) == 100
+    assert vocab.unknown_token_id(gpt2_like) is None  # removed ids must not read as the end of the text
+    assert vocab.unknown_token_id(None) is None

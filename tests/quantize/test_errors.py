@@ -156,6 +156,19 @@ def test_a_skip_pattern_that_matches_nothing_is_refused(pattern):
         quantize(tiny_model("llama"), method="rtn", skip=("lm_head", pattern), progress=False)
 
 
+@pytest.mark.parametrize("family,pattern", [("llama", "model"), ("llama", "layers"), ("gpt2", "h"), ("llama", "*")])
+def test_skip_patterns_that_keep_every_block_in_float_are_refused(family, pattern):
+    with pytest.raises(InvalidSetting, match="keeps every projection in floating point"):
+        quantize(tiny_model(family), method="rtn", skip=("lm_head", pattern), progress=False)
+
+
+def test_skipping_every_block_but_quantizing_the_head_is_allowed():
+    model = quantize(tiny_model("llama"), method="rtn", skip=("model",), head_bits=8, progress=False)
+    from pyshrink.quantize.linear import is_quantized
+
+    assert is_quantized(model.lm_head) and not any(is_quantized(m) for m in model.model.modules())
+
+
 def test_a_config_and_other_settings_together_are_refused():
     cfg = QuantConfig(method="rtn", progress=False)
     with pytest.raises(InvalidSetting, match=r"got config= and also 'bits', 'seq_len'"):
