@@ -407,9 +407,11 @@ def atomic_file(path):
 
 def stored_float_dtype(source) -> torch.dtype | None:
     """The dtype a model folder stores its floating-point weights in (read from the first safetensors header),
-    or None where that is not a folder of safetensors (GGUF, embedded, hub)."""
+    or None where that is not a folder of safetensors (GGUF, embedded, hub, an in-memory model)."""
     from safetensors import safe_open
 
+    if not isinstance(source, (str, os.PathLike)):
+        return None
     kind, path = resolve(source)
     files = sorted(path.glob("*.safetensors")) if kind == "folder" else []
     for f in files:
@@ -427,11 +429,11 @@ def stored_float_dtype(source) -> torch.dtype | None:
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def storage_dtype(source) -> torch.dtype | None:
-    """The 16-bit dtype to save a model made from ``source`` in (its float weights' dtype when that is bfloat16
-    or float16), or None to save float32: a 16-bit source's output stored in float32 took twice its bytes."""
-    dtype = stored_float_dtype(source) if isinstance(source, (str, os.PathLike)) else None
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+def storage_dtype(stored: torch.dtype | None) -> torch.dtype | None:
+    """The dtype to save a model made from a source stored in ``stored`` (:func:`stored_float_dtype`): that
+    dtype when it is bfloat16 or float16, else None (float32): a 16-bit source's output stored in float32 took
+    twice its bytes."""
+    return stored if stored in (torch.bfloat16, torch.float16) else None
 
 
 @torch.no_grad()
@@ -440,8 +442,9 @@ def round_floats_to(model, dtype: torch.dtype | None) -> None:
     that what is measured before saving in ``dtype`` is what the saved folder gives."""
     if dtype is None:
         return
-    for p in {id(p): p for p in model.parameters() if p.is_floating_point()}.values():
-        p.copy_(p.to(dtype))
+    for p in model.parameters():  # shared (tied) parameters come once
+        if p.is_floating_point():
+            p.copy_(p.to(dtype))
 
 
 @contextlib.contextmanager
@@ -451,8 +454,7 @@ def _parameters_as(model, dtype):
     if dtype is None:
         yield
         return
-    params = {id(p): p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}.values()
-    before = [(p, p.data) for p in params]
+    before = [(p, p.data) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
     try:
         for p, data in before:
             p.data = data.to(dtype)

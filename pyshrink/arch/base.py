@@ -43,10 +43,11 @@ class Adapter:
     head_attrs: dict = field(default_factory=dict)
     head_module: str | None = None
     # Post-LayerNorm blocks (BERT; OPT with do_layer_norm_before=False): the LayerNorms (paths inside a block) that
-    # the attention's and the MLP's residual sums pass through, in that order. Contraction measures each
+    # the attention's and the MLP's residual sums pass through, in that order. Contraction reports each
     # sub-block's relative error at its norm's INPUT, where the projection's change lands; the block output
-    # is after the norm, on another scale (BERT's error read 7-8x too high against it). ``post_norm_applies``
-    # (block -> bool) says whether a block of a family that can be either is post-norm.
+    # is after the norm, on another scale (pyshrink.contract.layer_selection says why blocks are still ranked
+    # against it). ``post_norm_applies`` (block -> bool) says whether a block of a family that can be either is
+    # post-norm.
     post_norm: tuple[str, str] | None = None
     post_norm_applies: Callable | None = None
     # Decoding over a static cache (pyshrink.runtime.torch_decoder) passes the positions and a mask of the cache's

@@ -401,7 +401,8 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
                      "curve": h["curve"], "options": heal_opts}
 
     # ---- result ------------------------------------------------------------------------------------------
-    store = models.storage_dtype(source)  # a 16-bit source's output is saved in 16 bits: measure what is saved
+    # a 16-bit source's output is saved in 16 bits: measure what is saved
+    store = models.storage_dtype(models.stored_float_dtype(source))
     models.round_floats_to(model, store)
     t_eval = time.perf_counter()
     q_final = quality.measure(model)

@@ -80,7 +80,7 @@ class BlockObservation:
     attn: ChannelStats | None = None  # input of the attention output projection (heads x head_dim)
     out_sq: float = 0.0  # sum of squares of the block's output hidden states
     # post-norm blocks only: sums of squares of the attention's and the MLP's residual sums (their norms' inputs)
-    residual_sq: tuple[float, float] | None = None
+    residual_sq: list[float] | None = None
     tokens: int = 0
 
     @property

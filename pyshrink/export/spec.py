@@ -107,12 +107,11 @@ def sliding_windows(cfg, depth: int) -> list:
     types = getattr(cfg, "layer_types", None)
     if types is not None:
         return [int(window) if t == "sliding_attention" else None for t in types]
-    if getattr(cfg, "use_sliding_window", True) is False:
+    use = getattr(cfg, "use_sliding_window", None)  # Qwen2's switch; Mistral has none and always slides
+    if use is False:
         return [None] * depth
-    first = getattr(cfg, "max_window_layers", None)  # Qwen2 before layer_types: the layers from this one slide
-    if getattr(cfg, "use_sliding_window", None) and first is not None:
-        return [int(window) if i >= first else None for i in range(depth)]
-    return [int(window)] * depth
+    first = getattr(cfg, "max_window_layers", None) if use else None  # Qwen2 before layer_types: from this layer on
+    return [int(window) if first is None or i >= first else None for i in range(depth)]
 
 
 def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) -> DecoderSpec:

@@ -169,13 +169,14 @@ def _check_skip(model, adapter, patterns) -> None:
     that would quietly quantize what the user meant to keep; patterns that keep every projection in float
     ("model", GPT-2's "h"; the head is skipped too) would quietly quantize nothing: refuse both. Skipping every
     block but quantizing the head is allowed."""
-    names = [n for n, m in model.named_modules() if is_projection(m)]
+    projections = [(n, m) for n, m in model.named_modules() if is_projection(m)]
+    names = [n for n, _ in projections]
     unknown = [p for p in patterns if p != HEAD and not any(_matches(n, p) for n in names)]
     if unknown:
         raise InvalidSetting(f"skip pattern(s) {', '.join(map(repr, unknown))} match no projection of this model "
                              f"(its projections are named like {', '.join(names[:3])}, ...)")
     head = adapter.output_head(model)
-    blocks = [n for n, m in model.named_modules() if is_projection(m) and m is not head]
+    blocks = [n for n, m in projections if m is not head]
     if blocks and all(_skipped(n, patterns) for n in blocks) and head_to_quantize(model, adapter, patterns) is None:
         raise InvalidSetting(f"skip {tuple(patterns)!r} keeps every projection in floating point: "
                              "nothing would be quantized (name the modules to keep, e.g. 'down_proj' or "

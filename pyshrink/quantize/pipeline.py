@@ -115,7 +115,9 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
         raise DataError(f"the calibration text has {calib_ids.numel() + eval_ids.numel()} tokens, so its held-out "
                         f"last {held_out:.0%} ({eval_ids.numel()} tokens) is shorter than one {window}-token window "
                         "for the before/after quality: pass more calibration text, or an evaluation text (--eval)")
-    pruned = next((r for r in transforms_of(model) if r["kind"] == "contract.vocab"), None)
+    from ..contract import vocab
+
+    pruned = next((r for r in transforms_of(model) if r["kind"] == vocab.KIND), None)
     if pruned is not None and adapter.kind == "decoder":
         # the model's softmax runs over its kept ids only: not comparable with perplexities over the whole vocabulary
         # (contract's ppl_final is measured before the vocabulary is dropped)
@@ -140,7 +142,8 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
     report = quantize_model(model, cfg, calibration=calib_ids, tokenizer=tok)
     # A 16-bit source keeps its float weights (embedding, norms, an unquantized head) in 16 bits: stored in
     # float32 they took twice the source's bytes. They are rounded now, so that "after" is what the folder holds.
-    src_dtype, store = stored_float_dtype(source), storage_dtype(source)
+    src_dtype = stored_float_dtype(source)
+    store = storage_dtype(src_dtype)
     round_floats_to(model, store)
     after = measure(model)
     meta = {"source": str(source), "quantize": {k: v for k, v in report.to_dict().items() if k != "layers"},
