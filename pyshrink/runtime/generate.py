@@ -78,8 +78,10 @@ class OnnxLM:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def generate_ids(self, prompt_ids, max_new_tokens: int = 32, sampling: Sampling | None = None,
-                     on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True):
-        """Generate after ``prompt_ids``; returns (new token ids, finish_reason)."""
+                     on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True,
+                     stop_when: Callable[[list], bool] | None = None):
+        """Generate after ``prompt_ids``; returns (new token ids, finish_reason). ``stop_when(new ids)``, asked after
+        each token, ends the generation with "stop" when true (the server's stop sequences)."""
         sampling = sampling or Sampling()
         if not hasattr(prompt_ids, "__array__") and not isinstance(prompt_ids, (list, tuple)):
             prompt_ids = list(prompt_ids)  # a generator or map of ids
@@ -116,6 +118,8 @@ class OnnxLM:
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
+            if stop_when is not None and stop_when(out):
+                return out, "stop"
             if i + 1 < max_new:
                 logits = self.session.step(state, [tok])
         return out, "length"

@@ -56,6 +56,69 @@ def _number(body, key, default, lo, hi, integer=False):
     return v
 
 
+MAX_STOPS = 4  # OpenAI's limit on stop sequences
+
+# OpenAI fields this server does not implement, with the value that asks for nothing (absent and null do too):
+# another value is refused, as a client that asked for 3 choices or log-probabilities must not get one plain choice
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": "", "presence_penalty": 0,
+               "frequency_penalty": 0, "logit_bias": {}}
+
+
+def _unsupported(body: dict) -> None:
+    for key, neutral in UNSUPPORTED.items():
+        v = body.get(key)
+        if isinstance(neutral, bool) or isinstance(v, bool):  # True == 1: "n": true is not n = 1
+            nothing = v is None or v is neutral
+        else:
+            nothing = v is None or v == neutral
+        if not nothing:
+            raise ApiError(400, f"'{key}' is not supported by this server (leave it out, or {neutral!r}), got {v!r}",
+                           key, "unsupported_value")
+
+
+class StopText:
+    """Stop sequences: where the first one starts in a text, and how much of a text can be sent on while a stop
+    sequence may still be completing at its end."""
+
+    def __init__(self, stops):
+        self.stops = tuple(stops)
+
+    def find(self, text: str) -> int | None:
+        at = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(at) if at else None
+
+    def safe_length(self, text: str) -> int:
+        """``len(text)`` less its longest ending that begins a stop sequence (held back until it resolves)."""
+        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return len(text) - held
+
+    def cut(self, text: str) -> str:
+        at = self.find(text)
+        return text if at is None else text[:at]
+
+
+def _stops(body: dict) -> StopText:
+    stop = body.get("stop")
+    if stop is None:
+        return StopText(())
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOPS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of 1 to {MAX_STOPS} of them, got {stop!r}",
+                       "stop", "invalid_value")
+    return StopText(stops)
+
+
+@dataclass
+class Request:
+    """A checked completion request."""
+    ids: list
+    max_tokens: int
+    sampling: Sampling
+    stream: bool
+    stops: StopText
+
+
 class CompletionService:
     """Request validation and generation, independent of HTTP (so it is testable without sockets)."""
 
@@ -101,17 +164,23 @@ class CompletionService:
         stream = body.get("stream", False)
         if stream is not None and not isinstance(stream, bool):  # bool("false") is True
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}", "stream", "invalid_value")
-        return ids, max_tokens, Sampling(float(temperature), float(top_p), seed), bool(stream)
+        _unsupported(body)
+        return Request(ids, max_tokens, Sampling(float(temperature), float(top_p), seed), bool(stream), _stops(body))
 
-    def complete(self, ids, max_tokens, sampling, on_token=None):
+    def complete(self, req: "Request", on_token=None):
+        """``(new ids, finish_reason)``; generation ends where the text reaches a stop sequence ("stop")."""
+        stop_when = (lambda toks: req.stops.find(self.lm.decode(toks)) is not None) if req.stops.stops else None
         with self._slots:
-            return self.lm.generate_ids(ids, max_tokens, sampling, on_token=on_token)
+            return self.lm.generate_ids(req.ids, req.max_tokens, req.sampling, on_token=on_token,
+                                        stop_when=stop_when)
 
-    def response(self, ids, new, reason) -> dict:
+    def response(self, req: "Request", new, reason) -> dict:
+        ids = req.ids
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": self.model_name,
-            "choices": [{"text": self.lm.decode(new), "index": 0, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"text": req.stops.cut(self.lm.decode(new)), "index": 0, "logprobs": None,
+                         "finish_reason": reason}],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)},
         }
 
@@ -203,11 +272,11 @@ def make_handler(service: CompletionService):
                     raise ApiError(400, f"the body is not valid JSON: {exc}") from None
                 except RecursionError:
                     raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
-                ids, max_tokens, sampling, stream = service.parse(body)
-                if stream:
-                    return self._stream(ids, max_tokens, sampling)
-                new, reason = service.complete(ids, max_tokens, sampling)
-                self._json(200, service.response(ids, new, reason))
+                req = service.parse(body)
+                if req.stream:
+                    return self._stream(req)
+                new, reason = service.complete(req)
+                self._json(200, service.response(req, new, reason))
             except (BrokenPipeError, ConnectionResetError):  # the client went away: nobody to answer
                 self.close_connection = True
             except Exception as exc:  # noqa: BLE001  (a server answers; it does not die)
@@ -226,8 +295,9 @@ def make_handler(service: CompletionService):
             self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
             self.wfile.flush()
 
-        def _stream(self, ids, max_tokens, sampling):
-            """Server-sent events, one per token (text deltas by decoding the whole completion so far)."""
+        def _stream(self, req):
+            """Server-sent events, one per token (text deltas by decoding the whole completion so far; text that may
+            be the start of a stop sequence is held back until it is known not to be one)."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -244,12 +314,15 @@ def make_handler(service: CompletionService):
             def on_token(tok):
                 toks.append(tok)
                 text = service.lm.decode(toks)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                if text.endswith("\ufffd") or req.stops.find(text) is not None:  # a partial character; the end
+                    return
+                text = text[:req.stops.safe_length(text)]
+                if len(text) > len(sent[0]):
                     event(text[len(sent[0]):], None)
                     sent[0] = text
 
-            _, reason = service.complete(ids, max_tokens, sampling, on_token=on_token)
-            event(service.lm.decode(toks)[len(sent[0]):], reason)
+            _, reason = service.complete(req, on_token=on_token)
+            event(req.stops.cut(service.lm.decode(toks))[len(sent[0]):], reason)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 

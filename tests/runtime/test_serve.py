@@ -73,11 +73,63 @@ def test_streaming_gives_the_same_text(server):
     status, payload = _request(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8,
                                                                  "temperature": 0, "stream": True})
     assert status == 200
-    events = [ln[len("data: "):] for ln in payload.decode().split("\n\n") if ln.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    chunks = _events(payload)
     assert "".join(c["choices"][0]["text"] for c in chunks) == lm.generate(prompt, 8).text
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def _events(payload: bytes) -> list:
+    events = [ln[len("data: "):] for ln in payload.decode().split("\n\n") if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_a_stop_sequence_ends_the_text_before_it(server, as_list):
+    """`stop` was ignored: the whole max_tokens came back with finish_reason "length"."""
+    lm, port = server
+    prompt = text(random_prompt(5, seed=4))
+    full = lm.generate(prompt, 20).text
+    words = full.split()
+    stop = " " + words[4]  # the text up to the fifth word's first appearance
+    want = full[:full.find(stop)]
+    req = {"prompt": prompt, "max_tokens": 20, "temperature": 0, "stop": ["w127 w127", stop] if as_list else stop}
+    status, body = _post(port, req)
+    assert status == 200, body
+    assert body["choices"][0]["text"] == want and body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < 20
+    status, payload = _request(port, "POST", "/v1/completions", {**req, "stream": True})
+    chunks = _events(payload)
+    assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(stop in c["choices"][0]["text"] for c in chunks)  # (the joined text says no more was sent)
+
+
+def test_the_stop_text_helper_holds_back_what_may_begin_a_stop_sequence():
+    from pyshrink.runtime.server import StopText
+
+    stops = StopText(["END", "xy"])
+    assert stops.find("abcENDdef") == 3 and stops.find("abc") is None and stops.find("a xy END") == 2
+    assert stops.safe_length("abcEN") == 3 and stops.safe_length("abcx") == 3 and stops.safe_length("abc") == 3
+    assert stops.cut("abcxyEND") == "abc" and stops.cut("abc") == "abc"
+
+
+@pytest.mark.parametrize("field, value", [("n", 3), ("n", True), ("best_of", 2), ("echo", True), ("logprobs", 5),
+                                          ("logprobs", 0), ("suffix", "x"), ("presence_penalty", 0.5),
+                                          ("logit_bias", {"5": 100})])
+def test_fields_the_server_does_not_implement_are_refused_when_they_ask_for_something(server, field, value):
+    """They were ignored: n=3 got one choice, logprobs=5 got none, with a 200."""
+    _, port = server
+    status, body = _post(port, {"prompt": "w5 w6", "max_tokens": 2, field: value})
+    assert status == 400 and body["error"]["param"] == field and "not supported" in body["error"]["message"]
+
+
+def test_fields_at_their_neutral_values_are_accepted(server):
+    _, port = server
+    status, body = _post(port, {"prompt": "w5 w6", "max_tokens": 2, "temperature": 0, "n": 1, "best_of": 1,
+                                "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
+                                "frequency_penalty": 0.0, "logit_bias": {}, "user": "someone", "stop": None})
+    assert status == 200, body
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -91,6 +143,9 @@ def test_streaming_gives_the_same_text(server):
     ({"max_tokens": 4}, 400, "prompt"),
     ({"prompt": "w5", "stream": "false"}, 400, "stream"),  # a string is not a switch (bool("false") is True)
     ({"prompt": "w5", "model": 123}, 400, "model"),
+    ({"prompt": "w5", "stop": ""}, 400, "stop"),
+    ({"prompt": "w5", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),  # OpenAI's limit is 4
+    ({"prompt": "w5", "stop": [5]}, 400, "stop"),
 ])
 def test_invalid_requests_are_4xx_json(server, body, status, param):
     _, port = server
