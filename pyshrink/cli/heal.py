@@ -47,8 +47,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ):
         """Recover a contracted model's quality by distillation from its source; keeps the best checkpoint."""
+        from ..errors import check_range
         from ..heal import heal
 
+        if max_minutes is not None:  # checked here: heal() takes seconds, and would name max_seconds
+            check_range("--max-minutes", max_minutes, 0.0, 1e9 / 60)
         result = heal(student, teacher, text, tokens=tokens, until_ppl=until_ppl, lr=lr, temperature=temperature,
                       alpha=alpha, hidden_weight=hidden_weight, eval_text=eval_text or None, eval_tokens=eval_tokens,
                       eval_every=eval_every, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,

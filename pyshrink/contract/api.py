@@ -274,9 +274,10 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     elif max(layers) >= depth:
         raise InvalidSetting(f"layers must be block indices in 0..{depth - 1} (the model has {depth} blocks), "
                              f"got {layers!r}")
-    if heal_tokens and adapter.kind != "decoder":
-        raise InvalidSetting(f"heal_tokens: healing trains next-token prediction, so it needs a decoder; "
-                             f"{adapter.name} is an encoder")
+    if heal_tokens:
+        from ..heal.api import require_decoder
+
+        require_decoder(model, "heal_tokens")
     # the heal's teacher is the source as it was: an in-memory source is already a copy, a loaded one is not
     teacher = None
     if heal_tokens:

@@ -85,6 +85,15 @@ def _vocab_size(model) -> int:
     return head.weight.shape[0] if head is not None else model.config.vocab_size
 
 
+def require_decoder(model, setting: str = ""):
+    """The model's adapter; an encoder is refused (``setting``: the option that asked for a heal, for the message)."""
+    adapter = adapter_for(model)
+    if adapter.kind != "decoder":
+        raise InvalidSetting(f"{setting + ': ' if setting else ''}healing trains next-token prediction, so it needs a "
+                             f"decoder; {adapter.name} is an encoder")
+    return adapter
+
+
 def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pending: int = 0):
     """Raise a clear error unless ``student`` can be healed from ``teacher``; ``pending``: parameters a fade
     will cut from the student during the heal (it counts as that much smaller)."""
@@ -100,9 +109,7 @@ def check_pair(student, teacher, s_tok, t_tok, *, hidden_weight: float = 0.0, pe
     if low:  # AdamW has no master copy: its 1e-8 epsilon is 0 in float16 (0/0 = NaN), bf16 drops small updates
         raise InvalidSetting(f"healing trains the student in float32, but its weights are {', '.join(low)}: pass "
                              "student.float() (the teacher may stay 16-bit)")
-    adapter = adapter_for(student)
-    if adapter.kind != "decoder":
-        raise InvalidSetting(f"healing trains next-token prediction, so it needs a decoder; {adapter.name} is an encoder")
+    adapter = require_decoder(student)
     if adapter_for(teacher).name != adapter.name:
         raise IncompatibleModels(f"student ({adapter.name}) and teacher ({adapter_for(teacher).name}) are different "
                                  "model families")

@@ -188,7 +188,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     """
     from ..arch import adapter_for
     from ..contract.api import RATIO_RANGE, default_num_layers
-    from .api import heal
+    from .api import heal, require_decoder
 
     check_range("steps", steps, 1, 64, integer=True)
     # the user's setting, checked before any work: a slice's own ratio (slice_ratios) is checked by contraction
@@ -245,6 +245,7 @@ def iterative_contract(source, *, steps: int = 2, contraction_ratio: float = 0.5
     if teacher is None:
         teacher = models.load_model(source) if isinstance(source, (str, Path)) else source
     t_model = teacher[0] if isinstance(teacher, tuple) else getattr(teacher, "model", teacher)
+    require_decoder(t_model)  # before the first slice's contraction, not at its heal
     if num_layers_to_contract is None:
         num_layers_to_contract = (len(layers) if layers is not None
                                   else default_num_layers(adapter_for(t_model).depth(t_model)))

@@ -426,9 +426,9 @@ class Trainer:
             nonlocal last_saved
             reached = self._record_eval(self.evaluate(self.student))
             tick()
-            s.stopped = "until_ppl" if reached else ("time" if over_time else None)
-            if s.stopped is None and s.step == end:
-                s.stopped = at_end
+            # the last step is the end of the budget even when the time ran out during it ("time" says a resume
+            # would train on)
+            s.stopped = "until_ppl" if reached else at_end if s.step == end else "time" if over_time else None
             self._save_last()
             last_saved = s.step
 

@@ -44,6 +44,14 @@ def test_cli_errors_exit_non_zero(folders, capsys, tokenizer):
     assert "held-out perplexity" in capsys.readouterr().out
 
 
+def test_a_bad_max_minutes_is_named_as_the_option_in_minutes(folders, capsys):
+    """The message named the API's max_seconds and the value converted to seconds (-60.0 for -1)."""
+    assert _heal(folders, "--max-minutes", "-1") == 2
+    err = capsys.readouterr().err
+    assert "--max-minutes must be in 0.0-" in err and "got -1.0" in err and "max_seconds" not in err
+    assert not (folders / "out").exists()
+
+
 def test_a_contracted_folder_heals_and_its_checkpoints_load_back(trained_teacher, tokenizer, texts, tmp_path, capsys):
     from pyshrink.contract import contract
 

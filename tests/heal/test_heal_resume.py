@@ -236,6 +236,14 @@ def test_max_seconds_counts_this_invocation_only(trained_teacher, tokenizer, tex
     assert resumed.stopped == "budget" and resumed.steps == 12
 
 
+def test_a_run_whose_time_runs_out_on_its_last_step_has_spent_its_budget(trained_teacher, tokenizer, texts, tmp_path):
+    """It said stopped "time", as if a resume would train on; the resume then stopped at once with "budget"."""
+    r = _run(trained_teacher, tokenizer, texts, tmp_path / "run", tokens=TINY["batch_size"] * TINY["grad_accum"] * SEQ,
+             max_seconds=0)
+    assert r.steps == 1 and r.stopped == "budget"
+    assert json.loads((tmp_path / "run" / "heal.json").read_text())["stopped"] == "budget"
+
+
 def test_a_larger_budget_on_resume_continues_the_decay_instead_of_jumping_back_up(trained_teacher, tokenizer,
                                                                                  texts, tmp_path):
     from pyshrink.heal.trainer import HealConfig, lr_at

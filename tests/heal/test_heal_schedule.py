@@ -169,3 +169,14 @@ def test_an_output_over_the_source_folder_is_refused_before_any_work(trained_tea
                                overwrite=True, contract_fn=fake_contract(calls), progress=False, **HEAL)
     assert calls == [] and models.fingerprint(src) == before
 
+
+@pytest.mark.parametrize("schedule", ["per-slice", "continuous", "fade"])
+def test_an_encoder_is_refused_before_the_first_slice_is_contracted(tokenizer, texts, schedule):
+    """The refusal came from the first heal, after the first slice's contraction had run."""
+    from tiny import tiny_model
+
+    calls = []
+    with pytest.raises(InvalidSetting, match="needs a decoder; bert is an encoder"):
+        iterative_contract((tiny_model("bert"), tokenizer), steps=2, calibration=texts["train"], heal_tokens=512,
+                           contract_fn=fake_contract(calls), heal_schedule=schedule, **HEAL)
+    assert calls == []
