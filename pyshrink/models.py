@@ -124,7 +124,9 @@ def resolve(source) -> tuple[str, Path | None]:
                          f"or one of the embedded models: {', '.join(EMBEDDED)})")
 
 
-def _auto_class(config):
+def model_class(config):
+    """The transformers class a config's model is built as: its first architecture transformers has, else the Auto
+    class of its kind. An architecture pyshrink has no adapter for fails here, with the supported list."""
     import transformers
 
     from .arch import adapter_for
@@ -163,7 +165,7 @@ def _load_hub(name: str, dtype):
 
     try:
         config = AutoConfig.from_pretrained(name)
-        model = _auto_class(config).from_pretrained(name, dtype=dtype)
+        model = model_class(config).from_pretrained(name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name)
     except ModelLoadError:
         raise
@@ -185,18 +187,36 @@ def read_metadata(path) -> dict:
         raise ModelLoadError(f"{f} is corrupt: {exc}") from exc
 
 
-def _load_folder(path: Path, dtype, with_tokenizer: bool):
-    from transformers import AutoConfig, AutoTokenizer
+def read_config(path: Path):
+    """The transformers config of a model folder (clear errors for none or an unreadable one)."""
+    from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a transformers model folder")
     try:
-        config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
-    meta = read_metadata(path)
-    transforms = meta.get("transforms", [])
-    cls = _auto_class(config)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in a model folder, or None for a folder saved without one (what needs one says so);
+    transformers would guess a tokenizer class from the config and fail on a missing backend, or build one
+    without a vocabulary."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}") from exc
+
+
+def _load_folder(path: Path, dtype, with_tokenizer: bool):
+    config = read_config(path)
+    transforms = read_metadata(path).get("transforms", [])
+    cls = model_class(config)
     if not transforms:
         try:
             model = cls.from_pretrained(path, dtype=dtype)
@@ -204,15 +224,7 @@ def _load_folder(path: Path, dtype, with_tokenizer: bool):
             raise ModelLoadError(f"cannot load the weights in {path}: {exc}") from exc
     else:
         model = _load_transformed(path, config, cls, transforms, dtype)
-    tok = None
-    # a folder saved without a tokenizer gives None (what needs one says so); transformers would guess a tokenizer
-    # class from the config and fail on a missing backend, or build one without a vocabulary
-    if with_tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES):
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}") from exc
-    return model, tok
+    return model, load_tokenizer(path) if with_tokenizer else None
 
 
 # what a saved tokenizer leaves in a folder (fast tokenizers: tokenizer.json; slow ones: their vocabulary files)
@@ -220,11 +232,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
 
-def read_state_dict(path: Path) -> dict:
-    """All tensors of the .safetensors files in ``path`` (never a pickle); clear errors for none or a corrupt one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def safetensors_files(path: Path) -> list:
+    """The .safetensors files of a model folder; clear errors for none, or a sharded save missing a shard."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} holds no .safetensors weights (pyshrink never unpickles .bin files)")
@@ -239,10 +248,21 @@ def read_state_dict(path: Path) -> dict:
             more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
             raise ModelLoadError(f"{path} is incomplete: shard(s) named in its index are missing: "
                                  f"{', '.join(absent[:3])}{more}")
+    return files
+
+
+def read_state_dict(path: Path) -> dict:
+    """All tensors of the .safetensors files in ``path`` (never a pickle); clear errors for none or a corrupt one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     sd = {}
-    for f in files:
+    for f in safetensors_files(path):
         try:
-            sd.update(load_file(f))
+            # copied out of the file: safetensors' tensors stay mapped onto it, and a model holding a few of them
+            # (scales, biases) kept each file's mapping, and every page read through it, resident (a quantized
+            # 7.4 GiB folder: 5.4 GiB of file pages besides the model)
+            sd.update((k, v.clone()) for k, v in load_file(f).items())
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelLoadError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
     return sd
@@ -254,37 +274,79 @@ def _import_handlers():
             importlib.import_module(mod)
 
 
-def _load_transformed(path, config, cls, transforms, dtype):
+def skeleton(path, config, cls, transforms, dtype, *, empty: bool = False):
+    """The model a folder describes, with its saved transforms replayed, and uninitialised weights; ``empty``:
+    its parameters on the meta device (no memory; buffers, such as rotary frequencies, are real), for loading
+    one part at a time (:mod:`pyshrink.streaming`)."""
     if any(rec["kind"] not in _STRUCTURE_HANDLERS for rec in transforms):
         _import_handlers()
-    with _no_init():
-        model = cls(config)
-    _to_dtype(model, dtype)
-    for rec in transforms:
-        handler = _STRUCTURE_HANDLERS.get(rec["kind"])
-        if handler is None:
-            raise ModelLoadError(f"{path / META_FILE} names transform {rec['kind']!r}, which this pyshrink "
-                                 f"does not know (known: {', '.join(sorted(_STRUCTURE_HANDLERS))})")
-        handler(model, rec)
-        transforms_of(model).append(rec)
-    sd = read_state_dict(path)
-    tied = getattr(config, "tie_word_embeddings", False)
-    # what transformers ties (and so saves once): the head tied to the embeddings, and other shared parameters
-    # (a tied BertForMaskedLM's decoder.bias is cls.predictions.bias, not an embedding)
+    with _empty_parameters() if empty else contextlib.nullcontext():
+        with _no_init():  # an Auto class (a config that names no architecture) builds through from_config
+            model = cls.from_config(config) if hasattr(cls, "_model_mapping") else cls(config)
+        _to_dtype(model, dtype)
+        for rec in transforms:
+            handler = _STRUCTURE_HANDLERS.get(rec["kind"])
+            if handler is None:
+                raise ModelLoadError(f"{Path(path) / META_FILE} names transform {rec['kind']!r}, which this "
+                                     f"pyshrink does not know (known: {', '.join(sorted(_STRUCTURE_HANDLERS))})")
+            handler(model, rec)
+            transforms_of(model).append(rec)
+    return model
+
+
+@contextlib.contextmanager
+def _empty_parameters():
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as exc:  # a core dependency; a broken environment gets told what is missing
+        raise ModelLoadError("loading a model part by part needs the accelerate package: pip install accelerate") \
+            from exc
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def unexplained_missing(model, missing) -> list:
+    """The keys among ``missing`` (absent from a checkpoint) that it must hold: not the tied ones, which
+    transformers saves once (the head tied to the embeddings, and other shared parameters: a tied
+    BertForMaskedLM's decoder.bias is cls.predictions.bias) and ``tie_weights`` restores."""
     tied_keys = set(getattr(model, "all_tied_weights_keys", None) or ())
-    missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in tied_keys]
-    if tied:  # tied heads are not stored; the skeleton's tie is restored below
+    if getattr(model.config, "tie_word_embeddings", False):
         missing = [k for k in missing if not k.endswith("lm_head.weight") and "decoder.weight" not in k]
-    missing = required(model, missing)
+    return required(model, missing)
+
+
+def retie(model) -> None:
+    """Restore the ties a load left out (the checkpoint holds a tied tensor once, or twice but equal)."""
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(model, "all_tied_weights_keys", None):
+        model.tie_weights()
+
+
+def _load_transformed(path, config, cls, transforms, dtype):
+    # The skeleton's parameters (and quantized layers' buffers) are meta tensors and the loaded ones are assigned:
+    # filled with zeros and then copied into, a quantized 11 B-parameter folder of 7.4 GiB peaked at 14.4 GiB.
+    model = skeleton(path, config, cls, transforms, dtype, empty=True)
+    sd = read_state_dict(path)
+    target = model.state_dict(keep_vars=True)
+    for k, v in sd.items():  # each in the dtype the skeleton gives it (as a copy into it would), one at a time
+        if k in target and v.is_floating_point() and target[k].is_floating_point() and v.dtype != target[k].dtype:
+            sd[k] = v.to(target[k].dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    missing = unexplained_missing(model, missing)
     if missing or unexpected:
         raise ModelLoadError(f"weights in {path} do not fit the model described by its config and "
                              f"{META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied or tied_keys:
-        model.tie_weights()
-    for m in model.modules():  # load_state_dict copied the codes into the skeleton's plain allocations
+    retie(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a parameter the checkpoint need not hold (a tied one) that no tie filled
+        raise ModelLoadError(f"weights in {path} leave {left[:5]} unset")
+    for m in model.modules():  # the loaded codes sit in plain allocations
         if hasattr(m, "streamed_buffers_to_hugepages"):
             m.streamed_buffers_to_hugepages()
+    from .ops.memory import release_freed_memory
+
+    release_freed_memory()  # what the dtype casts and the huge-page copies freed
     return model
 
 
@@ -378,6 +440,7 @@ def atomic_output_dir(out, *, overwrite: bool = False):
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        _ordinary_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -388,6 +451,29 @@ def atomic_output_dir(out, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux tells it (setting and restoring it races with other
+    threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """Files as ``open()`` would have made them (0666 less the umask): safetensors writes its files private (0600),
+    which left a saved model unreadable to the other accounts that serve or share it."""
+    umask = _umask()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
@@ -468,15 +554,21 @@ def save(model, tokenizer, out, *, metadata: dict | None = None, overwrite: bool
          float_dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (safetensors), its config, its tokenizer and ``pyshrink.json`` atomically to ``out``;
     ``float_dtype``: store the floating-point parameters in that dtype (the model in memory is unchanged)."""
-    meta = dict(metadata or {})
-    meta["transforms"] = list(transforms_of(model))
-    meta.setdefault("pyshrink_version", __import__("pyshrink").__version__)
     with atomic_output_dir(out, overwrite=overwrite) as tmp, _parameters_as(model, float_dtype):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(jsonio.dumps(meta, indent=2))
+        write_metadata(tmp, model, metadata)
     return Path(out)
+
+
+def write_metadata(folder: Path, model, metadata: dict | None) -> None:
+    """``pyshrink.json``: ``metadata`` plus the model's transforms (what :func:`load_model` replays) and the
+    version that wrote it."""
+    meta = dict(metadata or {})
+    meta["transforms"] = list(transforms_of(model))
+    meta.setdefault("pyshrink_version", __import__("pyshrink").__version__)
+    (Path(folder) / META_FILE).write_text(jsonio.dumps(meta, indent=2))
 
 
 def max_positions(config) -> int | None:
@@ -489,11 +581,11 @@ def max_positions(config) -> int | None:
     return None
 
 
-def check_finite(model, doing: str) -> None:
+def check_finite(model, doing: str, prefix: str = "") -> None:
     """Refuse a model with a NaN or infinite parameter: every stage would carry it through (a NaN perplexity, NaN
-    scales) and hide the damage behind a run that seems to succeed."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+    scales) and hide the damage behind a run that seems to succeed. ``prefix``: the module's name in its model."""
+    for name, p in model.named_parameters(prefix=prefix.rstrip(".")):  # meta ones (streamed blocks): when loaded
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
             raise InvalidSetting(f"{name} has non-finite values (NaN or inf): the model is damaged (a failed training "
                                  f"or conversion?), and {doing} it would hide that")
 

@@ -28,6 +28,20 @@ def test_save_then_load_round_trip(tmp_path):
     assert tok("w5 w6")["input_ids"] == [5, 6]
 
 
+def test_a_saved_folders_files_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes its files 0600: a model saved by one account could not be served by another."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = models.save(tiny_model("llama"), tiny_tokenizer(), tmp_path / "m")
+    finally:
+        os.umask(umask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
 def test_atomic_file_replaces_only_what_a_successful_block_wrote(tmp_path):
     f = tmp_path / "rows.json"
     f.write_text("old")
@@ -117,6 +131,20 @@ def test_a_transformed_masked_lm_reloads_with_its_shared_decoder_bias(tmp_path, 
     assert shared == tie and (loaded.cls.predictions.decoder.bias is loaded.cls.predictions.bias) == shared
     ids = random_ids()
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_transformed_folder_whose_config_names_no_architecture_loads(tmp_path):
+    """The skeleton was built with ``AutoModelForCausalLM(config)``, which transformers refuses (an OSError)."""
+    from pyshrink.quantize import quantize
+
+    model = quantize(tiny_model("llama"), bits=4, group_size=32, method="rtn")
+    out = models.save(model, None, tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    del config["architectures"]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded = models.load_model(out, with_tokenizer=False)
+    ids = random_ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_unknown_transform_is_an_error(tmp_path):

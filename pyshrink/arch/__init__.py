@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Adapter, get_path
+from .base import Adapter, get_path, module_name
 
 ADAPTERS: dict[str, Adapter] = {}  # model_type -> adapter
 _FAMILIES = ("llama", "gpt2", "opt", "phi", "bert")
@@ -40,4 +40,4 @@ for _f in _FAMILIES:
         if exc.name != f"{__name__}.{_f}":
             raise
 
-__all__ = ["Adapter", "ADAPTERS", "adapter_for", "register", "get_path", "UnsupportedArchitecture"]
+__all__ = ["Adapter", "ADAPTERS", "adapter_for", "register", "get_path", "module_name", "UnsupportedArchitecture"]

@@ -19,6 +19,14 @@ def get_path(root: nn.Module, path: str):
     return obj
 
 
+def module_name(root: nn.Module, module: nn.Module) -> str | None:
+    """The qualified name of ``module`` inside ``root`` (None if it is not there): the inverse of get_path."""
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    return None
+
+
 @dataclass
 class Adapter:
     name: str

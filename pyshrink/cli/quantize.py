@@ -38,6 +38,9 @@ def register(app: typer.Typer) -> None:
         act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing Hessian diagonal."),
         as_json: bool = typer.Option(False, "--json", help="Print the result (with every layer) as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+        stream: bool = typer.Option(False, "--stream", help="Hold one block in memory at a time: load, quantize, "
+                                    "measure and write block by block, for models larger than memory (SOURCE: a "
+                                    "folder of .safetensors files). Same result as without it."),
     ):
         """Quantize SOURCE's projections to 4 or 8 bits on pyshrink's kernels and save it to OUT."""
         from ..quantize import QuantConfig
@@ -49,7 +52,8 @@ def register(app: typer.Typer) -> None:
                              head_bits=head_bits, calib_tokens=calib_tokens, seq_len=seq_len, act_order=act_order,
                              progress=not as_json)
         run = quantize_to_folder(source, out, config, calibration=calibration or None, eval_text=eval_text or None,
-                                 eval_tokens=eval_tokens, overwrite=overwrite, progress=not as_json)
+                                 eval_tokens=eval_tokens, overwrite=overwrite, progress=not as_json,
+                                 stream=stream)
         s = run.summary
         if as_json:
             typer.echo(jsonio.dumps(s))

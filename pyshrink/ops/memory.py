@@ -46,3 +46,24 @@ def in_hugepages(t: torch.Tensor) -> torch.Tensor:
     if not hugepages_enabled() or t.device.type != "cpu" or t.nbytes < MIN_BYTES or t.requires_grad:
         return t
     return _C.hugepage_copy(t)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed memory back to the system (glibc's ``malloc_trim``; nothing elsewhere). glibc keeps it
+    for reuse: a streamed quantization's resident memory crept up by part of a block's temporaries per block (a
+    0.85 B-parameter model: 1.1 GB after the first block, 1.5 GB after the 16th; with the trim 0.84 GB after every
+    block), and loading a quantized 11 B-parameter folder left 1.2 GiB free but resident."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

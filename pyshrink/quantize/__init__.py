@@ -6,7 +6,8 @@ layout, ``linear_q4`` op) or :class:`QuantLinear8` (int8 per output channel, ``l
 Methods: ``rtn`` (round to nearest), ``awq`` (activation-aware scales + clipping), ``gptq``
 (error-compensating), ``auto`` (AWQ scales, then per layer the best of rtn, awq and gptq; ``rtn`` without data).
 Modules: config (settings), linear (the layers), grid (fake quantization), hessian (output error),
-awq, gptq, calib (block statistics and folds), methods (registry), api (the stage).
+awq, gptq, calib (block statistics and folds), methods (registry), api (the stage), pipeline (a source in, a
+quantized folder out: ``pyshrink quantize``), stream (the same with one block in memory at a time).
 """
 from .api import QuantReport, quantize, quantize_model
 from .config import QuantConfig

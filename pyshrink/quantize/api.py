@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .. import data
-from ..arch import adapter_for, get_path
+from ..arch import adapter_for, get_path, module_name
 from ..arch.linears import in_features, is_projection, weight_out_in
 from ..errors import DataError, InvalidSetting
 from ..models import (check_finite, id_limit, max_positions, record_transform, structure_handler, transforms_of,
@@ -183,13 +183,6 @@ def _check_skip(model, adapter, patterns) -> None:
                              "'model.layers.0.*')")
 
 
-def _module_name(model, module) -> str | None:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    return None
-
-
 def _bits_per_weight(bits: int, group_size: int, symmetric: bool, N: int, K: int) -> float:
     if bits == 8:
         return 8.0 + 32.0 / K
@@ -201,11 +194,12 @@ def _bits_per_weight(bits: int, group_size: int, symmetric: bool, N: int, K: int
 class _Stage:
     """One quantization run: the resolved method and config, and the records it accumulates."""
 
-    def __init__(self, model, cfg: QuantConfig, method, adapter):
+    def __init__(self, model, cfg: QuantConfig, method, adapter, t0: float):
         self.model, self.cfg, self.method, self.adapter = model, cfg, method, adapter
         self.specs: dict = {}
         self.layers: list[LayerReport] = []
         self.head_H = None
+        self.t0 = t0  # when the run started (the report's seconds)
 
     def grid(self, bits: int, K: int) -> Grid:
         return Grid.for_layer(bits, self.cfg.group_size, self.cfg.symmetric, K)
@@ -320,7 +314,7 @@ def head_to_quantize(model, adapter, skip):
     """``(head, name)`` of the output head if the settings quantize it, else None. A head that is asked for but is
     not a Linear is an error, checked before anything is quantized, rather than left in float unasked."""
     head = adapter.output_head(model)
-    name = None if head is None else _module_name(model, head)
+    name = None if head is None else module_name(model, head)
     # "lm_head" in skip means the output head, whatever the architecture calls it (BERT: cls.predictions.decoder)
     if name is None or _skipped(name, skip) or HEAD in skip:
         return None
@@ -350,6 +344,28 @@ def _untie(model) -> None:
 
 def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None) -> QuantReport:
     """Quantize ``model`` in place as :func:`quantize` does; returns the per-layer :class:`QuantReport`."""
+    stage, batches = prepare(model, config, calibration, tokenizer)
+    blocks = stage.adapter.blocks(model)
+    blocks_name = module_name(model, blocks)
+    n = len(blocks)
+    with torch.no_grad():
+        if batches:
+            from ..layerwise import for_each_block
+
+            for_each_block(model, stage.adapter, batches,
+                           lambda i, b, inp: stage.block_calibrated(i, b, inp, f"{blocks_name}.{i}.", i == n - 1),
+                           propagate="rewritten", desc="quantize", progress=stage.cfg.progress)
+        else:
+            for i, block in enumerate(blocks):
+                stage.block_data_free(block, f"{blocks_name}.{i}.")
+    return finish(stage, batches)
+
+
+def prepare(model, config: QuantConfig, calibration=None, tokenizer=None) -> tuple:
+    """Check the model and settings (nothing is changed on an error) and make the calibration windows: returns the
+    run's :class:`_Stage` and its calibration batches (none without data). The blocks are then walked, in memory
+    (:func:`quantize_model`) or streamed from disk (:mod:`pyshrink.quantize.stream`), and :func:`finish`
+    quantizes the head and records the result."""
     if not isinstance(model, torch.nn.Module):
         raise InvalidSetting(f"quantize() quantizes a loaded model in place, got a {type(model).__name__}: load it "
                              "first (model, tok = pyshrink.load_model(...)), or use `pyshrink quantize SOURCE -o OUT`")
@@ -366,25 +382,19 @@ def quantize_model(model, config: QuantConfig, calibration=None, tokenizer=None)
     model.eval()
     batches = calibration_batches(model, cfg, calibration, tokenizer, adapter) if method.needs_data or (
         calibration is not None) else []
-    stage = _Stage(model, cfg, method, adapter)
-    blocks = adapter.blocks(model)
-    blocks_name = _module_name(model, blocks)
-    n = len(blocks)
-    with torch.no_grad():
-        if batches:
-            from ..layerwise import for_each_block
+    return _Stage(model, cfg, method, adapter, t0), batches
 
-            for_each_block(model, adapter, batches,
-                           lambda i, b, inp: stage.block_calibrated(i, b, inp, f"{blocks_name}.{i}.", i == n - 1),
-                           propagate="rewritten", desc="quantize", progress=cfg.progress)
-        else:
-            for i, block in enumerate(blocks):
-                stage.block_data_free(block, f"{blocks_name}.{i}.")
+
+def finish(stage: "_Stage", batches) -> QuantReport:
+    """Quantize the output head (after every block) and record the run in the model's transforms."""
+    with torch.no_grad():
         untied = stage.head()
+    cfg, method = stage.cfg, stage.method
     report = QuantReport(config=cfg.to_dict(), method=method.name,
-                         calib_tokens=sum(b.numel() for b in batches), seconds=time.perf_counter() - t0,
+                         calib_tokens=sum(b.numel() for b in batches), seconds=time.perf_counter() - stage.t0,
                          layers=stage.layers, untied_head=untied)
-    record_transform(model, KIND, config=cfg.to_dict(), method=method.name, modules=stage.specs, untied_head=untied)
+    record_transform(stage.model, KIND, config=cfg.to_dict(), method=method.name, modules=stage.specs,
+                     untied_head=untied)
     return report
 
 
@@ -393,6 +403,6 @@ def _replay(model, record) -> None:
     """Give an empty skeleton the quantized layers a saved model was written with."""
     if record.get("untied_head"):
         _untie(model)
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters())  # an empty skeleton (meta parameters) gets meta layers: no zeros to allocate
     for name, spec in record["modules"].items():
-        model.set_submodule(name, empty_layer(spec, dtype=dtype))
+        model.set_submodule(name, empty_layer(spec, dtype=first.dtype, device=first.device))

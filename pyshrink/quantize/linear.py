@@ -245,12 +245,13 @@ def quant_layer(bits: int, buffers: dict, in_features: int, bias=None, input_sca
     return QUANT_CLASSES[bits].from_buffers(buffers, in_features, bias=bias, input_scale=input_scale, fast=fast)
 
 
-def empty_layer(spec: dict, dtype=torch.float32) -> _QuantBase:
-    """An empty layer of the shapes recorded in a transform (for loading saved weights into)."""
+def empty_layer(spec: dict, dtype=torch.float32, device=None) -> _QuantBase:
+    """An empty layer of the shapes recorded in a transform (for loading saved weights into; on the meta device,
+    for assigning them)."""
     cls = QUANT_CLASSES[spec["bits"]]
     return cls(spec["in"], spec["out"], spec["bias"], group_size=spec.get("group_size", 64),
                symmetric=spec.get("symmetric", True), input_scale=spec.get("input_scale", False),
-               fast=spec.get("fast", True), dtype=dtype)
+               fast=spec.get("fast", True), dtype=dtype, device=device)
 
 
 __all__ = ["QuantLinear", "QuantLinear8", "is_quantized", "quant_layer", "empty_layer"]

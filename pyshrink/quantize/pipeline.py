@@ -15,7 +15,7 @@ import torch
 from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
-from ..evaluate import embeddings
+from ..evaluate import embeddings, perplexity
 from ..models import (CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, round_floats_to, save,
                       storage_dtype, stored_float_dtype, transforms_of, window_length)
 from .api import QuantReport, method_for, quantize_model
@@ -81,20 +81,39 @@ def represented_params(model) -> int:
     return n + sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))
 
 
-def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, eval_text=None,
-                       eval_tokens: int = 16384, held_out: float = 0.1, overwrite: bool = False,
-                       progress: bool = True) -> QuantRun:
-    """Load ``source``, measure it, quantize it with ``config``, measure again, save to ``out``."""
-    from ..evaluate import perplexity
+class Quality:
+    """The before/after measure of a run: perplexity on the evaluation windows (decoders), or the cosine
+    similarity of mean-pooled embeddings to the source's (encoders; "before" is 1 by definition)."""
 
-    t0 = time.perf_counter()
-    check_output(out, overwrite=overwrite, sources=(source,))  # fail before the expensive part
-    if not is_int(eval_tokens) or eval_tokens < 2:
-        raise InvalidSetting(f"eval_tokens must be an integer >= 2 (at least one window), got {eval_tokens!r}")
-    method_for(config, bool(calibration))
-    out = Path(out)
-    model, tok = load_model(source)
-    adapter = adapter_for(model)
+    def __init__(self, model, adapter, eval_ids, window: int, progress: bool):
+        self.eval_ids, self.window, self.progress = eval_ids, window, progress
+        self.decoder = adapter.kind == "decoder"
+        self.metric = "perplexity" if self.decoder else "embedding cosine similarity"
+        # the windows the measure runs on, in its order and batches (a streamed run computes their hidden states)
+        self.windows = data.windows(eval_ids, window, what="evaluation text", vocab=id_limit(model))
+        self.batch_size = 4 if self.decoder else 8
+        self.ref = None
+
+    def _measure(self, model):
+        if self.decoder:
+            return perplexity(model, ids=self.eval_ids, seq_len=self.window, batch_size=self.batch_size,
+                              progress=self.progress)
+        return embeddings(model, self.windows, batch_size=self.batch_size)
+
+    def before(self, model) -> float:
+        if self.decoder:
+            return self._measure(model)
+        self.ref = self._measure(model)
+        return 1.0
+
+    def after(self, model) -> float:
+        if self.decoder:
+            return self._measure(model)
+        return float(torch.nn.functional.cosine_similarity(self._measure(model), self.ref).mean())
+
+
+def _plan(model, tok, adapter, config: QuantConfig, calibration, eval_text, eval_tokens, held_out, progress):
+    """Calibration ids (None without calibration text), the quality measure, and where its text came from."""
     calib_ids = eval_ids = None
     eval_source = ""
     if calibration:
@@ -123,36 +142,63 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
         # (contract's ppl_final is measured before the vocabulary is dropped)
         eval_source += (f"; over the {len(pruned['kept_ids']):,} ids the pruned vocabulary keeps, not comparable "
                         "with contract's ppl_final")
-    if adapter.kind == "decoder":
-        metric = "perplexity"
-        if eval_tokens < window:
-            raise InvalidSetting(f"eval_tokens ({eval_tokens}) must be at least one {window}-token window")
-        measure = lambda m: perplexity(m, ids=eval_ids, seq_len=window, progress=progress)  # noqa: E731
-        before = measure(model)
-    else:
-        metric = "embedding cosine similarity"
-        win = data.windows(eval_ids, window, what="evaluation text", vocab=id_limit(model))
-        ref = embeddings(model, win)
-        measure = lambda m: float(torch.nn.functional.cosine_similarity(embeddings(m, win), ref).mean())  # noqa: E731
-        before = 1.0
-
-    cfg = config
+    if adapter.kind == "decoder" and eval_tokens < window:
+        raise InvalidSetting(f"eval_tokens ({eval_tokens}) must be at least one {window}-token window")
     if calib_ids is not None and calib_ids.numel() == 0:
         raise DataError("the calibration text is empty")
-    report = quantize_model(model, cfg, calibration=calib_ids, tokenizer=tok)
+    return calib_ids, Quality(model, adapter, eval_ids, window, progress), eval_source
+
+
+def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, eval_text=None,
+                       eval_tokens: int = 16384, held_out: float = 0.1, overwrite: bool = False,
+                       progress: bool = True, stream: bool = False) -> QuantRun:
+    """Load ``source``, measure it, quantize it with ``config``, measure again, save to ``out``.
+
+    ``stream``: never hold the whole model: load, quantize, measure and write one block at a time
+    (:mod:`pyshrink.quantize.stream`; a local folder of .safetensors files), for models larger than memory.
+    The result is the same as without it."""
+    t0 = time.perf_counter()
+    check_output(out, overwrite=overwrite, sources=(source,))  # fail before the expensive part
+    if not is_int(eval_tokens) or eval_tokens < 2:
+        raise InvalidSetting(f"eval_tokens must be an integer >= 2 (at least one window), got {eval_tokens!r}")
+    method_for(config, bool(calibration))
+    out = Path(out)
+    if stream:
+        from ..streaming import StreamedModel
+
+        streamed = StreamedModel(source)
+        model, tok = streamed.model, streamed.tokenizer
+    else:
+        model, tok = load_model(source)
+    adapter = adapter_for(model)
+    calib_ids, quality, eval_source = _plan(model, tok, adapter, config, calibration, eval_text, eval_tokens,
+                                            held_out, progress)
     # A 16-bit source keeps its float weights (embedding, norms, an unquantized head) in 16 bits: stored in
-    # float32 they took twice the source's bytes. They are rounded now, so that "after" is what the folder holds.
+    # float32 they took twice the source's bytes. They are rounded before "after" is measured, so that "after" is
+    # what the folder holds.
     src_dtype = stored_float_dtype(source)
     store = storage_dtype(src_dtype)
-    round_floats_to(model, store)
-    after = measure(model)
-    meta = {"source": str(source), "quantize": {k: v for k, v in report.to_dict().items() if k != "layers"},
-            "quality": {"metric": metric, "before": before, "after": after, "eval_tokens": int(eval_ids.numel()),
-                        "eval_source": eval_source}}
-    save(model, tok, out, metadata=meta, overwrite=overwrite, float_dtype=store)
-    return QuantRun(out=out, report=report, metric=metric, before=before, after=after,
-                    eval_tokens=int(eval_ids.numel()), eval_source=eval_source, source_bytes=_source_bytes(source),
-                    out_bytes=weights_bytes(out), params=represented_params(model),
+
+    def metadata(report, before, after):
+        return {"source": str(source), "quantize": {k: v for k, v in report.to_dict().items() if k != "layers"},
+                "quality": {"metric": quality.metric, "before": before, "after": after,
+                            "eval_tokens": int(quality.eval_ids.numel()), "eval_source": eval_source}}
+
+    if stream:
+        from .stream import quantize_streamed
+
+        report, before, after, params = quantize_streamed(streamed, config, calib_ids, quality, out, store,
+                                                          metadata, overwrite=overwrite)
+    else:
+        before = quality.before(model)
+        report = quantize_model(model, config, calibration=calib_ids, tokenizer=tok)
+        round_floats_to(model, store)
+        after = quality.after(model)
+        save(model, tok, out, metadata=metadata(report, before, after), overwrite=overwrite, float_dtype=store)
+        params = represented_params(model)
+    return QuantRun(out=out, report=report, metric=quality.metric, before=before, after=after,
+                    eval_tokens=int(quality.eval_ids.numel()), eval_source=eval_source,
+                    source_bytes=_source_bytes(source), out_bytes=weights_bytes(out), params=params,
                     seconds=time.perf_counter() - t0,
                     extra={"source_bits": None if src_dtype is None else torch.finfo(src_dtype).bits})
 
