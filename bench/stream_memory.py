@@ -1,13 +1,13 @@
 """Peak memory of ``pyshrink quantize`` with and without ``--stream`` on one model, in one run.
 
-    python bench/stream_memory.py --work /tmp/stream_mem [--hidden 2048] [--intermediate 5632] [--layers 16]
-                                  [--vocab 32000] [--eval-tokens 512] [--seq-len 256]
+    python bench/stream_memory.py --work /tmp/stream_mem [--source FOLDER | --hidden 2048 --intermediate 5632 --layers 16
+                                  --vocab 32000] [--eval-tokens 512] [--seq-len 256]
                                   [--calibration TEXT [--calibration-tokens 16384]]
 
 The source is a Llama-architecture model of the given size with random weights, written once, block by block, in
 bfloat16 safetensors under WORK (a model whose weights, not its activations, dominate the memory; no model hub
-here). A model whose float32 copy would not fit in 80 % of this machine's memory is quantized with --stream only. Each
-mode runs ``pyshrink quantize`` in its own process (4-bit, group 128; method rtn, or auto with --calibration), and
+here), or --source, a folder of your own. A model whose float32 copy would not fit in 80 % of this machine's
+memory is quantized with --stream only. Each mode runs ``pyshrink quantize`` in its own process (4-bit, group 128; method rtn, or auto with --calibration), and
 a sampler reads the process's /proc/PID/status every 20 ms: peak resident memory (VmRSS) and its anonymous part
 (RssAnon: what the process allocated; the rest is file pages, such as the memory-mapped source, which the kernel
 can drop and read again). Prints a Markdown table, checks that both output folders hold the same tensors and the
@@ -132,6 +132,7 @@ def same_tensors(a: Path, b: Path) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--source", type=Path, help="a model folder (.safetensors) to quantize instead of a random Llama")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=16)
@@ -142,11 +143,15 @@ def main():
     ap.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens used at most")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    src = args.work / f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}-bf16"
-    make_source(src, args)
+    if args.source:
+        src = args.source
+    else:
+        src = args.work / f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}-bf16"
+        make_source(src, args)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    stored = __import__("pyshrink.models", fromlist=["stored_float_dtype"]).stored_float_dtype(src)
     rows = {}
-    params = src_bytes // 2  # bfloat16 (the headers' few kilobytes aside)
+    params = src_bytes // (stored.itemsize if stored is not None else 4)  # the headers' few kilobytes aside
     modes = ["in memory", "--stream"]
     if 4 * params > 0.8 * ram_bytes():  # the in-memory run holds the model in float32 at least once
         print(f"in memory: not run, the model takes {4 * params / 2**30:.1f} GiB in float32 and this machine has "
@@ -163,7 +168,7 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", file=sys.stderr, flush=True)
         rows[mode] = measure(cmd)
     same = same_tensors(args.work / "q-memory", args.work / "q-stream") if "in memory" in rows else None
-    print(f"\nsource: {src.name}, {src_bytes / 2**30:.2f} GiB of bfloat16 safetensors "
+    print(f"\nsource: {src.name}, {src_bytes / 2**30:.2f} GiB of {str(stored).split('.')[-1]} safetensors "
           f"({params / 1e6:,.0f} M parameters; float32 in memory: {4 * params / 2**30:.2f} GiB)\n")
     print("| mode | peak RSS (GiB) | peak anonymous (GiB) | wall (s) | ppl before | ppl after | output (GiB) |")
     print("|---|---|---|---|---|---|---|")
