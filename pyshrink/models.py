@@ -491,25 +491,37 @@ def atomic_file(path):
         tmp.unlink(missing_ok=True)
 
 
-def stored_float_dtype(source) -> torch.dtype | None:
-    """The dtype a model folder stores its floating-point weights in (read from the first safetensors header),
-    or None where that is not a folder of safetensors (GGUF, embedded, hub, an in-memory model)."""
+def _tensor_headers(source) -> list | None:
+    """``(dtype name, shape)`` of every tensor in a model folder's safetensors files, read from their headers
+    (nothing loaded); None where that is not a folder of safetensors, or a file is corrupt (the loader reports it)."""
     from safetensors import safe_open
 
     if not isinstance(source, (str, os.PathLike)):
         return None
     kind, path = resolve(source)
     files = sorted(path.glob("*.safetensors")) if kind == "folder" else []
+    out = []
     for f in files:
         try:
             with safe_open(f, "pt") as st:
-                for key in st.keys():
-                    dtype = st.get_slice(key).get_dtype()
-                    if dtype in _SAFETENSORS_FLOATS:
-                        return _SAFETENSORS_FLOATS[dtype]
-        except Exception:  # a corrupt file is the loader's to report
+                out += [(s.get_dtype(), s.get_shape()) for s in map(st.get_slice, st.keys())]
+        except Exception:
             return None
-    return None
+    return out or None
+
+
+def stored_float_dtype(source) -> torch.dtype | None:
+    """The dtype a model folder stores its floating-point weights in (its first floating-point tensor's), or None
+    where that is not a folder of safetensors (GGUF, embedded, hub, an in-memory model)."""
+    return next((_SAFETENSORS_FLOATS[d] for d, _ in _tensor_headers(source) or () if d in _SAFETENSORS_FLOATS), None)
+
+
+def stored_numel(source) -> int | None:
+    """How many numbers a model folder's safetensors files hold, or None where that is not a folder of safetensors."""
+    import math
+
+    headers = _tensor_headers(source)
+    return None if headers is None else sum(math.prod(shape) for _, shape in headers)
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -153,3 +153,22 @@ def test_a_non_finite_weight_is_named_with_its_block(root):
     with pytest.raises(InvalidSetting, match=r"transformer\.h\.1\.mlp\.c_fc\.weight has non-finite values"):
         _run(root, "nan", "str-nan", True)
     assert not (root / "str-nan").exists()
+
+
+def test_a_model_whose_float32_weights_exceed_the_available_memory_is_pointed_to_stream(root, monkeypatch, capsys):
+    """A whole load that cannot fit was left to the system to kill part way, with no message of pyshrink's."""
+    import types
+
+    import psutil
+
+    from pyshrink.cli import main
+
+    need = 4 * models.stored_numel(root / "llama")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=need - 1))
+    rc = main(["quantize", str(root / "llama"), "-o", str(root / "too-big"), "--method", "rtn"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in float32, and this machine has" in err and "--stream" in err
+    assert not (root / "too-big").exists()
+    _run(root, "llama", "fits-streamed", True, calibrated=False)  # streaming does not ask
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=need))
+    _run(root, "llama", "fits", False, calibrated=False)
