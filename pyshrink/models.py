@@ -251,20 +251,27 @@ def safetensors_files(path: Path) -> list:
     return files
 
 
-def read_state_dict(path: Path) -> dict:
-    """All tensors of the .safetensors files in ``path`` (never a pickle); clear errors for none or a corrupt one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@contextlib.contextmanager
+def open_safetensors(f: Path):
+    """``safe_open`` on a checkpoint file (never a pickle), a corrupt or truncated one named in a ModelLoadError."""
+    from safetensors import SafetensorError, safe_open
 
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
+
+
+def read_state_dict(path: Path) -> dict:
+    """All tensors of the .safetensors files in ``path``; clear errors for none or a corrupt one."""
     sd = {}
     for f in safetensors_files(path):
-        try:
+        with open_safetensors(f) as handle:
             # copied out of the file: safetensors' tensors stay mapped onto it, and a model holding a few of them
             # (scales, biases) kept each file's mapping, and every page read through it, resident (a quantized
             # 7.4 GiB folder: 5.4 GiB of file pages besides the model)
-            sd.update((k, v.clone()) for k, v in load_file(f).items())
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
+            sd.update((k, handle.get_tensor(k).clone()) for k in handle.keys())
     return sd
 
 
@@ -491,29 +498,34 @@ def atomic_file(path):
         tmp.unlink(missing_ok=True)
 
 
-def _tensor_headers(source) -> list | None:
-    """``(dtype name, shape)`` of every tensor in a model folder's safetensors files, read from their headers
-    (nothing loaded); None where that is not a folder of safetensors, or a file is corrupt (the loader reports it)."""
-    from safetensors import safe_open
-
+def _tensor_headers(source):
+    """``(dtype name, shape)`` of each tensor in a model folder's safetensors files, file by file as they are iterated,
+    read from their headers (nothing loaded); nothing where that is not a folder of safetensors. A missing source
+    raises here; a corrupt file raises during the iteration."""
     if not isinstance(source, (str, os.PathLike)):
-        return None
+        return iter(())
     kind, path = resolve(source)
     files = sorted(path.glob("*.safetensors")) if kind == "folder" else []
-    out = []
-    for f in files:
-        try:
+
+    def headers():
+        from safetensors import safe_open
+
+        for f in files:
             with safe_open(f, "pt") as st:
-                out += [(s.get_dtype(), s.get_shape()) for s in map(st.get_slice, st.keys())]
-        except Exception:
-            return None
-    return out or None
+                yield from ((s.get_dtype(), s.get_shape()) for s in map(st.get_slice, st.keys()))
+
+    return headers()
 
 
 def stored_float_dtype(source) -> torch.dtype | None:
-    """The dtype a model folder stores its floating-point weights in (its first floating-point tensor's), or None
-    where that is not a folder of safetensors (GGUF, embedded, hub, an in-memory model)."""
-    return next((_SAFETENSORS_FLOATS[d] for d, _ in _tensor_headers(source) or () if d in _SAFETENSORS_FLOATS), None)
+    """The dtype a model folder stores its floating-point weights in (its first floating-point tensor's; only the
+    headers up to it are read), or None where that is not a folder of safetensors (GGUF, embedded, hub, an
+    in-memory model)."""
+    headers = _tensor_headers(source)
+    try:
+        return next((_SAFETENSORS_FLOATS[d] for d, _ in headers if d in _SAFETENSORS_FLOATS), None)
+    except Exception:  # a corrupt file is the loader's to report
+        return None
 
 
 def stored_numel(source) -> int | None:
@@ -521,7 +533,10 @@ def stored_numel(source) -> int | None:
     import math
 
     headers = _tensor_headers(source)
-    return None if headers is None else sum(math.prod(shape) for _, shape in headers)
+    try:
+        return sum(math.prod(shape) for _, shape in headers) or None
+    except Exception:  # a corrupt file is the loader's to report
+        return None
 
 
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -23,8 +23,8 @@ from torch import nn
 from .arch import adapter_for, module_name
 from .errors import ModelLoadError
 from .ops.memory import release_freed_memory
-from .models import (load_tokenizer, model_class, read_config, read_metadata, resolve, retie, safetensors_files,
-                     skeleton, unexplained_missing)
+from .models import (load_tokenizer, model_class, open_safetensors, read_config, read_metadata, resolve, retie,
+                     safetensors_files, skeleton, unexplained_missing)
 
 
 class _Checkpoint:
@@ -35,19 +35,8 @@ class _Checkpoint:
     def __init__(self, path: Path):
         self.where = {}  # key -> file
         for f in safetensors_files(path):
-            with self._open(f) as handle:
+            with open_safetensors(f) as handle:
                 self.where.update((k, f) for k in handle.keys())
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _open(f: Path):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                yield handle
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelLoadError(f"checkpoint file {f} is corrupt or truncated: {exc}") from exc
 
     def read(self, keys) -> dict:
         """``{key: tensor}`` for ``keys``, each file opened once."""
@@ -56,7 +45,7 @@ class _Checkpoint:
             by_file.setdefault(self.where[k], []).append(k)
         out = {}
         for f, ks in by_file.items():
-            with self._open(f) as handle:
+            with open_safetensors(f) as handle:
                 out.update((k, handle.get_tensor(k)) for k in ks)
         return out
 

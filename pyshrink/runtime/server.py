@@ -167,11 +167,21 @@ class CompletionService:
         _unsupported(body)
         return Request(ids, max_tokens, Sampling(float(temperature), float(top_p), seed), bool(stream), _stops(body))
 
-    def complete(self, req: "Request", on_token=None):
-        """``(new ids, finish_reason)``; generation ends where the text reaches a stop sequence ("stop")."""
-        stop_when = (lambda toks: req.stops.find(self.lm.decode(toks)) is not None) if req.stops.stops else None
+    def complete(self, req: "Request", on_text=None):
+        """``(new ids, finish_reason)``; ``on_text(completion text so far)`` after each token; generation ends where
+        the text reaches a stop sequence ("stop"). The text is decoded once per token for both."""
+        toks, text = [], [""]
+
+        def on_token(tok):
+            toks.append(tok)
+            text[0] = self.lm.decode(toks)
+            if on_text is not None:
+                on_text(text[0])
+
+        watch = on_text is not None or req.stops.stops
+        stop_when = (lambda _: req.stops.find(text[0]) is not None) if req.stops.stops else None
         with self._slots:
-            return self.lm.generate_ids(req.ids, req.max_tokens, req.sampling, on_token=on_token,
+            return self.lm.generate_ids(req.ids, req.max_tokens, req.sampling, on_token=on_token if watch else None,
                                         stop_when=stop_when)
 
     def response(self, req: "Request", new, reason) -> dict:
@@ -305,15 +315,14 @@ def make_handler(service: CompletionService):
             self.end_headers()
             self.close_connection = True
             self.streaming = True
-            cid, created, toks, sent = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), [], [""]
+            cid, created, sent, last = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), [""], [""]
 
             def event(text, reason):
                 self._event({"id": cid, "object": "text_completion", "created": created, "model": service.model_name,
                              "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]})
 
-            def on_token(tok):
-                toks.append(tok)
-                text = service.lm.decode(toks)
+            def on_text(text):
+                last[0] = text
                 if text.endswith("\ufffd") or req.stops.find(text) is not None:  # a partial character; the end
                     return
                 text = text[:req.stops.safe_length(text)]
@@ -321,8 +330,8 @@ def make_handler(service: CompletionService):
                     event(text[len(sent[0]):], None)
                     sent[0] = text
 
-            _, reason = service.complete(req, on_token=on_token)
-            event(req.stops.cut(service.lm.decode(toks))[len(sent[0]):], reason)
+            _, reason = service.complete(req, on_text=on_text)
+            event(req.stops.cut(last[0])[len(sent[0]):], reason)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 
