@@ -1,13 +1,15 @@
-"""Peak memory of ``pyshrink quantize`` with and without ``--stream`` on one model, in one run.
+"""Peak memory of ``pyshrink quantize`` (or ``contract``) with and without ``--stream`` on one model, in one run.
 
-    python bench/stream_memory.py --work /tmp/stream_mem [--source FOLDER | --hidden 2048 --intermediate 5632 --layers 16
-                                  --vocab 32000] [--eval-tokens 512] [--seq-len 256]
-                                  [--calibration TEXT [--calibration-tokens 16384]]
+    python bench/stream_memory.py --work /tmp/stream_mem [--stage quantize|contract]
+                                  [--source FOLDER | --hidden 2048 --intermediate 5632 --layers 16 --vocab 32000]
+                                  [--eval-tokens 512] [--seq-len 256] [--calibration TEXT [--calibration-tokens 16384]]
 
 The source is a Llama-architecture model of the given size with random weights, written once, block by block, in
 bfloat16 safetensors under WORK (a model whose weights, not its activations, dominate the memory; no model hub
 here), or --source, a folder of your own. A model whose float32 copy would not fit in 80 % of this machine's
-memory is quantized with --stream only. Each mode runs ``pyshrink quantize`` in its own process (4-bit, group 128; method rtn, or auto with --calibration), and
+memory is run with --stream only. Each mode runs ``pyshrink quantize`` (4-bit, group 128; method rtn, or auto with
+--calibration) or ``pyshrink contract`` (the defaults: 8 blocks at ratio 0.5, calibrated on --calibration, which it
+needs; --seq-len does not apply) in its own process, and
 a sampler reads the process's /proc/PID/status every 20 ms: peak resident memory (VmRSS) and its anonymous part
 (RssAnon: what the process allocated; the rest is file pages, such as the memory-mapped source, which the kernel
 can drop and read again). Prints a Markdown table, checks that both output folders hold the same tensors and the
@@ -98,7 +100,7 @@ def _status(pid: int) -> dict:
 
 
 def measure(cmd: list) -> dict:
-    """Run ``cmd``; its peak VmRSS / RssAnon (sampled every 20 ms), wall time and last stdout line."""
+    """Run ``cmd``; its peak VmRSS / RssAnon (sampled every 20 ms), wall time and the JSON summary it prints."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"VmRSS": 0, "RssAnon": 0}
@@ -117,7 +119,7 @@ def measure(cmd: list) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
     return {"seconds": time.perf_counter() - t0, "peak_rss": peak["VmRSS"], "peak_anon": peak["RssAnon"],
-            "summary": json.loads(out.strip().splitlines()[-1])}
+            "summary": json.loads(out[out.index("{"):])}  # the JSON the command prints (on one line or indented)
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -132,7 +134,8 @@ def same_tensors(a: Path, b: Path) -> bool:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--source", type=Path, help="a model folder (.safetensors) to quantize instead of a random Llama")
+    ap.add_argument("--stage", choices=("quantize", "contract"), default="quantize")
+    ap.add_argument("--source", type=Path, help="a model folder (.safetensors) instead of a random Llama")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=16)
@@ -142,6 +145,8 @@ def main():
     ap.add_argument("--calibration", type=Path, help="calibration text (method auto); default: rtn without data")
     ap.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens used at most")
     args = ap.parse_args()
+    if args.stage == "contract" and not args.calibration:
+        ap.error("--stage contract needs --calibration (a streamed decoder calibrates on text, not on its own samples)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.source:
         src = args.source
@@ -157,29 +162,36 @@ def main():
         print(f"in memory: not run, the model takes {4 * params / 2**30:.1f} GiB in float32 and this machine has "
               f"{ram_bytes() / 2**30:.1f} GiB", file=sys.stderr)
         modes.remove("in memory")
+    before_key, after_key = ("before", "after") if args.stage == "quantize" else ("ppl_source", "ppl_final")
     for mode in modes:
-        out = args.work / ("q-stream" if mode == "--stream" else "q-memory")
-        cmd = [sys.executable, "-m", "pyshrink", "quantize", str(src), "-o", str(out), "--overwrite",
-               "--group-size", "128", "--eval-tokens", str(args.eval_tokens), "--seq-len", str(args.seq_len), "--json"]
-        cmd += (["--calibration", str(args.calibration), "--calibration-tokens", str(args.calibration_tokens)]
-                if args.calibration else ["--method", "rtn"])
+        out = args.work / (f"{args.stage[0]}-stream" if mode == "--stream" else f"{args.stage[0]}-memory")
+        cmd = [sys.executable, "-m", "pyshrink", args.stage, str(src), "-o", str(out), "--overwrite",
+               "--eval-tokens", str(args.eval_tokens), "--json"]
+        if args.stage == "quantize":
+            cmd += ["--group-size", "128", "--seq-len", str(args.seq_len)]
+            cmd += (["--calibration", str(args.calibration), "--calibration-tokens", str(args.calibration_tokens)]
+                    if args.calibration else ["--method", "rtn"])
+        else:
+            cmd += ["--calibration", str(args.calibration), "--calibration-tokens", str(args.calibration_tokens)]
         if mode == "--stream":
             cmd.append("--stream")
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", file=sys.stderr, flush=True)
         rows[mode] = measure(cmd)
-    same = same_tensors(args.work / "q-memory", args.work / "q-stream") if "in memory" in rows else None
+        rows[mode]["out_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    pair = [args.work / f"{args.stage[0]}-{m}" for m in ("memory", "stream")]
+    same = same_tensors(*pair) if "in memory" in rows else None
     print(f"\nsource: {src.name}, {src_bytes / 2**30:.2f} GiB of {str(stored).split('.')[-1]} safetensors "
-          f"({params / 1e6:,.0f} M parameters; float32 in memory: {4 * params / 2**30:.2f} GiB)\n")
+          f"({params / 1e6:,.0f} M parameters; float32 in memory: {4 * params / 2**30:.2f} GiB); pyshrink {args.stage}\n")
     print("| mode | peak RSS (GiB) | peak anonymous (GiB) | wall (s) | ppl before | ppl after | output (GiB) |")
     print("|---|---|---|---|---|---|---|")
     for mode, r in rows.items():
         s = r["summary"]
         print(f"| {mode} | {r['peak_rss'] / 2**30:.2f} | {r['peak_anon'] / 2**30:.2f} | {r['seconds']:.0f} | "
-              f"{s['before']:.3f} | {s['after']:.3f} | {s['out_bytes'] / 2**30:.2f} |")
+              f"{s[before_key]:.3f} | {s[after_key]:.3f} | {r['out_bytes'] / 2**30:.2f} |")
     if same is not None:
         a, b = rows["in memory"]["summary"], rows["--stream"]["summary"]
         print(f"\nsame tensors in both folders: {same}; same before/after: "
-              f"{(a['before'], a['after']) == (b['before'], b['after'])}")
+              f"{(a[before_key], a[after_key]) == (b[before_key], b[after_key])}")
     print(f"machine memory: {ram_bytes() / 2**30:.1f} GiB")
     (args.work / "results.json").write_text(json.dumps({"source": str(src), "source_bytes": src_bytes, "rows": rows,
                                                         "same_tensors": same}, indent=2))

@@ -542,6 +542,21 @@ def stored_numel(source) -> int | None:
 _SAFETENSORS_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def check_fits(source, doing: str) -> None:
+    """Refuse a whole load whose float32 weights alone exceed the memory available, with the way out (``doing`` it
+    with --stream): the system would kill the process part way through the load, with no message of pyshrink's."""
+    import psutil
+
+    n = stored_numel(source)
+    if n is None:
+        return
+    need, avail = 4 * n, psutil.virtual_memory().available
+    if need > avail:
+        raise InvalidSetting(f"{source} holds {n / 1e9:.2f} B weights, {need / 2**30:.1f} GiB in float32, and this "
+                             f"machine has {avail / 2**30:.1f} GiB available: {doing} it with --stream "
+                             "(stream=True), which holds one block at a time")
+
+
 def storage_dtype(stored: torch.dtype | None) -> torch.dtype | None:
     """The dtype to save a model made from a source stored in ``stored`` (:func:`stored_float_dtype`): that
     dtype when it is bfloat16 or float16, else None (float32): a 16-bit source's output stored in float32 took
@@ -606,6 +621,23 @@ def max_positions(config) -> int | None:
         if is_int(v) and v > 0:
             return v
     return None
+
+
+def sliding_windows(cfg, depth: int) -> list:
+    """Per layer, the sliding attention window in positions (each query sees itself and the window - 1 before
+    it, as transformers masks them), or None for full attention. Mistral slides in every layer; Qwen2 and later
+    configs name each layer's kind in ``layer_types``."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return [None] * depth
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    use = getattr(cfg, "use_sliding_window", None)  # Qwen2's switch; Mistral has none and always slides
+    if use is False:
+        return [None] * depth
+    first = getattr(cfg, "max_window_layers", None) if use else None  # Qwen2 before layer_types: from this layer on
+    return [int(window) if first is None or i >= first else None for i in range(depth)]
 
 
 def check_finite(model, doing: str, prefix: str = "") -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .arch import adapter_for, module_name
-from .errors import ModelLoadError
+from .errors import InvalidSetting, ModelLoadError
 from .ops.memory import release_freed_memory
 from .models import (load_tokenizer, model_class, open_safetensors, read_config, read_metadata, resolve, retie,
                      safetensors_files, skeleton, unexplained_missing)
@@ -148,9 +148,10 @@ class Replay(nn.Module):
     ``hidden`` (the last block's outputs for the same windows, in order, computed block by block), in the form the
     real blocks return (``as_tuple``)."""
 
-    def __init__(self, hidden: list, as_tuple: bool):
+    def __init__(self, hidden, as_tuple: bool):
         super().__init__()
-        self.hidden, self.as_tuple, self.pos = torch.cat(hidden), as_tuple, 0
+        self.hidden = torch.cat(hidden) if isinstance(hidden, (list, tuple)) else hidden  # batches, or concatenated
+        self.as_tuple, self.pos = as_tuple, 0
 
     def forward(self, hidden_states, *args, **kwargs):
         n = hidden_states.shape[0]
@@ -160,6 +161,60 @@ class Replay(nn.Module):
                                f"{tuple(hidden_states.shape)}: the windows differ from the ones computed")
         self.pos += n
         return (out.to(hidden_states.dtype),) if self.as_tuple else out.to(hidden_states.dtype)
+
+
+def check_same_masks(streamed: "StreamedModel", length: int) -> None:
+    """Refuse a model whose blocks see different attention masks on ``length``-token windows (sliding-window layers
+    mixed with full-attention ones, the window shorter than ``length``): the blocks are run from what the first one
+    receives, its mask included (:mod:`pyshrink.layerwise`), so the streamed perplexities would not be the model's."""
+    from .models import sliding_windows
+
+    windows = sliding_windows(streamed.model.config, len(streamed.blocks))
+    if len({w if w is not None and w < length else None for w in windows}) > 1:
+        raise InvalidSetting(f"{streamed.path} mixes sliding-window layers (window {max(w or 0 for w in windows)}) with "
+                             f"full-attention ones, and the {length}-token windows are longer than that window: "
+                             "streaming runs every block with the first block's attention mask. Stream with windows "
+                             "no longer than the sliding window (quantize --seq-len, contract(seq_len=...)), or run "
+                             "without --stream")
+
+
+def returns_tuple(block: nn.Module, inputs) -> bool:
+    """Whether ``block`` returns a tuple (the model's forward expects its blocks' form: :class:`Replay` answers
+    alike); runs it on the first cached batch of ``inputs`` (:class:`pyshrink.layerwise.BlockInputs`)."""
+    with torch.no_grad():
+        out = block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
+    return isinstance(out, (tuple, list))
+
+
+def _tied_copies(model, state: dict) -> set:
+    """Keys ``save_pretrained`` leaves out: a tied parameter's second name (the head tied to the embeddings)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {t for t, s in tied.items() if t in state and s in state and state[t] is state[s]}
+
+
+def write_rest(streamed: "StreamedModel", writer: "ShardWriter", folder: Path, float_dtype: torch.dtype | None) -> None:
+    """Finish a streamed folder once every block is written: the last shard (what lies outside the blocks), the
+    index, the config (stamped as ``save_pretrained`` stamps it), the generation config and the tokenizer."""
+    model = streamed.model
+    with stack_replaced(streamed.blocks, nn.Identity()):
+        state = model.state_dict(keep_vars=True)
+        writer.write(saved_tensors(model, "", float_dtype, skip=_tied_copies(model, state)))
+    writer.finish()
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = str(float_dtype or model.dtype).split(".")[1]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    if streamed.tokenizer is not None:
+        streamed.tokenizer.save_pretrained(folder)
+
+
+def outside_blocks_params(streamed: "StreamedModel") -> int:
+    """Parameters outside the blocks, each tensor once (:func:`pyshrink.models.num_params` of the rest)."""
+    from .models import num_params
+
+    with stack_replaced(streamed.blocks, nn.Identity()):
+        return num_params(streamed.model)
 
 
 class ShardWriter:
@@ -204,4 +259,5 @@ def saved_tensors(module, prefix: str, float_dtype: torch.dtype | None, skip=())
     return out
 
 
-__all__ = ["StreamedModel", "ShardWriter", "Replay", "stack_replaced", "saved_tensors"]
+__all__ = ["StreamedModel", "ShardWriter", "Replay", "stack_replaced", "saved_tensors", "returns_tuple", "write_rest", "check_same_masks",
+           "outside_blocks_params"]

@@ -297,3 +297,18 @@ def test_a_gguf_file_loads_in_the_dtype_asked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_load_gguf", lambda path: (tiny_model("llama"), None))
     model, _ = models.load_model(f, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_sliding_windows_per_layer_from_configs_with_and_without_layer_types():
+    from types import SimpleNamespace
+
+    from pyshrink.models import sliding_windows
+
+    assert sliding_windows(SimpleNamespace(sliding_window=8), 3) == [8, 8, 8]  # Mistral
+    assert sliding_windows(SimpleNamespace(sliding_window=None), 3) == [None] * 3
+    # Qwen2 before transformers had layer_types: the layers from max_window_layers on slide
+    old_qwen2 = SimpleNamespace(sliding_window=8, use_sliding_window=True, max_window_layers=1)
+    assert sliding_windows(old_qwen2, 3) == [None, 8, 8]
+    assert sliding_windows(SimpleNamespace(sliding_window=8, use_sliding_window=False, max_window_layers=1), 3) == [None] * 3
+    typed = SimpleNamespace(sliding_window=8, layer_types=["full_attention", "sliding_attention"])
+    assert sliding_windows(typed, 2) == [None, 8]

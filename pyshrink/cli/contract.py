@@ -95,6 +95,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for data-free sampling and the healing data order."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+        stream: bool = typer.Option(False, "--stream", help="Hold one block in memory at a time: observe, contract, "
+                                    "measure and write block by block, for models larger than memory (SOURCE: a "
+                                    "folder of .safetensors files; a decoder needs --calibration; no heal). Same "
+                                    "result as without it."),
     ):
         from ..contract import contract
         from ..contract.summary import render, render_schedule
@@ -125,6 +129,9 @@ def register(app: typer.Typer) -> None:
         if refit is not None and fading:
             raise InvalidSetting("--heal-schedule fade folds the removed neurons' mean into the bias itself; "
                                  "--refit does not apply to it")
+        if stream and (steps >= 2 or fading):
+            raise InvalidSetting("--steps and --heal-schedule heal the whole model between slices, which --stream "
+                                 "never holds: contract with --stream in one step, without healing")
         split = parse_split(heal_split)
         cal = [str(p) for p in calibration] if calibration else None
         settings = dict(eval_text=[str(p) for p in eval_text] if eval_text else None, prune_heads=prune_heads,
@@ -149,7 +156,7 @@ def register(app: typer.Typer) -> None:
         # None (here and above): DEFAULT_LAYERS, or every block of a shallower model
         result = contract(source, contraction_ratio=contraction_ratio, num_layers_to_contract=num_layers_to_contract,
                           calibration=cal, layers=pinned, heal_tokens=heal_tokens, out=out, overwrite=overwrite,
-                          progress=True, **settings)
+                          progress=True, stream=stream, **settings)
         if as_json:
             typer.echo(jsonio.dumps({**result.summary, "out": str(out)}, indent=2))
         else:

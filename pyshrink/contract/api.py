@@ -140,7 +140,7 @@ def _integer(name, v):
 @dataclass
 class ContractionResult:
     """The contracted model, its tokenizer (unchanged: ids keep their meaning) and the summary."""
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None for a streamed run: the result is only on disk (its summary's "out")
     tokenizer: object
     summary: dict = field(default_factory=dict)
     # block index -> indices (in the width before contraction) of the MLP neurons kept; not saved. Lets a
@@ -150,11 +150,15 @@ class ContractionResult:
 
     def __repr__(self) -> str:  # the numbers that matter, not the whole module tree
         keys = ("params_before", "params_after", "ppl_source", "ppl_final")
-        return (f"ContractionResult({type(self.model).__name__}, "
+        what = type(self.model).__name__ if self.model is not None else f"streamed to {self.summary.get('out')}"
+        return (f"ContractionResult({what}, "
                 f"{', '.join(f'{k}={self.summary[k]!r}' for k in keys if k in self.summary)})")
 
     def save(self, out, *, overwrite: bool = False) -> Path:
         """Write safetensors + config + tokenizer + pyshrink.json atomically; ``load_model(out)`` reads it."""
+        if self.model is None:
+            raise InvalidSetting(f"this result was streamed to {self.summary.get('out')} and is not in memory: "
+                                 "copy that folder, or load it with pyshrink.load_model")
         meta = {"stage": "contract", "contraction": self.summary,
                 "source": {"name": self.summary.get("source"), "fingerprint": self.summary.get("source_fingerprint")}}
         return models.save(self.model, self.tokenizer, out, metadata=meta, overwrite=overwrite,
@@ -195,7 +199,8 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
              seq_len: int | None = None, calibration_tokens: int = 32768, eval_tokens: int = 16384,
              datafree_tokens: int = 8192,
              seed: int = 0, out=None, overwrite: bool = False, progress: bool = True, layers=None,
-             heal_tokens: int | None = None, heal_options: dict | None = None) -> ContractionResult:
+             heal_tokens: int | None = None, heal_options: dict | None = None,
+             stream: bool = False) -> ContractionResult:
     """Contract a model: physically remove the least useful MLP neurons (and optionally attention heads and
     unused vocabulary) in the ``num_layers_to_contract`` blocks where that costs least.
 
@@ -231,49 +236,52 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         heal_options: further :func:`pyshrink.heal` arguments for that heal (``lr``, ``alpha``, ``temperature``,
             ``batch_size``, ``until_ppl``, ``max_seconds``, ...); ``seq_len`` and ``seed`` default to contraction's.
         out: if given, save the result there (atomically; ``overwrite`` to replace).
+        stream: never hold the whole model (:mod:`.stream`): observe, plan, contract, measure and write one block
+            at a time, for models larger than memory. Needs a local folder of .safetensors files and ``out``; a
+            decoder needs ``calibration`` (data-free calibration samples text from the whole model); no heal. The
+            result is the same as without it.
 
     Returns:
-        :class:`ContractionResult` with ``model``, ``tokenizer`` and ``summary``.
+        :class:`ContractionResult` with ``model``, ``tokenizer`` and ``summary`` (``model`` is None with ``stream``:
+        the result is at ``out``, for :func:`pyshrink.load_model`).
     """
     t_start = time.perf_counter()
     st = ContractionSettings(contraction_ratio, num_layers_to_contract, threshold, prune_heads, head_ratio,
                              prune_vocab, criterion, refit, seq_len, calibration_tokens, eval_tokens,
                              datafree_tokens, 4, seed, layers, heal_tokens).validate()
-    layers, heal_opts = st.layers, _heal_options(heal_options)
-    if layers is not None:
-        st.num_layers_to_contract = len(layers)  # recorded as what was done (the argument is ignored)
+    heal_opts = _heal_options(heal_options)
+    if st.layers is not None:
+        st.num_layers_to_contract = len(st.layers)  # recorded as what was done (the argument is ignored)
     if heal_opts and not heal_tokens:
         raise InvalidSetting("heal_options configure the heal, which runs only with heal_tokens=N (N > 0)")
     if heal_tokens and calibration is None:
         raise InvalidSetting("heal_tokens needs text to heal on: pass calibration text (calibration=... / "
                              "--calibration FILE); the heal distills the source into the contracted model on it")
-    cal_text = data.read_texts(calibration) if calibration is not None else None
-    eval_str = data.read_texts(eval_text) if eval_text is not None else None
-    if prune_vocab and cal_text is None:
+    if prune_vocab and calibration is None:
         raise InvalidSetting("prune_vocab needs domain text: pass calibration text (--calibration FILE); the "
                              "kept vocabulary is what that text uses")
+    if stream and (_is_pair(source) or isinstance(source, torch.nn.Module)):
+        raise InvalidSetting("stream=True reads the source block by block from a local folder of .safetensors files; "
+                             "an in-memory model is already in memory: contract it without stream")
+    if stream and out is None:
+        raise InvalidSetting("stream=True writes the result block by block: pass out=FOLDER")
+    if stream and heal_tokens:
+        raise InvalidSetting("heal_tokens trains the whole contracted model, which stream=True never holds: "
+                             "contract with --stream, then heal the result without it if it fits in memory")
+    texts = Texts(data.read_texts(calibration) if calibration is not None else None,
+                  data.read_texts(eval_text) if eval_text is not None else None, calibration, eval_text)
     if out is not None:
         models.check_output(out, overwrite=overwrite, sources=() if _is_pair(source) else (source,))
+    if stream:
+        from .stream import contract_streamed
 
+        return contract_streamed(source, st, texts, out, overwrite=overwrite, progress=progress, t_start=t_start)
+
+    if not _is_pair(source) and not isinstance(source, torch.nn.Module):
+        models.check_fits(source, "contract")
     model, tok, source_name, fp = _load(source)
-    from ..quantize.api import is_quantized_model  # lazily: quantize's import chain is heavier
-
-    if is_quantized_model(model):
-        raise InvalidSetting(f"{source_name} is quantized: contraction removes rows and columns of floating-point "
-                             "weights; contract the floating-point model first, then quantize the result")
-    adapter = adapter_for(model)
+    adapter = check_model(model, source_name, st)
     models.check_finite(model, "contracting")
-    if prune_vocab and any(isinstance(m, (vocab.CompactEmbedding, vocab.CompactHead)) for m in model.modules()):
-        raise InvalidSetting(f"{source_name} has a pruned vocabulary already; contract it again without "
-                             "prune_vocab / --prune-vocab (its kept ids stay as they are)")
-    depth = adapter.depth(model)
-    if layers is None:
-        if num_layers_to_contract is None:
-            num_layers_to_contract = st.num_layers_to_contract = default_num_layers(depth)
-        check_range("num_layers_to_contract", num_layers_to_contract, 1, depth, integer=True)
-    elif max(layers) >= depth:
-        raise InvalidSetting(f"layers must be block indices in 0..{depth - 1} (the model has {depth} blocks), "
-                             f"got {layers!r}")
     if heal_tokens:
         from ..heal.api import require_decoder
 
@@ -283,103 +291,26 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     if heal_tokens:
         teacher = (source[0], source[1]) if _is_pair(source) else (copy.deepcopy(model), tok)
     torch.manual_seed(seed)
-
-    # ---- data ------------------------------------------------------------------------------------------
-    L = st.seq_len = models.window_length(model, seq_len)  # the summary records the window used
-    n_ids = models.id_limit(model)  # every window's ids are checked against it
-    if cal_text is not None:
-        ids = data.tokenize(tok, cal_text)
-        if eval_str is None:
-            cal_ids, held = data.split_ids(ids, 0.1)
-            eval_desc = f"held-out last 10% of the calibration text ({data.describe(calibration)})"
-        else:
-            cal_ids, held = ids, data.tokenize(tok, eval_str)
-            eval_desc = data.describe(eval_text)
-        cal_win = _windows(cal_ids, L, calibration_tokens, "calibration text", n_ids)
-        cal_desc = data.describe(calibration)
-        mode = "threshold" if threshold is not None else "calibrated"
-    else:
-        mode = "data-free"
-        if eval_str is not None:
-            held, eval_desc = data.tokenize(tok, eval_str), data.describe(eval_text)
-        else:
-            builtin = data.tokenize(tok, data.builtin_text("pydoc"))
-            held = builtin[-min(eval_tokens, builtin.numel() // 2):]
-            eval_desc = "built-in text: CPython pydoc topics (held-out last windows)"
-        # calibration_tokens caps calibration in both modes ("use at most this many"); data-free sampling is the
-        # costly step, and datafree_tokens (8,192) is its default budget
-        n_free = min(datafree_tokens, calibration_tokens)
-        if adapter.kind == "decoder":
-            dl = min(128, L)
-            cal_win = datafree.sample_ids(model, tok, tokens=n_free, seq_len=dl, seed=seed, progress=progress)
-            cal_desc = f"data-free: {cal_win.numel()} tokens sampled from the source model (seed {seed}, temperature 1)"
-        else:
-            cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L), vocab=n_ids)
-            cal_desc = "data-free: built-in text (CPython pydoc topics, first windows)"
-        if threshold is not None:
-            mode = "threshold (data-free)"
-    eval_win = _windows(held, L, eval_tokens, "evaluation text", n_ids)
-    batches = [cal_win[i:i + st.batch_size * max(1, 512 // cal_win.shape[1])]
-               for i in range(0, len(cal_win), st.batch_size * max(1, 512 // cal_win.shape[1]))]
+    texts.tokenize(model, adapter, tok, st, progress)
 
     # ---- source quality ---------------------------------------------------------------------------------
     t_eval = time.perf_counter()
-    quality = Quality(adapter.kind, eval_win, progress=progress)
+    quality = Quality(adapter.kind, texts.eval_win, progress=progress)
     q_source = quality.measure(model)
     eval_time = time.perf_counter() - t_eval
     params_before = models.num_params(model)
 
-    # ---- observe and plan every block ------------------------------------------------------------------
-    h_ratio = head_ratio if head_ratio is not None else contraction_ratio
-
-    def consume(i, block, obs):
-        if layers is not None and i not in layers:  # pinned blocks: nothing to plan here
-            obs.mlp.gram = None
-            if obs.attn is not None:
-                obs.attn.gram = None
-            return None
-        if threshold is not None:
-            remove = (obs.mlp.mean_abs < threshold).nonzero().squeeze(1)
-            remove = remove[obs.mlp.mean_abs[remove].argsort()][: int(RATIO_RANGE[1] * len(obs.mlp.mean_abs))]
-            npl = neurons.plan(adapter, block, obs.mlp, remove=remove, refit=refit)
-        else:
-            n_rm = round(contraction_ratio * adapter.mlp_width(block))
-            npl = neurons.plan(adapter, block, obs.mlp, n_remove=n_rm, criterion=criterion, refit=refit)
-        hpl = heads.plan(adapter, block, model.config, obs.attn, h_ratio, criterion=criterion, refit=refit) \
-            if prune_heads else None
-        obs.mlp.gram = None  # free the Gram matrices as soon as the block is planned
-        if obs.attn is not None:
-            obs.attn.gram = None
-        return layer_selection.LayerCandidate(i, npl, hpl, **obs.scales)
-
+    # ---- observe and plan every block, contract the chosen ----------------------------------------------
     t_c = time.perf_counter()
-    candidates = stats_pass.observe_blocks(model, adapter, batches, consume, heads=prune_heads, progress=progress)
-    if layers is None:
-        chosen = layer_selection.choose(candidates, num_layers_to_contract, per_removed=threshold is not None)
-    else:
-        chosen = [c for c in candidates if c is not None]  # block order, as choose() returns them
+    candidates = stats_pass.observe_blocks(model, adapter, texts.batches(st), planner(model, adapter, st),
+                                           heads=prune_heads, progress=progress)
+    chosen = choose(candidates, st)
     del candidates  # the plans of the blocks not chosen (refit weights of every block) are freed here
-    if threshold is not None and not any(c.removed_neurons for c in chosen):
-        warnings.warn(f"threshold={threshold:g}: no neuron's mean |activation| on the calibration text is below it, "
-                      "so nothing was removed and the result is the source's size; try a larger threshold",
-                      UserWarning, stacklevel=2)
     rows, kept_neurons = [], {}
     for c in chosen:
-        blk = adapter.blocks(model)[c.index]
-        row = {"layer": c.index, "width_before": adapter.mlp_width(blk)}
-        if prune_heads:
-            row["heads_before"], row["kv_heads_before"] = adapter.head_counts(blk, model.config)
+        rows.append(apply_candidate(model, adapter, c, prune_heads))
         if c.removed_neurons:
-            neurons.apply(model, adapter, c.index, c.neurons.keep, c.neurons.weight, c.neurons.bias)
             kept_neurons[c.index] = c.neurons.keep.sort().values
-        if c.heads is not None:
-            heads.apply(model, adapter, c.index, c.heads)
-        row["width_after"] = adapter.mlp_width(blk)
-        if prune_heads:
-            row["heads_after"], row["kv_heads_after"] = adapter.head_counts(blk, model.config)
-            row["head_shape"] = c.heads.shape if c.heads is not None else None
-        row["relative_error"] = c.relative_error
-        rows.append(row)
     contraction_time = time.perf_counter() - t_c
 
     # ---- heal (before vocabulary pruning: distillation compares full-vocabulary distributions) -------------
@@ -392,11 +323,11 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
         eval_time += time.perf_counter() - t_eval
         t_h = time.perf_counter()
         # cal_ids excludes the held-out evaluation text, so ppl_final is measured on text the heal never saw
-        h = heal_in_place(model, tok, teacher=teacher, text=cal_ids, tokens=heal_tokens, progress=progress,
-                          **{"seq_len": L, "seed": seed, **heal_opts})
+        h = heal_in_place(model, tok, teacher=teacher, text=texts.cal_ids, tokens=heal_tokens, progress=progress,
+                          **{"seq_len": st.seq_len, "seed": seed, **heal_opts})
         heal_info = {"tokens": heal_tokens, "tokens_seen": h["tokens_seen"], "stopped": h["stopped"],
                      "ppl_before": q_before_heal, "ppl_after": None, "seconds": time.perf_counter() - t_h,
-                     "text": f"calibration text ({cal_desc}), without the evaluation text",
+                     "text": f"calibration text ({texts.cal_desc}), without the evaluation text",
                      "held_out": {k: h[k] for k in ("ppl_initial", "ppl_best", "ppl_teacher", "until_ppl",
                                                     "best_tokens")},
                      "curve": h["curve"], "options": heal_opts}
@@ -407,36 +338,183 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     models.round_floats_to(model, store)
     t_eval = time.perf_counter()
     q_final = quality.measure(model)
+    vocab_info = prune_vocabulary(model, tok, texts, quality, lambda: quality.measure(model)) if prune_vocab else None
     eval_time += time.perf_counter() - t_eval
-    vocab_info = None
-    if prune_vocab:
-        used = torch.cat([cal_ids, held]).unique()
-        vocab_info = vocab.apply(model, vocab.kept_ids(used, tok, model.config), unk_id=vocab.unknown_token_id(tok))
-        if quality.metric == "perplexity":
-            # The kept ids include every id of the evaluation text (so none of it scores -inf), and dropping the
-            # others renormalises the softmax over them: a perplexity measured now would be flattered by the test
-            # text's own vocabulary. ppl_final is therefore the one measured above, before the drop (the kept
-            # logits are unchanged by it); the renormalised figure is recorded here, marked as such.
-            t_eval = time.perf_counter()
-            vocab_info["ppl_renormalised_over_kept_ids"] = quality.measure(model)
-            eval_time += time.perf_counter() - t_eval
     if heal_info is not None and heal_info["ppl_after"] is None:
         heal_info["ppl_after"] = q_final
-    params_after = models.num_params(model)
+    summary = make_summary(source_name, fp, adapter, st, texts, quality, params_before, models.num_params(model),
+                           rows, vocab_info, heal_info, contraction_time, eval_time, q_source, q_final, t_start)
+    result = ContractionResult(model, tok, summary, kept_neurons, float_dtype=store)
+    if out is not None:
+        result.save(out, overwrite=overwrite)
+    return result
+
+
+class Texts:
+    """The run's text: read before anything heavy, tokenized into windows once the model is there."""
+
+    def __init__(self, cal_text, eval_str, calibration, eval_text):
+        self.cal_text, self.eval_str, self.calibration, self.eval_text = cal_text, eval_str, calibration, eval_text
+
+    def tokenize(self, model, adapter, tok, st: ContractionSettings, progress: bool) -> None:
+        """Calibration and evaluation windows (``cal_win``, ``eval_win``), the calibration ids without the
+        evaluation text (``cal_ids``), the held-out ids (``held``), their descriptions and the mode. Data-free
+        decoders sample their calibration text from ``model``."""
+        L = st.seq_len = models.window_length(model, st.seq_len)  # the summary records the window used
+        n_ids = models.id_limit(model)  # every window's ids are checked against it
+        self.cal_ids = None
+        if self.cal_text is not None:
+            ids = data.tokenize(tok, self.cal_text)
+            if self.eval_str is None:
+                self.cal_ids, self.held = data.split_ids(ids, 0.1)
+                self.eval_desc = f"held-out last 10% of the calibration text ({data.describe(self.calibration)})"
+            else:
+                self.cal_ids, self.held = ids, data.tokenize(tok, self.eval_str)
+                self.eval_desc = data.describe(self.eval_text)
+            self.cal_win = _windows(self.cal_ids, L, st.calibration_tokens, "calibration text", n_ids)
+            self.cal_desc = data.describe(self.calibration)
+            self.mode = "threshold" if st.threshold is not None else "calibrated"
+        else:
+            self.mode = "data-free"
+            if self.eval_str is not None:
+                self.held, self.eval_desc = data.tokenize(tok, self.eval_str), data.describe(self.eval_text)
+            else:
+                builtin = data.tokenize(tok, data.builtin_text("pydoc"))
+                self.held = builtin[-min(st.eval_tokens, builtin.numel() // 2):]
+                self.eval_desc = "built-in text: CPython pydoc topics (held-out last windows)"
+            # calibration_tokens caps calibration in both modes ("use at most this many"); data-free sampling is the
+            # costly step, and datafree_tokens (8,192) is its default budget
+            n_free = min(st.datafree_tokens, st.calibration_tokens)
+            if adapter.kind == "decoder":
+                self.cal_win = datafree.sample_ids(model, tok, tokens=n_free, seq_len=min(128, L), seed=st.seed,
+                                                   progress=progress)
+                self.cal_desc = (f"data-free: {self.cal_win.numel()} tokens sampled from the source model "
+                                 f"(seed {st.seed}, temperature 1)")
+            else:
+                self.cal_win = datafree.encoder_ids(tok, tokens=n_free, seq_len=min(128, L), vocab=n_ids)
+                self.cal_desc = "data-free: built-in text (CPython pydoc topics, first windows)"
+            if st.threshold is not None:
+                self.mode = "threshold (data-free)"
+        self.eval_win = _windows(self.held, L, st.eval_tokens, "evaluation text", n_ids)
+
+    def batches(self, st: ContractionSettings) -> list:
+        """The calibration windows in batches of about ``st.batch_size`` 512-token windows."""
+        n = st.batch_size * max(1, 512 // self.cal_win.shape[1])
+        return [self.cal_win[i:i + n] for i in range(0, len(self.cal_win), n)]
+
+
+def check_model(model, source_name: str, st: ContractionSettings):
+    """Refuse a model contraction cannot take (quantized; a pruned vocabulary with prune_vocab; blocks it lacks)
+    and fill in ``st.num_layers_to_contract``; returns the model's adapter."""
+    from ..quantize.api import is_quantized_model  # lazily: quantize's import chain is heavier
+
+    if is_quantized_model(model):
+        raise InvalidSetting(f"{source_name} is quantized: contraction removes rows and columns of floating-point "
+                             "weights; contract the floating-point model first, then quantize the result")
+    adapter = adapter_for(model)
+    if st.prune_vocab and any(isinstance(m, (vocab.CompactEmbedding, vocab.CompactHead)) for m in model.modules()):
+        raise InvalidSetting(f"{source_name} has a pruned vocabulary already; contract it again without "
+                             "prune_vocab / --prune-vocab (its kept ids stay as they are)")
+    depth = adapter.depth(model)
+    if st.layers is None:
+        if st.num_layers_to_contract is None:
+            st.num_layers_to_contract = default_num_layers(depth)
+        check_range("num_layers_to_contract", st.num_layers_to_contract, 1, depth, integer=True)
+    elif max(st.layers) >= depth:
+        raise InvalidSetting(f"layers must be block indices in 0..{depth - 1} (the model has {depth} blocks), "
+                             f"got {st.layers!r}")
+    return adapter
+
+
+def planner(model, adapter, st: ContractionSettings):
+    """``consume(i, block, obs)`` for :func:`.calibration.observe_blocks`: block ``i``'s candidate plan (None for a
+    block ``st.layers`` leaves out), its Gram matrices freed as soon as it is made."""
+    h_ratio = st.head_ratio if st.head_ratio is not None else st.contraction_ratio
+
+    def consume(i, block, obs):
+        if st.layers is not None and i not in st.layers:  # pinned blocks: nothing to plan here
+            obs.mlp.gram = None
+            if obs.attn is not None:
+                obs.attn.gram = None
+            return None
+        if st.threshold is not None:
+            remove = (obs.mlp.mean_abs < st.threshold).nonzero().squeeze(1)
+            remove = remove[obs.mlp.mean_abs[remove].argsort()][: int(RATIO_RANGE[1] * len(obs.mlp.mean_abs))]
+            npl = neurons.plan(adapter, block, obs.mlp, remove=remove, refit=st.refit)
+        else:
+            n_rm = round(st.contraction_ratio * adapter.mlp_width(block))
+            npl = neurons.plan(adapter, block, obs.mlp, n_remove=n_rm, criterion=st.criterion, refit=st.refit)
+        hpl = heads.plan(adapter, block, model.config, obs.attn, h_ratio, criterion=st.criterion, refit=st.refit) \
+            if st.prune_heads else None
+        obs.mlp.gram = None  # free the Gram matrices as soon as the block is planned
+        if obs.attn is not None:
+            obs.attn.gram = None
+        return layer_selection.LayerCandidate(i, npl, hpl, **obs.scales)
+
+    return consume
+
+
+def choose(candidates: list, st: ContractionSettings, *, stacklevel: int = 3) -> list:
+    """The candidates to apply, in block order: the measured cheapest, or those of the blocks ``st.layers`` names."""
+    if st.layers is None:
+        chosen = layer_selection.choose(candidates, st.num_layers_to_contract, per_removed=st.threshold is not None)
+    else:
+        chosen = [c for c in candidates if c is not None]  # block order, as choose() returns them
+    if st.threshold is not None and not any(c.removed_neurons for c in chosen):
+        warnings.warn(f"threshold={st.threshold:g}: no neuron's mean |activation| on the calibration text is below "
+                      "it, so nothing was removed and the result is the source's size; try a larger threshold",
+                      UserWarning, stacklevel=stacklevel)
+    return chosen
+
+
+def apply_candidate(model, adapter, c, prune_heads: bool) -> dict:
+    """Contract block ``c.index`` of ``model`` (loaded) as candidate ``c`` plans; returns its summary row."""
+    blk = adapter.blocks(model)[c.index]
+    row = {"layer": c.index, "width_before": adapter.mlp_width(blk)}
+    if prune_heads:
+        row["heads_before"], row["kv_heads_before"] = adapter.head_counts(blk, model.config)
+    if c.removed_neurons:
+        neurons.apply(model, adapter, c.index, c.neurons.keep, c.neurons.weight, c.neurons.bias)
+    if c.heads is not None:
+        heads.apply(model, adapter, c.index, c.heads)
+    row["width_after"] = adapter.mlp_width(blk)
+    if prune_heads:
+        row["heads_after"], row["kv_heads_after"] = adapter.head_counts(blk, model.config)
+        row["head_shape"] = c.heads.shape if c.heads is not None else None
+    row["relative_error"] = c.relative_error
+    return row
+
+
+def prune_vocabulary(model, tok, texts: Texts, quality: Quality, measure) -> dict:
+    """Drop the ids the domain text (calibration and evaluation) never uses; ``measure()``: the model's quality
+    now (recorded for perplexity only, marked as renormalised)."""
+    used = torch.cat([texts.cal_ids, texts.held]).unique()
+    info = vocab.apply(model, vocab.kept_ids(used, tok, model.config), unk_id=vocab.unknown_token_id(tok))
+    if quality.metric == "perplexity":
+        # The kept ids include every id of the evaluation text (so none of it scores -inf), and dropping the
+        # others renormalises the softmax over them: a perplexity measured now would be flattered by the test
+        # text's own vocabulary. ppl_final is therefore the one measured before the drop (the kept logits are
+        # unchanged by it); the renormalised figure is recorded here, marked as such.
+        info["ppl_renormalised_over_kept_ids"] = measure()
+    return info
+
+
+def make_summary(source_name, fp, adapter, st, texts, quality, params_before, params_after, rows, vocab_info,
+                 heal_info, contraction_time, eval_time, q_source, q_final, t_start) -> dict:
     summary = {
         "source": source_name,
         "source_fingerprint": fp,
         "architecture": adapter.name,
-        "mode": mode,
+        "mode": texts.mode,
         "settings": asdict(st),
-        "calibration": {"text": cal_desc, "tokens": int(cal_win.numel())},
-        "evaluation": {"text": eval_desc, "tokens": int(eval_win.numel()), "metric": quality.metric,
-                       "window": int(eval_win.shape[1])},
+        "calibration": {"text": texts.cal_desc, "tokens": int(texts.cal_win.numel())},
+        "evaluation": {"text": texts.eval_desc, "tokens": int(texts.eval_win.numel()), "metric": quality.metric,
+                       "window": int(texts.eval_win.shape[1])},
         "params_before": params_before,
         "params_after": params_after,
         "reduction_pct": 100.0 * (params_before - params_after) / params_before,
         "layers": rows,
-        "layers_chosen": "given" if layers is not None else "measured",
+        "layers_chosen": "given" if st.layers is not None else "measured",
         "vocab": vocab_info,
         "heal": heal_info,
         "contraction_time_s": contraction_time,
@@ -447,7 +525,4 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     else:
         summary.update(embedding_cosine=q_final)
     summary["wall_time_s"] = time.perf_counter() - t_start
-    result = ContractionResult(model, tok, summary, kept_neurons, float_dtype=store)
-    if out is not None:
-        result.save(out, overwrite=overwrite)
-    return result
+    return summary

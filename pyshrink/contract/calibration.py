@@ -97,7 +97,7 @@ def _input_hook(stats: ChannelStats):
     return hook
 
 
-class _Observer:
+class BlockObserver:
     """Attaches hooks to one block at a time; finishes a block when the next one is attached."""
 
     def __init__(self, adapter, consume, *, heads: bool, gram: bool):
@@ -133,13 +133,18 @@ class _Observer:
             handles += [norm.register_forward_pre_hook(residual_hook(k)) for k, norm in enumerate(norms)]
         self.current = (i, block, obs, handles)
 
+    def detach(self) -> None:
+        """Remove the current block's hooks without consuming its statistics (after an error)."""
+        if self.current is not None:
+            for h in self.current[3]:
+                h.remove()
+            self.current = None
+
     def finish(self):
         if self.current is None:
             return
         i, block, obs, handles = self.current
-        for h in handles:
-            h.remove()
-        self.current = None
+        self.detach()
         # Planning (scores, least-squares refits, head choices) is float64 work on the CPU, whatever device
         # the model runs on; the chosen weights are moved back to the model's device when applied.
         obs.mlp.to("cpu")
@@ -157,13 +162,11 @@ def observe_blocks(model, adapter, batches, consume, *, heads: bool = False, gra
     observed on the inputs the source model gives it.
     """
     results = []
-    observer = _Observer(adapter, lambda i, b, o: results.append(consume(i, b, o)), heads=heads, gram=gram)
+    observer = BlockObserver(adapter, lambda i, b, o: results.append(consume(i, b, o)), heads=heads, gram=gram)
     try:
         for_each_block(model, adapter, batches, observer.attach, propagate="rewritten",
                        desc="calibration (blocks)", progress=progress)
         observer.finish()
     finally:
-        if observer.current is not None:  # an error mid-pass: leave no hook behind
-            for h in observer.current[3]:
-                h.remove()
+        observer.detach()  # an error mid-pass: leave no hook behind
     return results

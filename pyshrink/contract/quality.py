@@ -11,6 +11,7 @@ class Quality:
 
     def __init__(self, kind: str, windows: torch.Tensor, *, progress: bool = True):
         self.kind, self.windows, self.progress = kind, windows, progress
+        self.batch_size = 4 if kind == "decoder" else 8  # windows per forward (a streamed run batches them alike)
         self.reference = None
 
     @property
@@ -20,8 +21,8 @@ class Quality:
     def measure(self, model) -> float:
         if self.kind == "decoder":
             return perplexity(model, ids=self.windows.reshape(-1), seq_len=self.windows.shape[1],
-                              progress=self.progress)
-        emb = embeddings(model, self.windows, progress=self.progress)
+                              batch_size=self.batch_size, progress=self.progress)
+        emb = embeddings(model, self.windows, batch_size=self.batch_size, progress=self.progress)
         if self.reference is None:
             self.reference = emb
             return 1.0

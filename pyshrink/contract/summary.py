@@ -10,7 +10,7 @@ def rows(summary: dict) -> list[tuple[str, str]]:
     s = summary
     out = [
         ("source", f"{s['source']} ({s['architecture']})"),
-        ("mode", s["mode"]),
+        ("mode", s["mode"] + (", streamed (one block in memory at a time)" if s.get("streamed") else "")),
         ("calibration", f"{s['calibration']['text']} [{s['calibration']['tokens']:,} tokens]"),
         ("params before", _fmt_params(s["params_before"])),
         ("params after", _fmt_params(s["params_after"])),

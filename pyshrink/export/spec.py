@@ -12,6 +12,7 @@ import torch
 
 from ..arch import adapter_for, get_path
 from ..errors import InvalidSetting
+from ..models import sliding_windows
 from .weights import Proj, WeightPolicy, is_quantized
 
 
@@ -95,23 +96,6 @@ FAMILY = {
     "phi": dict(norm="layer", norm_in="input_layernorm", norm_post=None, gated=False, parallel=True,
                 act_attr="hidden_act", rotary=True),
 }
-
-
-def sliding_windows(cfg, depth: int) -> list:
-    """Per layer, the sliding attention window in positions (each query sees itself and the window - 1 before
-    it, as transformers masks them), or None for full attention. Mistral slides in every layer; Qwen2 and later
-    configs name each layer's kind in ``layer_types``."""
-    window = getattr(cfg, "sliding_window", None)
-    if not window:
-        return [None] * depth
-    types = getattr(cfg, "layer_types", None)
-    if types is not None:
-        return [int(window) if t == "sliding_attention" else None for t in types]
-    use = getattr(cfg, "use_sliding_window", None)  # Qwen2's switch; Mistral has none and always slides
-    if use is False:
-        return [None] * depth
-    first = getattr(cfg, "max_window_layers", None) if use else None  # Qwen2 before layer_types: from this layer on
-    return [int(window) if first is None or i >= first else None for i in range(depth)]
 
 
 def decoder_spec(model, policy: WeightPolicy, *, max_length: int | None = None) -> DecoderSpec:

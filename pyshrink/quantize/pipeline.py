@@ -16,8 +16,8 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings, perplexity
-from ..models import (CACHE_DIR, check_output, id_limit, load_model, max_positions, resolve, round_floats_to, save,
-                      storage_dtype, stored_float_dtype, stored_numel, transforms_of, window_length)
+from ..models import (CACHE_DIR, check_fits, check_output, id_limit, load_model, max_positions, resolve, round_floats_to, save,
+                      storage_dtype, stored_float_dtype, transforms_of, window_length)
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
@@ -149,21 +149,6 @@ def _plan(model, tok, adapter, config: QuantConfig, calibration, eval_text, eval
     return calib_ids, Quality(model, adapter, eval_ids, window, progress), eval_source
 
 
-def _check_fits(source) -> None:
-    """Refuse a whole load whose float32 weights alone exceed the memory available, with the way out: the system
-    would kill the process part way through the load, with no message of pyshrink's."""
-    import psutil
-
-    n = stored_numel(source)
-    if n is None:
-        return
-    need, avail = 4 * n, psutil.virtual_memory().available
-    if need > avail:
-        raise InvalidSetting(f"{source} holds {n / 1e9:.2f} B weights, {need / 2**30:.1f} GiB in float32, and this "
-                             f"machine has {avail / 2**30:.1f} GiB available: quantize it with --stream "
-                             "(stream=True), which holds one block at a time")
-
-
 def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, eval_text=None,
                        eval_tokens: int = 16384, held_out: float = 0.1, overwrite: bool = False,
                        progress: bool = True, stream: bool = False) -> QuantRun:
@@ -184,7 +169,7 @@ def quantize_to_folder(source, out, config: QuantConfig, *, calibration=None, ev
         streamed = StreamedModel(source)
         model, tok = streamed.model, streamed.tokenizer
     else:
-        _check_fits(source)
+        check_fits(source, "quantize")
         model, tok = load_model(source)
     adapter = adapter_for(model)
     calib_ids, quality, eval_source = _plan(model, tok, adapter, config, calibration, eval_text, eval_tokens,

@@ -14,15 +14,10 @@ from tqdm.auto import tqdm
 
 from ..layerwise import BlockInputs, capture_block_inputs
 from ..models import atomic_output_dir, check_finite, round_floats_to, write_metadata
-from ..streaming import Replay, ShardWriter, saved_tensors, stack_replaced
+from ..streaming import (Replay, ShardWriter, check_same_masks, returns_tuple, saved_tensors, stack_replaced,
+                         write_rest)
 from .api import finish, prepare
 from .pipeline import represented_params
-
-def _tied_copies(model, state: dict) -> set:
-    """Keys ``save_pretrained`` leaves out: a tied parameter's second name (the head tied to the embeddings)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return {t for t, s in tied.items() if t in state and s in state and state[t] is state[s]}
-
 
 def quantize_streamed(streamed, config, calib_ids, quality, out, store, metadata, *, overwrite: bool = False):
     """Quantize ``streamed`` (:class:`~pyshrink.streaming.StreamedModel`) with ``config`` into the folder ``out``;
@@ -33,6 +28,7 @@ def quantize_streamed(streamed, config, calib_ids, quality, out, store, metadata
     n = len(blocks)
     prefix = streamed.blocks_name + "."
     windows = quality.windows
+    check_same_masks(streamed, max([windows.shape[1], *(b.shape[1] for b in batches)]))
     params = 0
     with torch.no_grad(), atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, n + 1)  # one shard per block, and one for what lies outside the blocks
@@ -45,9 +41,8 @@ def quantize_streamed(streamed, config, calib_ids, quality, out, store, metadata
         for i in tqdm(range(n), desc="quantize (streamed)", disable=not stage.cfg.progress, leave=False):
             block = streamed.load_block(i)
             check_finite(block, "quantizing", prefix=f"{prefix}{i}.")
-            if as_tuple is None:  # how the model's forward expects a block's output: the stand-ins must answer alike
-                out0 = block(evals.hidden[0], *evals.args[0], **evals.kwargs[0])
-                as_tuple = isinstance(out0, (tuple, list))
+            if as_tuple is None:
+                as_tuple = returns_tuple(block, evals)
             before = BlockInputs(before, evals.args, evals.kwargs).run(block)
             if calib is not None:
                 stage.block_calibrated(i, block, calib, f"{prefix}{i}.", i == n - 1)
@@ -67,17 +62,7 @@ def quantize_streamed(streamed, config, calib_ids, quality, out, store, metadata
             ppl_after = quality.after(model)
         with stack_replaced(blocks, torch.nn.Identity()):
             params += represented_params(model)
-            state = model.state_dict(keep_vars=True)
-            writer.write(saved_tensors(model, "", store, skip=_tied_copies(model, state)))
-        writer.finish()
-        # what save_pretrained stamps on the config before writing it: the class, and the dtype the floats are saved in
-        model.config.architectures = [type(model).__name__]
-        model.config.dtype = str(store or model.dtype).split(".")[1]
-        model.config.save_pretrained(tmp)
-        if model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
+        write_rest(streamed, writer, tmp, store)
         write_metadata(tmp, model, metadata(report, ppl_before, ppl_after))
     return report, ppl_before, ppl_after, params
 

@@ -81,3 +81,20 @@ def test_grouped_obs_respects_buckets():
     keep = scores.kept_groups(layer, removed)
     w_new, b_new = scores.refit(layer, keep)
     assert w_new.shape == (6, 8)
+
+
+def test_lstsq_refit_solves_the_damped_normal_equations_of_the_kept_channels():
+    """Against float64 least squares built from the samples themselves: min E||[x_K, 1] W'^T - (x W^T + b)||^2 plus
+    the ridge on the channels' part of the normal equations."""
+    torch.manual_seed(5)
+    x, w, b = torch.randn(700, 20) * torch.rand(20) + 0.2, torch.randn(7, 20), torch.randn(7)
+    layer = _layer(x, w, b)
+    keep, damp = torch.tensor([0, 2, 3, 7, 11, 12, 19]), 0.05
+    X = torch.cat([x.double()[:, keep], torch.ones(700, 1, dtype=torch.float64)], 1)
+    A = X.T @ X / 700
+    A.diagonal()[:-1] += damp * A.diagonal()[:-1].mean()
+    ref = torch.linalg.solve(A, X.T @ (x.double() @ w.double().T + b.double()) / 700).T
+    w_new, b_new = scores.refit(layer, keep, "lstsq", damp=damp)
+    # the Gram matrix is summed from float32 products: agreement to float32's precision
+    torch.testing.assert_close(w_new, ref[:, :-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_new, ref[:, -1], rtol=1e-4, atol=1e-5)

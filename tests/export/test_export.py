@@ -512,16 +512,3 @@ def test_a_float_export_records_no_accuracy_level(tmp_path):
     assert w["accuracy_level"] is None and w["projections"].get("copied", 0) + w["projections"].get("rtn", 0) == 0
 
 
-def test_sliding_windows_per_layer_from_configs_with_and_without_layer_types():
-    from types import SimpleNamespace
-
-    from pyshrink.export.spec import sliding_windows
-
-    assert sliding_windows(SimpleNamespace(sliding_window=8), 3) == [8, 8, 8]  # Mistral
-    assert sliding_windows(SimpleNamespace(sliding_window=None), 3) == [None] * 3
-    # Qwen2 before transformers had layer_types: the layers from max_window_layers on slide
-    old_qwen2 = SimpleNamespace(sliding_window=8, use_sliding_window=True, max_window_layers=1)
-    assert sliding_windows(old_qwen2, 3) == [None, 8, 8]
-    assert sliding_windows(SimpleNamespace(sliding_window=8, use_sliding_window=False, max_window_layers=1), 3) == [None] * 3
-    typed = SimpleNamespace(sliding_window=8, layer_types=["full_attention", "sliding_attention"])
-    assert sliding_windows(typed, 2) == [None, 8]

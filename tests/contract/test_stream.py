@@ -1,0 +1,210 @@
+"""``contract(..., stream=True)`` / ``pyshrink contract --stream``: one block in memory at a time, and the same
+folder and summary as the in-memory run."""
+import json
+import types
+
+import pytest
+import torch
+
+from _quantutil import FAMILY_NAMES, tiny_model, word_text, word_tokenizer
+from pyshrink import models
+from pyshrink.contract import contract
+from pyshrink.errors import InvalidSetting
+from pyshrink.streaming import ShardWriter, StreamedModel
+
+# what differs between two runs of the same contraction: wall-clock times, and where the result went
+_TIMES = ("contraction_time_s", "evaluation_time_s", "wall_time_s", "streamed", "out")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cstream")
+    (root / "calib.txt").write_text(word_text(6000))
+    for family in FAMILY_NAMES:
+        models.save(tiny_model(family), word_tokenizer(), root / family)
+    models.save(tiny_model("llama").to(torch.bfloat16), word_tokenizer(), root / "llama-bf16")
+    return root
+
+
+def _run(root, source, out, stream, calibrated=True, **settings):
+    settings = {"contraction_ratio": 0.5, "num_layers_to_contract": 2, "calibration_tokens": 2048,
+                "eval_tokens": 1024, "seq_len": 64, **settings}
+    return contract(root / source, calibration=[str(root / "calib.txt")] if calibrated else None, out=root / out,
+                    progress=False, stream=stream, **settings)
+
+
+def _assert_same(root, a, b, ra, rb):
+    sa, sb = ({k: v for k, v in r.summary.items() if k not in _TIMES} for r in (ra, rb))
+    assert sa == sb
+    assert rb.summary["streamed"] is True and rb.model is None
+    da, db = models.read_state_dict(root / a), models.read_state_dict(root / b)
+    assert da.keys() == db.keys()
+    for k in da:
+        assert da[k].dtype == db[k].dtype and torch.equal(da[k], db[k]), k
+    for f in ("config.json", "generation_config.json"):
+        if (root / a / f).exists() or (root / b / f).exists():
+            assert json.loads((root / a / f).read_text()) == json.loads((root / b / f).read_text()), f
+    ma, mb = (json.loads((root / x / models.META_FILE).read_text()) for x in (a, b))
+    assert ma["transforms"] == mb["transforms"] and ma["source"] == mb["source"]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_streamed_contraction_writes_the_in_memory_runs_folder_and_summary(root, family):
+    """Neurons, heads and vocabulary, chosen by measurement, on every family."""
+    kw = dict(prune_heads=True, prune_vocab=True)
+    ra = _run(root, family, f"mem-{family}", False, **kw)
+    rb = _run(root, family, f"str-{family}", True, **kw)
+    _assert_same(root, f"mem-{family}", f"str-{family}", ra, rb)
+    assert ra.summary["params_after"] < ra.summary["params_before"]
+    assert len(ra.summary["layers"]) == 2
+    assert len(list((root / f"str-{family}").glob("model-*-of-*.safetensors"))) == 4  # 3 blocks + the rest
+    loaded, _ = models.load_model(root / f"str-{family}")
+    assert models.num_params(loaded) == rb.summary["params_after"]
+
+
+@pytest.mark.parametrize("settings", [dict(layers=[0, 2], refit="mean"), dict(threshold=0.05, criterion="obs"),
+                                      dict(contraction_ratio=0.3, criterion="magnitude", prune_heads=True,
+                                           head_ratio=0.5)],
+                         ids=["layers", "threshold", "magnitude-heads"])
+def test_other_settings_stream_alike(root, settings):
+    tag = "-".join(settings)
+    settings = {"num_layers_to_contract": None, **settings} if "layers" in settings else settings
+    ra = _run(root, "llama", f"mem-s{tag}", False, **settings)
+    rb = _run(root, "llama", f"str-s{tag}", True, **settings)
+    _assert_same(root, f"mem-s{tag}", f"str-s{tag}", ra, rb)
+
+
+def test_a_data_free_encoder_and_a_16_bit_source_stream_alike(root):
+    ra = _run(root, "bert", "mem-free", False, calibrated=False)
+    rb = _run(root, "bert", "str-free", True, calibrated=False)
+    _assert_same(root, "mem-free", "str-free", ra, rb)
+    assert rb.summary["mode"] == "data-free" and 0 < rb.summary["embedding_cosine"] < 1
+    ra = _run(root, "llama-bf16", "mem-bf16", False)
+    rb = _run(root, "llama-bf16", "str-bf16", True)
+    _assert_same(root, "mem-bf16", "str-bf16", ra, rb)
+    assert models.read_state_dict(root / "str-bf16")["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+
+def test_a_contracted_source_contracts_again_streamed(root):
+    _run(root, "llama", "once", False, prune_heads=True)
+    ra = _run(root, "once", "mem-twice", False, prune_heads=True)
+    rb = _run(root, "once", "str-twice", True, prune_heads=True)
+    _assert_same(root, "mem-twice", "str-twice", ra, rb)
+
+
+def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, monkeypatch):
+    loaded_at_once = []
+    real_load = StreamedModel.load_block
+
+    def load_block(self, i):
+        block = real_load(self, i)
+        loaded_at_once.append(sum(not all(p.is_meta for p in b.parameters()) for b in self.blocks))
+        return block
+
+    monkeypatch.setattr(StreamedModel, "load_block", load_block)
+    before = models.fingerprint(root / "phi")
+    _run(root, "phi", "str-once", True)
+    assert loaded_at_once == [1] * 6  # each block twice: observed, then contracted and written
+    assert models.fingerprint(root / "phi") == before
+
+
+def test_a_failure_midway_leaves_nothing_behind(root, monkeypatch):
+    real_write = ShardWriter.write
+
+    def write(self, tensors):
+        if self.written == 1:
+            raise OSError("disk full")
+        real_write(self, tensors)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+    with pytest.raises(OSError, match="disk full"):
+        _run(root, "opt", "str-fail", True)
+    assert not (root / "str-fail").exists()
+    assert not list(root.glob(".str-fail*"))
+
+
+def test_what_streaming_cannot_do_is_refused_before_any_block_is_read(root):
+    with pytest.raises(InvalidSetting, match="needs calibration text for a decoder"):
+        _run(root, "gpt2", "str-nocal", True, calibrated=False)
+    with pytest.raises(InvalidSetting, match="heal_tokens trains the whole contracted model"):
+        _run(root, "gpt2", "str-heal", True, heal_tokens=1000)
+    with pytest.raises(InvalidSetting, match="an in-memory model is already in memory"):
+        contract((tiny_model("llama"), word_tokenizer()), calibration=[str(root / "calib.txt")], out=root / "str-pair",
+                 stream=True, progress=False)
+    with pytest.raises(InvalidSetting, match="pass out=FOLDER"):
+        contract(root / "gpt2", calibration=[str(root / "calib.txt")], stream=True, progress=False)
+    with pytest.raises(InvalidSetting, match="is quantized"):
+        from pyshrink.quantize import QuantConfig
+        from pyshrink.quantize.pipeline import quantize_to_folder
+
+        quantize_to_folder(root / "gpt2", root / "q", QuantConfig(method="rtn", group_size=32, progress=False),
+                           progress=False)
+        _run(root, "q", "str-q", True)
+    for out in ("str-nocal", "str-heal", "str-q", "str-pair"):
+        assert not (root / out).exists()
+
+
+def test_cli_stream(root, capsys):
+    from pyshrink.cli import main
+
+    rc = main(["contract", str(root / "bert"), "-o", str(root / "cli-str"), "--calibration", str(root / "calib.txt"),
+               "--num-layers-to-contract", "2", "--eval-tokens", "1024", "--stream", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    s = json.loads(cap.out[cap.out.index("{"):])
+    assert s["streamed"] is True and s["params_after"] < s["params_before"] and 0.9 < s["embedding_cosine"] <= 1
+    rc = main(["contract", "smollm2-135m", "-o", str(root / "cli-gguf"), "--calibration", str(root / "calib.txt"),
+               "--stream"])
+    cap = capsys.readouterr()
+    assert rc == 2 and "streaming reads a local folder of .safetensors files" in cap.err
+    rc = main(["contract", str(root / "llama"), "-o", str(root / "cli-steps"), "--calibration",
+               str(root / "calib.txt"), "--heal-tokens", "1000", "--steps", "2", "--stream"])
+    cap = capsys.readouterr()
+    assert rc == 2 and "--stream" in cap.err and "--steps" in cap.err
+    assert not (root / "cli-gguf").exists() and not (root / "cli-steps").exists()
+
+
+def test_a_model_whose_float32_weights_exceed_the_available_memory_is_pointed_to_stream(root, monkeypatch, capsys):
+    import psutil
+
+    from pyshrink.cli import main
+
+    need = 4 * models.stored_numel(root / "gpt2")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=need - 1))
+    rc = main(["contract", str(root / "gpt2"), "-o", str(root / "too-big"), "--calibration", str(root / "calib.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in float32, and this machine has" in err and "contract it with --stream" in err
+    assert not (root / "too-big").exists()
+    _run(root, "gpt2", "fits-streamed", True)  # streaming does not ask
+
+
+def test_blocks_that_see_different_masks_are_refused_where_the_windows_are_longer_than_the_sliding_one(root,
+                                                                                                   monkeypatch):
+    """Streaming runs every block with what the first one receives, its attention mask included: Qwen2's sliding
+    layers behind a full-attention one would be measured with the wrong mask (the perplexities differed)."""
+    import transformers as tf
+
+    import pyshrink.streaming
+
+    # transformers reloads the word-level tokenizer of a qwen2 folder as Qwen2Tokenizer, which reads none of its words
+    for module in (models, pyshrink.streaming):
+        monkeypatch.setattr(module, "load_tokenizer", lambda path: word_tokenizer())
+
+    from pyshrink.quantize import QuantConfig
+    from pyshrink.quantize.pipeline import quantize_to_folder
+
+    torch.manual_seed(0)
+    config = tf.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            sliding_window=8, use_sliding_window=True, max_window_layers=1)
+    models.save(tf.Qwen2ForCausalLM(config).eval(), word_tokenizer(), root / "qwen2-mixed")
+    with pytest.raises(InvalidSetting, match="mixes sliding-window layers"):
+        _run(root, "qwen2-mixed", "str-mixed", True)
+    with pytest.raises(InvalidSetting, match="mixes sliding-window layers"):
+        quantize_to_folder(root / "qwen2-mixed", root / "q-mixed", QuantConfig(method="rtn", group_size=32, seq_len=64,
+                                                                               progress=False), progress=False,
+                           stream=True)
+    assert not (root / "str-mixed").exists() and not (root / "q-mixed").exists()
+    ra = _run(root, "qwen2-mixed", "mem-mixed8", False, seq_len=8)  # windows within the sliding one: every mask alike
+    rb = _run(root, "qwen2-mixed", "str-mixed8", True, seq_len=8)
+    _assert_same(root, "mem-mixed8", "str-mixed8", ra, rb)
