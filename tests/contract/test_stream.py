@@ -6,11 +6,12 @@ import types
 import pytest
 import torch
 
-from _quantutil import FAMILY_NAMES, tiny_model, word_text, word_tokenizer
+from _quantutil import FAMILY_NAMES, tiny_model, word_tokenizer
+from _streamutil import assert_same_folders, count_blocks_in_memory, fail_at_second_shard, make_sources
 from pyshrink import models
 from pyshrink.contract import contract
 from pyshrink.errors import InvalidSetting
-from pyshrink.streaming import ShardWriter, StreamedModel
+
 
 # what differs between two runs of the same contraction: wall-clock times, and where the result went
 _TIMES = ("contraction_time_s", "evaluation_time_s", "wall_time_s", "streamed", "out")
@@ -18,12 +19,7 @@ _TIMES = ("contraction_time_s", "evaluation_time_s", "wall_time_s", "streamed", 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cstream")
-    (root / "calib.txt").write_text(word_text(6000))
-    for family in FAMILY_NAMES:
-        models.save(tiny_model(family), word_tokenizer(), root / family)
-    models.save(tiny_model("llama").to(torch.bfloat16), word_tokenizer(), root / "llama-bf16")
-    return root
+    return make_sources(tmp_path_factory.mktemp("cstream"))
 
 
 def _run(root, source, out, stream, calibrated=True, **settings):
@@ -37,14 +33,7 @@ def _assert_same(root, a, b, ra, rb):
     sa, sb = ({k: v for k, v in r.summary.items() if k not in _TIMES} for r in (ra, rb))
     assert sa == sb
     assert rb.summary["streamed"] is True and rb.model is None
-    da, db = models.read_state_dict(root / a), models.read_state_dict(root / b)
-    assert da.keys() == db.keys()
-    for k in da:
-        assert da[k].dtype == db[k].dtype and torch.equal(da[k], db[k]), k
-    for f in ("config.json", "generation_config.json"):
-        if (root / a / f).exists() or (root / b / f).exists():
-            assert json.loads((root / a / f).read_text()) == json.loads((root / b / f).read_text()), f
-    ma, mb = (json.loads((root / x / models.META_FILE).read_text()) for x in (a, b))
+    ma, mb = assert_same_folders(root / a, root / b)
     assert ma["transforms"] == mb["transforms"] and ma["source"] == mb["source"]
 
 
@@ -93,15 +82,7 @@ def test_a_contracted_source_contracts_again_streamed(root):
 
 
 def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, monkeypatch):
-    loaded_at_once = []
-    real_load = StreamedModel.load_block
-
-    def load_block(self, i):
-        block = real_load(self, i)
-        loaded_at_once.append(sum(not all(p.is_meta for p in b.parameters()) for b in self.blocks))
-        return block
-
-    monkeypatch.setattr(StreamedModel, "load_block", load_block)
+    loaded_at_once = count_blocks_in_memory(monkeypatch)
     before = models.fingerprint(root / "phi")
     _run(root, "phi", "str-once", True)
     assert loaded_at_once == [1] * 6  # each block twice: observed, then contracted and written
@@ -109,14 +90,7 @@ def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, m
 
 
 def test_a_failure_midway_leaves_nothing_behind(root, monkeypatch):
-    real_write = ShardWriter.write
-
-    def write(self, tensors):
-        if self.written == 1:
-            raise OSError("disk full")
-        real_write(self, tensors)
-
-    monkeypatch.setattr(ShardWriter, "write", write)
+    fail_at_second_shard(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         _run(root, "opt", "str-fail", True)
     assert not (root / "str-fail").exists()

@@ -5,21 +5,17 @@ import json
 import pytest
 import torch
 
-from _quantutil import FAMILY_NAMES, tiny_model, word_text, word_tokenizer
+from _quantutil import FAMILY_NAMES, tiny_model, word_tokenizer
+from _streamutil import assert_same_folders, count_blocks_in_memory, fail_at_second_shard, make_sources
 from pyshrink import models
 from pyshrink.quantize.config import QuantConfig
 from pyshrink.quantize.pipeline import quantize_to_folder
-from pyshrink.streaming import ShardWriter, StreamedModel
+from pyshrink.streaming import StreamedModel
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream")
-    (root / "calib.txt").write_text(word_text(6000))
-    for family in FAMILY_NAMES:
-        models.save(tiny_model(family), word_tokenizer(), root / family)
-    models.save(tiny_model("llama").to(torch.bfloat16), word_tokenizer(), root / "llama-bf16")
-    return root
+    return make_sources(tmp_path_factory.mktemp("stream"))
 
 
 def _run(root, source, out, stream, calibrated=True, **settings):
@@ -32,14 +28,7 @@ def _run(root, source, out, stream, calibrated=True, **settings):
 def _assert_same(root, a, b, ra, rb):
     assert (ra.before, ra.after, ra.params) == (rb.before, rb.after, rb.params)
     assert [l.rel_error for l in ra.report.layers] == [l.rel_error for l in rb.report.layers]
-    sa, sb = models.read_state_dict(root / a), models.read_state_dict(root / b)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
-    for f in ("config.json", "generation_config.json"):
-        if (root / a / f).exists() or (root / b / f).exists():
-            assert json.loads((root / a / f).read_text()) == json.loads((root / b / f).read_text()), f
-    meta_a, meta_b = (json.loads((root / x / models.META_FILE).read_text()) for x in (a, b))
+    meta_a, meta_b = assert_same_folders(root / a, root / b)
     assert meta_a["transforms"] == meta_b["transforms"] and meta_a["quality"] == meta_b["quality"]
 
 
@@ -83,15 +72,7 @@ def test_a_contracted_source_streams_alike(root):
 
 
 def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, monkeypatch):
-    loaded_at_once = []
-    real_load = StreamedModel.load_block
-
-    def load_block(self, i):
-        block = real_load(self, i)
-        loaded_at_once.append(sum(not all(p.is_meta for p in b.parameters()) for b in self.blocks))
-        return block
-
-    monkeypatch.setattr(StreamedModel, "load_block", load_block)
+    loaded_at_once = count_blocks_in_memory(monkeypatch)
     before = models.fingerprint(root / "phi")
     _run(root, "phi", "str-once", True)
     assert loaded_at_once == [1, 1, 1]
@@ -99,14 +80,7 @@ def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, m
 
 
 def test_a_failure_midway_leaves_nothing_behind(root, monkeypatch):
-    real_write = ShardWriter.write
-
-    def write(self, tensors):
-        if self.written == 1:
-            raise OSError("disk full")
-        real_write(self, tensors)
-
-    monkeypatch.setattr(ShardWriter, "write", write)
+    fail_at_second_shard(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         _run(root, "opt", "str-fail", True)
     assert not (root / "str-fail").exists()
