@@ -139,6 +139,7 @@ def profile(path: str, name: str, threads: int, prompt_tokens: int, steps: int =
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from pyshrink.kv_cache import cache_inputs, returned_cache
     from pyshrink.models import load_model
 
     torch.set_num_threads(threads)
@@ -146,8 +147,8 @@ def profile(path: str, name: str, threads: int, prompt_tokens: int, steps: int =
     ids = torch.randint(3, 32000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
 
     def step(tok, past):
-        out = model(tok, past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1:].argmax(-1), out.past_key_values
+        out = model(tok, use_cache=True, logits_to_keep=1, **cache_inputs(model, past))
+        return out.logits[:, -1:].argmax(-1), returned_cache(out)
 
     with torch.inference_mode():
         tok, past = step(ids, None)

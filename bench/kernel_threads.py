@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's build
 from decode_speed import build  # noqa: E402
 
+from pyshrink.kv_cache import cache_inputs, returned_cache  # noqa: E402
 from pyshrink.models import load_model  # noqa: E402
 from pyshrink.ops import kernel_threads, set_num_threads  # noqa: E402
 
@@ -75,12 +76,12 @@ def main():
 
     def steps():
         out = prefill()
-        past, tok = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        past, tok = returned_cache(out), out.logits[0, -1].argmax().view(1, 1)
 
         def step():
             nonlocal past, tok
-            o = model(tok, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, tok = o.past_key_values, o.logits[0, -1].argmax().view(1, 1)
+            o = model(tok, use_cache=True, logits_to_keep=1, **cache_inputs(model, past))
+            past, tok = returned_cache(o), o.logits[0, -1].argmax().view(1, 1)
         return timed(step, 16)
 
     zp = torch.empty(0, dtype=torch.uint8)

@@ -25,8 +25,9 @@ def _share(fused, mods) -> None:
 
 
 def _fused_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                             past_key_values=None, **kwargs):
-    # transformers' LlamaAttention.forward (5.x) with q, k and v from one projection
+                             cache=None, past_key_values=None, **kwargs):
+    # transformers' LlamaAttention.forward (5.x) with q, k and v from one projection; the KV cache comes as
+    # ``cache`` from newer transformers, as ``past_key_values`` from older ones (pyshrink.kv_cache)
     from transformers.models.llama import modeling_llama as ml
 
     input_shape = hidden_states.shape[:-1]
@@ -35,8 +36,9 @@ def _fused_attention_forward(self, hidden_states, position_embeddings=None, atte
     q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    cache = cache if cache is not None else past_key_values
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
     attention = ml.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ml.eager_attention_forward)
     out, weights = attention(self, q, k, v, attention_mask,
                              dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)

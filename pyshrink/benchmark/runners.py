@@ -84,12 +84,14 @@ class TorchRunner:
             self.compile_s = 0.0
 
     def _run(self, ids, past):
-        kw = {"use_cache": True, "past_key_values": past}
+        from ..kv_cache import cache_inputs, returned_cache
+
+        kw = {"use_cache": True, **cache_inputs(self.model, past)}
         try:
             out = self.model(ids, logits_to_keep=1, **kw)
         except TypeError:
             out = self.model(ids, **kw)
-        return int(out.logits[0, -1].argmax()), out.past_key_values
+        return int(out.logits[0, -1].argmax()), returned_cache(out)
 
     def prefill(self, ids):
         if self.decoder is not None:

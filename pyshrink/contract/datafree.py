@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import data
 from ..errors import InvalidSetting
+from ..kv_cache import cache_inputs, returned_cache
 from .vocab import protected_ids
 
 
@@ -53,15 +54,15 @@ def _sample(model, tokenizer, tokens, seq_len, batch, temperature, seed, progres
                 first[i, 0] = int(torch.randint(0, config.vocab_size, (1,), generator=gen))
         seq = [first]
         res = model(input_ids=first.to(device), use_cache=True)
-        past = res.past_key_values
+        past = returned_cache(res)
         for _ in range(seq_len - 1):
             logits = res.logits[:, -1].float() / temperature
             if banned:  # keep the text flowing: no end-of-text, padding or other special tokens
                 logits[:, banned] = float("-inf")
             nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen)
             seq.append(nxt)
-            res = model(input_ids=nxt.to(device), past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=nxt.to(device), use_cache=True, **cache_inputs(model, past))
+            past = returned_cache(res)
             bar.update(b)
         bar.update(b)
         out.append(torch.cat(seq, 1))

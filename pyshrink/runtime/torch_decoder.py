@@ -43,6 +43,7 @@ import torch
 
 from ..arch import adapter_for
 from ..errors import InvalidSetting, check_range
+from ..kv_cache import cache_inputs
 from ..ops.threads import kernel_threads
 from ..quantize.linear import is_quantized
 from . import attention
@@ -91,8 +92,8 @@ class TorchDecoder:
 
     def _forward(self, ids, positions):
         extra = {} if self._mask is None else {"attention_mask": self._mask, "position_ids": positions[None]}
-        out = self.model(ids, past_key_values=self.cache, cache_position=positions, use_cache=True, logits_to_keep=1,
-                         **extra)
+        extra = {**cache_inputs(self.model, self.cache, positions), **extra}
+        out = self.model(ids, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[0, -1]
 
     def prefill(self, ids) -> torch.Tensor:
