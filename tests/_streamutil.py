@@ -2,6 +2,7 @@
 probes that count blocks in memory and fail a run part way."""
 import json
 
+import pytest
 import torch
 
 from _quantutil import FAMILY_NAMES, tiny_model, word_text, word_tokenizer
@@ -54,3 +55,21 @@ def fail_at_second_shard(monkeypatch):
         real_write(self, tensors)
 
     monkeypatch.setattr(ShardWriter, "write", write)
+
+
+def assert_one_block_at_a_time(source, monkeypatch, run, loads: int):
+    """``run()`` loads blocks ``loads`` times, never with another block in memory, and leaves ``source`` as it was."""
+    loaded_at_once = count_blocks_in_memory(monkeypatch)
+    before = models.fingerprint(source)
+    run()
+    assert loaded_at_once == [1] * loads
+    assert models.fingerprint(source) == before
+
+
+def assert_a_failure_leaves_nothing(out, monkeypatch, run):
+    """``run()``, failing at its second shard, leaves neither ``out`` nor a temporary folder beside it."""
+    fail_at_second_shard(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        run()
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _quantutil import FAMILY_NAMES, tiny_model, word_tokenizer
-from _streamutil import assert_same_folders, count_blocks_in_memory, fail_at_second_shard, make_sources
+from _streamutil import assert_a_failure_leaves_nothing, assert_one_block_at_a_time, assert_same_folders, make_sources
 from pyshrink import models
 from pyshrink.contract import contract
 from pyshrink.errors import InvalidSetting
@@ -82,19 +82,12 @@ def test_a_contracted_source_contracts_again_streamed(root):
 
 
 def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, monkeypatch):
-    loaded_at_once = count_blocks_in_memory(monkeypatch)
-    before = models.fingerprint(root / "phi")
-    _run(root, "phi", "str-once", True)
-    assert loaded_at_once == [1] * 6  # each block twice: observed, then contracted and written
-    assert models.fingerprint(root / "phi") == before
+    # each of the 3 blocks loaded twice: observed, then contracted and written
+    assert_one_block_at_a_time(root / "phi", monkeypatch, lambda: _run(root, "phi", "str-once", True), loads=6)
 
 
 def test_a_failure_midway_leaves_nothing_behind(root, monkeypatch):
-    fail_at_second_shard(monkeypatch)
-    with pytest.raises(OSError, match="disk full"):
-        _run(root, "opt", "str-fail", True)
-    assert not (root / "str-fail").exists()
-    assert not list(root.glob(".str-fail*"))
+    assert_a_failure_leaves_nothing(root / "str-fail", monkeypatch, lambda: _run(root, "opt", "str-fail", True))
 
 
 def test_what_streaming_cannot_do_is_refused_before_any_block_is_read(root):

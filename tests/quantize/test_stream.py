@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _quantutil import FAMILY_NAMES, tiny_model, word_tokenizer
-from _streamutil import assert_same_folders, count_blocks_in_memory, fail_at_second_shard, make_sources
+from _streamutil import assert_a_failure_leaves_nothing, assert_one_block_at_a_time, assert_same_folders, make_sources
 from pyshrink import models
 from pyshrink.quantize.config import QuantConfig
 from pyshrink.quantize.pipeline import quantize_to_folder
@@ -72,19 +72,11 @@ def test_a_contracted_source_streams_alike(root):
 
 
 def test_no_more_than_one_block_is_in_memory_and_the_source_is_untouched(root, monkeypatch):
-    loaded_at_once = count_blocks_in_memory(monkeypatch)
-    before = models.fingerprint(root / "phi")
-    _run(root, "phi", "str-once", True)
-    assert loaded_at_once == [1, 1, 1]
-    assert models.fingerprint(root / "phi") == before
+    assert_one_block_at_a_time(root / "phi", monkeypatch, lambda: _run(root, "phi", "str-once", True), loads=3)
 
 
 def test_a_failure_midway_leaves_nothing_behind(root, monkeypatch):
-    fail_at_second_shard(monkeypatch)
-    with pytest.raises(OSError, match="disk full"):
-        _run(root, "opt", "str-fail", True)
-    assert not (root / "str-fail").exists()
-    assert not list(root.glob(".str-fail*"))
+    assert_a_failure_leaves_nothing(root / "str-fail", monkeypatch, lambda: _run(root, "opt", "str-fail", True))
 
 
 def test_cli_stream(root, capsys):
