@@ -23,8 +23,8 @@ from torch import nn
 from .arch import adapter_for, module_name
 from .errors import InvalidSetting, ModelLoadError
 from .ops.memory import release_freed_memory
-from .models import (load_tokenizer, model_class, open_safetensors, read_config, read_metadata, resolve, retie,
-                     safetensors_files, skeleton, unexplained_missing)
+from .models import (load_tokenizer, model_class, num_params, open_safetensors, read_config, read_metadata, resolve,
+                     retie, safetensors_files, skeleton, sliding_windows, unexplained_missing)
 
 
 class _Checkpoint:
@@ -167,12 +167,10 @@ def check_same_masks(streamed: "StreamedModel", length: int) -> None:
     """Refuse a model whose blocks see different attention masks on ``length``-token windows (sliding-window layers
     mixed with full-attention ones, the window shorter than ``length``): the blocks are run from what the first one
     receives, its mask included (:mod:`pyshrink.layerwise`), so the streamed perplexities would not be the model's."""
-    from .models import sliding_windows
-
     windows = sliding_windows(streamed.model.config, len(streamed.blocks))
     if len({w if w is not None and w < length else None for w in windows}) > 1:
-        raise InvalidSetting(f"{streamed.path} mixes sliding-window layers (window {max(w or 0 for w in windows)}) with "
-                             f"full-attention ones, and the {length}-token windows are longer than that window: "
+        raise InvalidSetting(f"{streamed.path} mixes sliding-window layers (window {max(w or 0 for w in windows)}) "
+                             f"with full-attention ones, and the {length}-token windows are longer than that window: "
                              "streaming runs every block with the first block's attention mask. Stream with windows "
                              "no longer than the sliding window (quantize --seq-len, contract(seq_len=...)), or run "
                              "without --stream")
@@ -211,8 +209,6 @@ def write_rest(streamed: "StreamedModel", writer: "ShardWriter", folder: Path, f
 
 def outside_blocks_params(streamed: "StreamedModel") -> int:
     """Parameters outside the blocks, each tensor once (:func:`pyshrink.models.num_params` of the rest)."""
-    from .models import num_params
-
     with stack_replaced(streamed.blocks, nn.Identity()):
         return num_params(streamed.model)
 
@@ -259,5 +255,5 @@ def saved_tensors(module, prefix: str, float_dtype: torch.dtype | None, skip=())
     return out
 
 
-__all__ = ["StreamedModel", "ShardWriter", "Replay", "stack_replaced", "saved_tensors", "returns_tuple", "write_rest", "check_same_masks",
-           "outside_blocks_params"]
+__all__ = ["StreamedModel", "ShardWriter", "Replay", "stack_replaced", "saved_tensors", "returns_tuple", "write_rest",
+           "check_same_masks", "outside_blocks_params"]

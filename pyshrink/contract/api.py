@@ -268,8 +268,7 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
     if stream and heal_tokens:
         raise InvalidSetting("heal_tokens trains the whole contracted model, which stream=True never holds: "
                              "contract with --stream, then heal the result without it if it fits in memory")
-    texts = Texts(data.read_texts(calibration) if calibration is not None else None,
-                  data.read_texts(eval_text) if eval_text is not None else None, calibration, eval_text)
+    texts = Texts(calibration, eval_text)
     if out is not None:
         models.check_output(out, overwrite=overwrite, sources=() if _is_pair(source) else (source,))
     if stream:
@@ -353,8 +352,10 @@ def contract(source, contraction_ratio: float = 0.5, num_layers_to_contract: int
 class Texts:
     """The run's text: read before anything heavy, tokenized into windows once the model is there."""
 
-    def __init__(self, cal_text, eval_str, calibration, eval_text):
-        self.cal_text, self.eval_str, self.calibration, self.eval_text = cal_text, eval_str, calibration, eval_text
+    def __init__(self, calibration, eval_text):
+        self.calibration, self.eval_text = calibration, eval_text  # as given: the summary describes them
+        self.cal_text = data.read_texts(calibration) if calibration is not None else None
+        self.eval_str = data.read_texts(eval_text) if eval_text is not None else None
 
     def tokenize(self, model, adapter, tok, st: ContractionSettings, progress: bool) -> None:
         """Calibration and evaluation windows (``cal_win``, ``eval_win``), the calibration ids without the

@@ -185,7 +185,8 @@ def refit(layer: Layer, keep: torch.Tensor, mode: str = "lstsq", *, damp: float 
 
 def output_error(layer: Layer, keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
     """E||y_new - y||^2 per token on the calibration inputs (closed form from the Gram matrix):
-    ``E||D x + d||^2 = tr(D E[x x^T] D^T) + 2 d^T D E[x] + ||d||^2`` for the weight change ``D`` and bias change ``d``."""
+    ``E||D x + d||^2 = tr(D E[x x^T] D^T) + 2 d^T D E[x] + ||d||^2`` for the weight change ``D`` and bias change
+    ``d``."""
     s = layer.stats
     D = layer.weight.clone()
     D[:, _channels(keep, layer.group)] -= weight

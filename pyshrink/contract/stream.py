@@ -29,7 +29,7 @@ from ..layerwise import BlockInputs, capture_block_inputs
 from ..streaming import (Replay, ShardWriter, StreamedModel, check_same_masks, outside_blocks_params, returns_tuple,
                          saved_tensors, stack_replaced, write_rest)
 from . import calibration as stats_pass
-from .api import (ContractionResult, apply_candidate, check_model, choose, make_summary, planner, prune_vocabulary)
+from .api import ContractionResult, apply_candidate, check_model, choose, make_summary, planner, prune_vocabulary
 from .quality import Quality
 
 
@@ -94,12 +94,14 @@ def contract_streamed(source, st, texts, out, *, overwrite: bool, progress: bool
     with torch.no_grad(), models.atomic_output_dir(out, overwrite=overwrite) as tmp:
         spill = PlanSpill(tmp / ".plans")
         calib = capture_block_inputs(model, adapter, texts.batches(st))
-        b = quality.batch_size  # the batches the measure runs (a batch's rows could depend on its size, in the last bits)
-        evals = capture_block_inputs(model, adapter, [texts.eval_win[i:i + b] for i in range(0, len(texts.eval_win), b)])
+        # the batches the measure runs (a batch's rows could depend on its size, in the last bits)
+        b, ev = quality.batch_size, texts.eval_win
+        evals = capture_block_inputs(model, adapter, [ev[i:i + b] for i in range(0, len(ev), b)])
         consume = planner(model, adapter, st)
         candidates = []
-        observer = stats_pass.BlockObserver(adapter, lambda i, blk, obs: candidates.append(spill.put(consume(i, blk, obs))),
-                                            heads=st.prune_heads, gram=True)
+        observer = stats_pass.BlockObserver(
+            adapter, lambda i, blk, obs: candidates.append(spill.put(consume(i, blk, obs))), heads=st.prune_heads,
+            gram=True)
         before, as_tuple = evals.hidden, None
         params_before = outside_blocks_params(streamed)
         # 1. observe and plan every block; run the source on the evaluation windows

@@ -16,8 +16,8 @@ from .. import data
 from ..arch import adapter_for
 from ..errors import DataError, InvalidSetting, is_int
 from ..evaluate import embeddings, perplexity
-from ..models import (CACHE_DIR, check_fits, check_output, id_limit, load_model, max_positions, resolve, round_floats_to, save,
-                      storage_dtype, stored_float_dtype, transforms_of, window_length)
+from ..models import (CACHE_DIR, check_fits, check_output, id_limit, load_model, max_positions, resolve,
+                      round_floats_to, save, storage_dtype, stored_float_dtype, transforms_of, window_length)
 from .api import QuantReport, method_for, quantize_model
 from .config import QuantConfig
 
