@@ -22,18 +22,47 @@ from ..layerwise import for_each_block
 from ..ops import act_stats_, new_accumulators
 
 
+GRAM_ROWS = 1024  # rows of a Gram matrix per product (bounds the temporaries to GRAM_ROWS x channels)
+
+
+def _mirror_upper(g: torch.Tensor) -> None:
+    """Copy the upper triangle of the square ``g`` onto the lower one, in place, a band of rows at a time.
+
+    ChannelStats.add leaves the blocks left of its diagonal bands unset. The diagonal blocks it computes whole, but
+    float32 products need not be symmetric to the last bit; mirroring them too makes the matrix exactly symmetric,
+    so that formulas reading either triangle (the refit's error reads both) agree to float64 rounding."""
+    for r0 in range(0, g.shape[0], GRAM_ROWS):
+        r1 = min(r0 + GRAM_ROWS, g.shape[0])
+        g[r0:r1, :r0] = g[:r0, r0:r1].T
+        d = g[r0:r1, r0:r1]
+        d.copy_(d.triu() + d.triu(1).T)
+
+
 class ChannelStats:
     """Per-channel statistics of one activation ``[..., C]``: act_stats_ sums, count and (optionally) Gram."""
 
     def __init__(self, channels: int, *, gram: bool = True):
         self.acc, self.count = new_accumulators(channels)
-        self.gram = torch.zeros(channels, channels, dtype=torch.float64) if gram else None
+        self._gram = torch.zeros(channels, channels, dtype=torch.float64) if gram else None
+        self._lower_stale = False  # add() sums the bands right of the diagonal; reading mirrors them
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """Sum of ``x^T x`` over every token added (float64, symmetric; None once freed or when not kept)."""
+        if self._lower_stale:
+            _mirror_upper(self._gram)
+            self._lower_stale = False
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._gram, self._lower_stale = value, False
 
     def to(self, device) -> "ChannelStats":
         """Move the sums (and Gram matrix) to ``device``, in place; returns self."""
         self.acc, self.count = self.acc.to(device), self.count.to(device)
-        if self.gram is not None:
-            self.gram = self.gram.to(device)
+        if self._gram is not None:
+            self._gram = self._gram.to(device)
         return self
 
     @torch.no_grad()
@@ -42,9 +71,16 @@ class ChannelStats:
         if self.acc.device != x.device:
             self.to(x.device)
         act_stats_(x.detach(), self.acc, self.count)
-        if self.gram is not None:
+        if self._gram is not None:
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            self.gram += (x2.T @ x2).double()
+            # x^T x by bands of GRAM_ROWS rows, right of the diagonal only: half the products of the whole matrix,
+            # and a float32 temporary of one band (a whole one, plus its float64 copy, was 2.2 GB beside the 1.5 GB
+            # sum at 13824 channels, 9.9 GB at 28672). The float32 band is added into the float64 sum as it is cast.
+            C = x2.shape[1]
+            for r0 in range(0, C, GRAM_ROWS):
+                r1 = min(r0 + GRAM_ROWS, C)
+                self._gram[r0:r1, r0:].add_(x2[:, r0:r1].T @ x2[:, r0:])
+            self._lower_stale = True
 
     @property
     def n(self) -> float:

@@ -64,8 +64,8 @@ def plan(adapter, block, config, stats, ratio: float, *, criterion: str = "obs",
         else:  # rank inside each group
             removed = _ranked_per_bucket(layer, criterion, bucket, r)
         keep = scores.kept_groups(layer, removed)
-        w, b = scores.refit(layer, keep, refit)
-        plans.append(HeadPlan(keep, torch.arange(n_kv), w, b, scores.output_error(layer, keep, w, b),
+        w, b, err = scores.refit_with_error(layer, keep, refit)
+        plans.append(HeadPlan(keep, torch.arange(n_kv), w, b, err,
                               r * n_kv * per_q, "heads-in-groups"))
     # (b) whole kv groups (for multi-head attention, single heads)
     g = min(n_kv - 1, round(ratio * n_kv))
@@ -73,9 +73,9 @@ def plan(adapter, block, config, stats, ratio: float, *, criterion: str = "obs",
         layer = _o_layer(adapter, block, stats, hd * groups)
         removed = scores.CRITERIA[criterion](layer, g)
         kv_keep = scores.kept_groups(layer, removed)
-        w, b = scores.refit(layer, kv_keep, refit)
+        w, b, err = scores.refit_with_error(layer, kv_keep, refit)
         q_keep = (kv_keep[:, None] * groups + torch.arange(groups)[None, :]).reshape(-1)
-        plans.append(HeadPlan(q_keep, kv_keep, w, b, scores.output_error(layer, kv_keep, w, b),
+        plans.append(HeadPlan(q_keep, kv_keep, w, b, err,
                               g * (groups * per_q + per_kv), "kv-groups"))
     if not plans:
         return None

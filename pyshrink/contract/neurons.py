@@ -92,8 +92,7 @@ def plan(adapter, block, stats, *, n_remove: int | None = None, remove: torch.Te
     if remove is None:
         remove = scores.CRITERIA[criterion](layer, n_remove)
     keep = scores.kept_groups(layer, remove)
-    w, b = scores.refit(layer, keep, refit)
-    err = scores.output_error(layer, keep, w, b) if stats is not None else float("nan")
+    w, b, err = scores.refit_with_error(layer, keep, refit)
     # kept in the projection's dtype (apply() converts to it anyway, so the values are the same): a plan is made
     # for every candidate block and kept until the choice, and float64 copies of every block's down projection
     # would take 2x a float32 model's and 4x a bf16 model's

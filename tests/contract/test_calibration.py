@@ -20,6 +20,26 @@ def test_channel_stats_match_direct_computation():
     torch.testing.assert_close(st.gram, flat.T @ flat, rtol=1e-5, atol=1e-4)  # float32 products, float64 sums
 
 
+def test_gram_summed_by_bands_is_the_whole_symmetric_matrix(monkeypatch):
+    """ChannelStats.add sums x^T x right of the diagonal, a band of GRAM_ROWS rows at a time, and reading the
+    matrix mirrors it: small bands (5 rows of 13 channels, the last band partial) must give the whole matrix,
+    also when it is read between two adds."""
+    monkeypatch.setattr(calib, "GRAM_ROWS", 5)
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 9, 13) + 0.5 for _ in range(3)]
+    st = calib.ChannelStats(13)
+    st.add(xs[0])
+    first = xs[0].reshape(-1, 13).double()
+    torch.testing.assert_close(st.gram, first.T @ first, rtol=1e-5, atol=1e-4)
+    st.add(xs[1])
+    st.add(xs[2])
+    flat = torch.cat(xs).reshape(-1, 13).double()
+    torch.testing.assert_close(st.gram, flat.T @ flat, rtol=1e-5, atol=1e-4)
+    st.add(xs[0])
+    st.gram = None  # freed right after an add: nothing left to mirror
+    assert st.gram is None
+
+
 def test_hooks_use_act_stats_and_see_every_token(monkeypatch):
     calls = []
 

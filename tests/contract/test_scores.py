@@ -1,8 +1,11 @@
 """The math of choosing and refitting channels, on synthetic layers with known answers."""
+import itertools
+
 import pytest
 import torch
 
 from pyshrink.contract import scores
+from pyshrink.contract import calibration
 from pyshrink.contract.calibration import ChannelStats
 
 
@@ -28,6 +31,34 @@ def test_output_error_matches_empirical():
         w_new, b_new = scores.refit(layer, keep, mode)
         assert scores.output_error(layer, keep, w_new, b_new) == pytest.approx(
             _empirical_error(x, w, b, keep, w_new, b_new), rel=1e-6)
+
+
+@pytest.mark.parametrize("group,bias,rows", [(1, True, 1024), (1, False, 4), (3, True, 5), (3, False, 4)])
+def test_refit_with_error_gives_the_refit_and_its_output_error(monkeypatch, group, bias, rows):
+    """The least-squares refit's error read from its normal equations, with the Gram matrix read in bands of
+    ``rows`` rows (4 and 5: several bands, the last partial), against :func:`output_error` and the samples; the other
+    modes' errors against the samples. Kept groups: a few, unsorted, a single one, and all of them."""
+    monkeypatch.setattr(calibration, "GRAM_ROWS", rows)
+    torch.manual_seed(6)
+    C = 27
+    x = torch.randn(400, C) * torch.rand(C) + 0.4
+    w, b = torch.randn(9, C), (torch.randn(9) if bias else None)
+    layer = _layer(x, w, b, group=group)
+    total = float((x.double() @ w.double().T).pow(2).sum(1).mean())  # E||x W^T||^2
+    keeps = [torch.tensor([0, 2, 3, 5, 8]), torch.tensor([8, 0, 5]), torch.tensor([4]), torch.arange(C // group)]
+    for keep, mode in itertools.product(keeps, ("lstsq", "mean", "none")):
+        w_new, b_new, err = scores.refit_with_error(layer, keep, mode)
+        # absolute slack for keeping everything, where the error is the damping's alone: against the same Gram
+        # matrix, float64 rounding of E||y||^2; against the samples, the Gram matrix's float32 products
+        if mode == "lstsq":
+            assert err == pytest.approx(scores.output_error(layer, keep, w_new, b_new), rel=1e-9, abs=1e-12 * total)
+        assert err == pytest.approx(_empirical_error(x, w, b, keep, w_new, b_new, group), rel=1e-6, abs=1e-7 * total)
+        w_only, b_only = scores.refit(layer, keep, mode)  # the same refit, without its error
+        torch.testing.assert_close(w_only, w_new, rtol=0, atol=0)
+    no_stats = scores.Layer(w.double(), None, None, group=group)
+    w_new, b_new, err = scores.refit_with_error(no_stats, keep, "lstsq")
+    torch.testing.assert_close(w_new, w.double()[:, scores._channels(keep, group)])
+    assert b_new is None and err != err  # NaN: no statistics, no error
 
 
 def test_lstsq_recovers_redundant_channels_and_beats_mean_and_none():
@@ -83,9 +114,11 @@ def test_grouped_obs_respects_buckets():
     assert w_new.shape == (6, 8)
 
 
-def test_lstsq_refit_solves_the_damped_normal_equations_of_the_kept_channels():
+@pytest.mark.parametrize("rows", [1024, 3])
+def test_lstsq_refit_solves_the_damped_normal_equations_of_the_kept_channels(monkeypatch, rows):
     """Against float64 least squares built from the samples themselves: min E||[x_K, 1] W'^T - (x W^T + b)||^2 plus
-    the ridge on the channels' part of the normal equations."""
+    the ridge on the channels' part of the normal equations (the Gram matrix read in one band, and in bands of 3)."""
+    monkeypatch.setattr(calibration, "GRAM_ROWS", rows)
     torch.manual_seed(5)
     x, w, b = torch.randn(700, 20) * torch.rand(20) + 0.2, torch.randn(7, 20), torch.randn(7)
     layer = _layer(x, w, b)
