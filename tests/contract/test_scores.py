@@ -61,6 +61,22 @@ def test_refit_with_error_gives_the_refit_and_its_output_error(monkeypatch, grou
     assert b_new is None and err != err  # NaN: no statistics, no error
 
 
+def test_lstsq_falls_back_to_lu_when_cholesky_fails(monkeypatch):
+    """A factorization that reports failure (a degenerate Gram matrix under a tiny ridge) is solved by LU instead:
+    the same refit and error as the Cholesky path, on a layer where both work."""
+    torch.manual_seed(7)
+    x, w, b = torch.randn(300, 16) + 0.2, torch.randn(5, 16), torch.randn(5)
+    layer = _layer(x, w, b)
+    keep = torch.tensor([1, 4, 6, 9, 10, 15])
+    chol = scores.refit_with_error(layer, keep)
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (real(A)[0], torch.tensor(1, dtype=torch.int32)))
+    lu = scores.refit_with_error(layer, keep)
+    torch.testing.assert_close(lu[0], chol[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lu[1], chol[1], rtol=1e-9, atol=1e-12)
+    assert lu[2] == pytest.approx(chol[2], rel=1e-9)
+
+
 def test_lstsq_recovers_redundant_channels_and_beats_mean_and_none():
     torch.manual_seed(1)
     base = torch.randn(1024, 12) + 1.0
