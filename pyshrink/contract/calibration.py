@@ -25,14 +25,19 @@ from ..ops import act_stats_, new_accumulators
 GRAM_ROWS = 1024  # rows of a Gram matrix per product (bounds the temporaries to GRAM_ROWS x channels)
 
 
+def row_bands(rows: int):
+    """``(r0, r1)`` for consecutive bands of GRAM_ROWS rows (the last one partial) covering ``rows`` rows."""
+    for r0 in range(0, rows, GRAM_ROWS):
+        yield r0, min(r0 + GRAM_ROWS, rows)
+
+
 def _mirror_upper(g: torch.Tensor) -> None:
     """Copy the upper triangle of the square ``g`` onto the lower one, in place, a band of rows at a time.
 
     ChannelStats.add leaves the blocks left of its diagonal bands unset. The diagonal blocks it computes whole, but
     float32 products need not be symmetric to the last bit; mirroring them too makes the matrix exactly symmetric,
     so that formulas reading either triangle (the refit's error reads both) agree to float64 rounding."""
-    for r0 in range(0, g.shape[0], GRAM_ROWS):
-        r1 = min(r0 + GRAM_ROWS, g.shape[0])
+    for r0, r1 in row_bands(g.shape[0]):
         g[r0:r1, :r0] = g[:r0, r0:r1].T
         d = g[r0:r1, r0:r1]
         d.copy_(d.triu() + d.triu(1).T)
@@ -76,9 +81,7 @@ class ChannelStats:
             # x^T x by bands of GRAM_ROWS rows, right of the diagonal only: half the products of the whole matrix,
             # and a float32 temporary of one band (a whole one, plus its float64 copy, was 2.2 GB beside the 1.5 GB
             # sum at 13824 channels, 9.9 GB at 28672). The float32 band is added into the float64 sum as it is cast.
-            C = x2.shape[1]
-            for r0 in range(0, C, GRAM_ROWS):
-                r1 = min(r0 + GRAM_ROWS, C)
+            for r0, r1 in row_bands(x2.shape[1]):
                 self._gram[r0:r1, r0:].add_(x2[:, r0:r1].T @ x2[:, r0:])
             self._lower_stale = True
 

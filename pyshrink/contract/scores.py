@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import ChannelStats
+from .calibration import ChannelStats, row_bands
 
 DAMP = 1e-2  # ridge damping, relative to the mean diagonal of H (as GPTQ's percdamp)
 
@@ -165,20 +165,16 @@ def _refit(layer: Layer, keep: torch.Tensor, mode: str, damp: float, *, with_err
     K = _channels(keep, layer.group)
     if mode not in ("lstsq", "mean", "none"):
         raise ValueError(f"refit mode must be one of lstsq, mean, none; got {mode!r}")
-    if layer.stats is None:
-        w, b = layer.weight[:, K].clone(), (layer.bias.clone() if layer.bias is not None else None)
-        return w, b, float("nan")
-    if mode == "lstsq":
+    measured = layer.stats is not None
+    if mode == "lstsq" and measured:
         return _lstsq(layer, K, damp, with_error=with_error)
-    if mode == "none":
-        w, b = layer.weight[:, K].clone(), (layer.bias.clone() if layer.bias is not None else None)
-    else:  # "mean": FLAP's compensation
+    w, b = layer.weight[:, K].clone(), (layer.bias.clone() if layer.bias is not None else None)
+    if mode == "mean" and measured:  # FLAP's compensation: the removed channels' mean output, in the bias
         removed = torch.ones(layer.weight.shape[1], dtype=torch.bool)
         removed[K] = False
-        b = layer.bias.clone() if layer.bias is not None else torch.zeros(layer.weight.shape[0], dtype=torch.float64)
+        b = b if b is not None else torch.zeros(layer.weight.shape[0], dtype=torch.float64)
         b += layer.weight[:, removed] @ layer.stats.mean[removed]
-        w = layer.weight[:, K].clone()
-    return w, b, (output_error(layer, keep, w, b) if with_error else float("nan"))
+    return w, b, (output_error(layer, keep, w, b) if with_error and measured else float("nan"))
 
 
 def _lstsq(layer: Layer, K: torch.Tensor, damp: float, *, with_error: bool):
@@ -206,11 +202,11 @@ def _lstsq(layer: Layer, K: torch.Tensor, damp: float, *, with_error: bool):
     del Wt
     A, rhs, cross = _kept_rows(G, n, K, Rm, WKt, WRt)
     kk_cross = _dot(rhs[:k], WKt)  # tr(W_K G_K: W^T) / n = tr(W_K G_KK W_K^T) / n + cross
-    rr = _removed_block(G, n, Rm, WRt) if with_error else torch.full((), float("nan"), dtype=torch.float64)
+    Wm = W @ s.mean  # E[W x]
+    # E||y||^2
+    y_sq = kk_cross + cross + _removed_block(G, n, Rm, WRt) + 2 * b @ Wm + b @ b if with_error else None
     del WKt, WRt  # before the factorization, the other peak
     mK = s.mean[K]
-    Wm = W @ s.mean  # E[W x]
-    y_sq = kk_cross + cross + rr + 2 * b @ Wm + b @ b  # E||y||^2
     A[:k, k] = A[k, :k] = mK
     A[k, k] = 1.0
     lam = damp * A.diagonal()[:-1].mean().clamp_min(1e-12)
@@ -239,14 +235,11 @@ def _kept_rows(G, n, K, Rm, WKt, WRt):
     """From the kept channels' rows of ``G``, a band at a time: ``A0``'s channel block (in ``A [k+1, k+1]``, the
     rest unset), ``E[x_K y^T]`` without the bias (in ``rhs [k+1, out]``, its last row unset) and
     ``tr(W_K G_KR W_R^T) / n``."""
-    from .calibration import GRAM_ROWS
-
     k = len(K)
     A = torch.empty(k + 1, k + 1, dtype=torch.float64)
     rhs = torch.empty(k + 1, WKt.shape[1], dtype=torch.float64)
     cross = torch.zeros((), dtype=torch.float64)
-    for r0 in range(0, k, GRAM_ROWS):
-        r1 = min(r0 + GRAM_ROWS, k)
+    for r0, r1 in row_bands(k):
         rows = G.index_select(0, K[r0:r1]).div_(n)  # E[x_Kc x^T]  [c, C]
         A[r0:r1, :k] = rows_k = rows[:, K]
         part = rows[:, Rm] @ WRt  # E[x_Kc x_R^T] W_R^T
@@ -257,12 +250,9 @@ def _kept_rows(G, n, K, Rm, WKt, WRt):
 
 def _removed_block(G, n, Rm, WRt) -> torch.Tensor:
     """``tr(W_R G_RR W_R^T) / n`` from the blocks of ``G_RR`` on and right of its diagonal, a band at a time."""
-    from .calibration import GRAM_ROWS
-
     rr = torch.zeros((), dtype=torch.float64)
     r = len(Rm)
-    for r0 in range(0, r, GRAM_ROWS):
-        r1 = min(r0 + GRAM_ROWS, r)
+    for r0, r1 in row_bands(r):
         band = G.index_select(0, Rm[r0:r1]).index_select(1, Rm[r0:]).div_(n)  # [c, r - r0]
         c = r1 - r0
         rr += _dot(band[:, :c] @ WRt[r0:r1], WRt[r0:r1])
@@ -274,11 +264,9 @@ def _removed_block(G, n, Rm, WRt) -> torch.Tensor:
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum(a * b) of two same-shape matrices, a band of rows at a time: no temporary of their size, neither their
     product nor a row-major copy (the solvers return column-major solutions)."""
-    from .calibration import GRAM_ROWS
-
     total = torch.zeros((), dtype=torch.float64)
-    for r0 in range(0, a.shape[0], GRAM_ROWS):
-        total += torch.vdot(a[r0:r0 + GRAM_ROWS].reshape(-1), b[r0:r0 + GRAM_ROWS].reshape(-1))
+    for r0, r1 in row_bands(a.shape[0]):
+        total += torch.vdot(a[r0:r1].reshape(-1), b[r0:r1].reshape(-1))
     return total
 
 
