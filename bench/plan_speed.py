@@ -6,7 +6,8 @@
 What contraction does for every candidate block, on a synthetic down projection (``--channels`` neurons reading
 into ``--out`` features, float64 weights) and ``--tokens`` ReLU'd Gaussian activations added in batches of 512:
 
-* ``gram``: ``ChannelStats.add`` over the batches (the calibration hooks' per-channel sums and Gram matrix);
+* ``gram``: ``ChannelStats.add`` over the batches (the calibration hooks' per-channel sums and Gram matrix, or,
+  for at most ``SAMPLES_PER_CHANNEL * channels`` tokens, the tokens themselves);
 * ``rank``: the default criterion (fluctuation) choosing half the neurons;
 * ``refit``: the least-squares refit of the kept half and its output error (the block's cost, which chooses the
   blocks), i.e. ``scores.refit`` + ``scores.output_error`` where ``scores.refit_with_error`` does not exist.
@@ -49,7 +50,8 @@ def stage(name, fn):
     return out
 xs = [torch.randn(512, C, generator=gen).relu_() for _ in range(max(1, T // 512))]
 stats = ChannelStats(C)
-stats.gram.zero_()  # its pages resident before the first stage: the peaks below are what the stages add
+if not hasattr(stats, "samples") or T > stats.max_samples:  # planned from the Gram matrix, not the tokens:
+    stats.gram.zero_()  # its pages resident before the first stage, so the peaks below are what the stages add
 stage("gram", lambda: [stats.add(x) for x in xs])
 del xs
 W = torch.randn(OUT, C, generator=gen, dtype=torch.float64) / C ** 0.5

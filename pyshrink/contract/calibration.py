@@ -3,9 +3,10 @@
 For every block, hooks on the MLP's down projection (its input is the intermediate activation, one channel
 per neuron) and, when heads are pruned, on the attention output projection (one channel per head
 dimension) feed each activation to the native ``act_stats_`` op (sum |x|, sum x, sum x^2 per channel, and
-the token count) and add ``x^T x`` to a Gram matrix. The Gram matrix is what the least-squares refit of the
-down projection needs; the per-channel sums give the mean (for bias compensation), the variance (FLAP's
-fluctuation) and the mean magnitude (the contextual threshold).
+the token count) and keep its second moments for the least-squares refit of the down projection: the tokens
+themselves while there are few of them (at most half as many as channels), then their Gram matrix ``x^T x``.
+The per-channel sums give the mean (for bias compensation), the variance (FLAP's fluctuation) and the mean
+magnitude (the contextual threshold).
 
 The whole model is observed in ONE pass of :func:`pyshrink.layerwise.for_each_block`: the hooks of block
 ``i`` fire while the runner computes block ``i``'s outputs for block ``i + 1``; ``consume(i, block, obs)`` is
@@ -43,17 +44,46 @@ def _mirror_upper(g: torch.Tensor) -> None:
         d.copy_(d.triu() + d.triu(1).T)
 
 
-class ChannelStats:
-    """Per-channel statistics of one activation ``[..., C]``: act_stats_ sums, count and (optionally) Gram."""
+# Tokens kept as they are, per channel, before their Gram matrix replaces them. With T tokens of C channels the
+# refit from the tokens (scores._lstsq_samples) costs about T (C + k) + T^2 multiply-adds per output (k kept
+# channels) and holds T x C floats; from the Gram matrix it costs about k C + k^2 + r^2 / 2 (r removed) after the
+# sums of x^T x, and holds C x C doubles. Measured at the 11.4 B model's shape (13824 -> 5120, half kept; RESULTS,
+# "Planning a block"), the two take the same time at T = C / 2 (40.5 s against 42.6 s with the sums), and the
+# tokens' way is 2.9x faster at C / 4; below C / 2 the tokens are also a quarter of the matrix's size or less.
+SAMPLES_PER_CHANNEL = 0.5
 
-    def __init__(self, channels: int, *, gram: bool = True):
+
+class ChannelStats:
+    """Per-channel statistics of one activation ``[..., C]``: act_stats_ sums, count and (optionally) second moments,
+    as the tokens themselves (:attr:`samples`) while there are at most ``max_samples`` (default
+    ``SAMPLES_PER_CHANNEL * C``) of them, then as their Gram matrix (:attr:`gram`)."""
+
+    def __init__(self, channels: int, *, gram: bool = True, max_samples: int | None = None):
         self.acc, self.count = new_accumulators(channels)
-        self._gram = torch.zeros(channels, channels, dtype=torch.float64) if gram else None
-        self._lower_stale = False  # add() sums the bands right of the diagonal; reading mirrors them
+        self.max_samples = int(SAMPLES_PER_CHANNEL * channels) if max_samples is None else max_samples
+        # float32 [t, C] chunks while few (None once the Gram matrix replaces them, or when no moments are kept)
+        self._samples = [] if gram else None
+        self._rows, self._joined = 0, None  # rows held; their concatenation, once asked for
+        self._gram = None
+        self._lower_stale = False  # _add_gram sums the bands right of the diagonal; reading mirrors them
+
+    @property
+    def samples(self) -> torch.Tensor | None:
+        """Every token added, float32 ``[T, C]``, while there are at most ``max_samples`` (None after, or before any)."""
+        if not self._samples:
+            return None
+        if self._joined is None or len(self._joined) != self._rows:
+            # one tensor, whose row blocks become the chunks (no second copy): _fold still sums by the adds' chunks
+            self._joined = torch.cat(self._samples)
+            self._samples = list(self._joined.split([len(x2) for x2 in self._samples]))
+        return self._joined
 
     @property
     def gram(self) -> torch.Tensor | None:
-        """Sum of ``x^T x`` over every token added (float64, symmetric; None once freed or when not kept)."""
+        """Sum of ``x^T x`` over every token added (float64, symmetric; None once freed or when not kept). Reading
+        it while the tokens are held replaces them with it."""
+        if self._samples is not None:
+            self._fold()
         if self._lower_stale:
             _mirror_upper(self._gram)
             self._lower_stale = False
@@ -61,11 +91,30 @@ class ChannelStats:
 
     @gram.setter
     def gram(self, value: torch.Tensor | None) -> None:
-        self._gram, self._lower_stale = value, False
+        """Set the Gram matrix, or free the second moments (held tokens too) with None."""
+        self._gram, self._lower_stale, self._samples, self._joined = value, False, None, None
+
+    def _fold(self) -> None:
+        """Replace the held tokens by their Gram matrix, chunk by chunk as they are held: during calibration (adds
+        only) the same sums, in the same order, as if the Gram matrix had been summed from the first add."""
+        chunks, self._samples, self._joined = self._samples, None, None
+        self._gram = torch.zeros(self.acc.shape[1], self.acc.shape[1], dtype=torch.float64, device=self.acc.device)
+        for x2 in chunks:
+            self._add_gram(x2)
+
+    def _add_gram(self, x2: torch.Tensor) -> None:
+        # x^T x by bands of GRAM_ROWS rows, right of the diagonal only: half the products of the whole matrix, and a
+        # float32 temporary of one band (a whole one, plus its float64 copy, was 2.2 GB beside the 1.5 GB sum at
+        # 13824 channels, 9.9 GB at 28672). The float32 band is added into the float64 sum as it is cast.
+        for r0, r1 in row_bands(x2.shape[1]):
+            self._gram[r0:r1, r0:].add_(x2[:, r0:r1].T @ x2[:, r0:])
+        self._lower_stale = True
 
     def to(self, device) -> "ChannelStats":
-        """Move the sums (and Gram matrix) to ``device``, in place; returns self."""
+        """Move the sums and second moments to ``device``, in place; returns self."""
         self.acc, self.count = self.acc.to(device), self.count.to(device)
+        if self._samples is not None:
+            self._samples, self._joined = [x2.to(device) for x2 in self._samples], None
         if self._gram is not None:
             self._gram = self._gram.to(device)
         return self
@@ -76,14 +125,15 @@ class ChannelStats:
         if self.acc.device != x.device:
             self.to(x.device)
         act_stats_(x.detach(), self.acc, self.count)
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if self._samples is not None:
+            if self._rows + x2.shape[0] <= self.max_samples:
+                self._samples.append(x2.to(torch.float32, copy=True))  # a copy: the model owns its activations
+                self._rows += x2.shape[0]
+                return
+            self._fold()
         if self._gram is not None:
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            # x^T x by bands of GRAM_ROWS rows, right of the diagonal only: half the products of the whole matrix,
-            # and a float32 temporary of one band (a whole one, plus its float64 copy, was 2.2 GB beside the 1.5 GB
-            # sum at 13824 channels, 9.9 GB at 28672). The float32 band is added into the float64 sum as it is cast.
-            for r0, r1 in row_bands(x2.shape[1]):
-                self._gram[r0:r1, r0:].add_(x2[:, r0:r1].T @ x2[:, r0:])
-            self._lower_stale = True
+            self._add_gram(x2.float())
 
     @property
     def n(self) -> float:

@@ -19,7 +19,8 @@ Criteria (``CRITERIA``, chosen by name) return the groups to remove:
 :func:`refit` then gives the kept channels' new weights and the bias: ``"lstsq"`` solves
 ``min E||[x_K, 1] W'^T - (x W^T + b)||^2`` (the least-squares reconstruction of the full output from the kept
 channels, ridge-damped), ``"mean"`` only folds the removed channels' mean contribution into the bias
-(FLAP's compensation), ``"none"`` slices.
+(FLAP's compensation), ``"none"`` slices. The refit and the errors read the statistics' Gram matrix, or, while
+they hold the calibration tokens themselves (fewer than half as many as channels), the tokens.
 """
 from __future__ import annotations
 
@@ -167,6 +168,8 @@ def _refit(layer: Layer, keep: torch.Tensor, mode: str, damp: float, *, with_err
         raise ValueError(f"refit mode must be one of lstsq, mean, none; got {mode!r}")
     measured = layer.stats is not None
     if mode == "lstsq" and measured:
+        if layer.stats.samples is not None:
+            return _lstsq_samples(layer, K, damp)
         return _lstsq(layer, K, damp, with_error=with_error)
     w, b = layer.weight[:, K].clone(), (layer.bias.clone() if layer.bias is not None else None)
     if mode == "mean" and measured:  # FLAP's compensation: the removed channels' mean output, in the bias
@@ -231,6 +234,39 @@ def _lstsq(layer: Layer, K: torch.Tensor, damp: float, *, with_error: bool):
     return S[:, :-1].contiguous(), S[:, -1].contiguous(), err
 
 
+def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
+    """:func:`_lstsq` from the held calibration tokens ``X [T, C]`` instead of their Gram matrix: the same refit and
+    error, at ``T (C + k)`` multiply-adds per output instead of ``k C + k^2 + r^2 / 2``, for ``T`` below ``C / 2``.
+
+    The bias is unpenalized, so the refit is ridge regression on centered data, ``B = (Xc_K^T Xc_K + n lam I)^-1
+    Xc_K^T Yc`` with ``Yc = Xc W^T``, plus ``b' = E[y] - B^T E[x_K]``. Solved in token space (the push-through
+    identity): ``B = Xc_K^T Q`` with ``Q = (Xc_K Xc_K^T + n lam I)^-1 Yc``, a ``T x T`` system; its residual is
+    ``Xc_K B - Yc = -n lam Q``, so the output error is ``n lam^2 ||Q||^2`` (no difference of large numbers).
+    ``lam`` is the same as :func:`_lstsq`'s: ``damp`` times the mean of ``E[x_j^2]`` over the kept channels."""
+    s, W = layer.stats, layer.weight
+    X = s.samples
+    T, out = X.shape[0], W.shape[0]
+    m = X.sum(0, dtype=torch.float64) / T
+    XK = X[:, K].double().sub_(m[K])  # [T, k], centered
+    lam = damp * (XK.pow(2).sum(0).div_(T).add_(m[K].pow(2))).mean().clamp_min(1e-12)
+    Yc = torch.empty(T, out, dtype=torch.float64)
+    for t0, t1 in row_bands(T):  # Xc W^T, a band of tokens at a time (no float64 copy of X)
+        torch.matmul(X[t0:t1].double().sub_(m), W.T, out=Yc[t0:t1])
+    M = XK @ XK.T
+    M.diagonal().add_(T * lam)
+    L, info = torch.linalg.cholesky_ex(M)  # positive definite: lam > 0
+    if int(info) == 0:
+        Q = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, Yc, upper=False), upper=True)
+    else:
+        Q = torch.linalg.solve(M, Yc)
+    del M, L, Yc
+    w = Q.T @ XK  # [out, k] = B^T, row-major
+    b = W @ m - w @ m[K]
+    if layer.bias is not None:
+        b += layer.bias
+    return w, b, float(T * lam ** 2 * _dot(Q, Q))
+
+
 def _kept_rows(G, n, K, Rm, WKt, WRt):
     """From the kept channels' rows of ``G``, a band at a time: ``A0``'s channel block (in ``A [k+1, k+1]``, the
     rest unset), ``E[x_K y^T]`` without the bias (in ``rhs [k+1, out]``, its last row unset) and
@@ -280,6 +316,12 @@ def output_error(layer: Layer, keep: torch.Tensor, weight: torch.Tensor, bias: t
     d = layer.bias.clone() if layer.bias is not None else torch.zeros(D.shape[0], dtype=torch.float64)
     if bias is not None:
         d -= bias
+    X = s.samples
+    if X is not None:  # from the tokens themselves, a band at a time (T C multiply-adds per output, not C^2)
+        err = torch.zeros((), dtype=torch.float64)
+        for t0, t1 in row_bands(X.shape[0]):
+            err += torch.addmm(d, X[t0:t1].double(), D.T).pow_(2).sum()
+        return float(err / X.shape[0])
     DG = D @ s.gram
     err = (DG * D).sum() / max(s.n, 1.0)
     del DG

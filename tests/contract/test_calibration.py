@@ -40,6 +40,35 @@ def test_gram_summed_by_bands_is_the_whole_symmetric_matrix(monkeypatch):
     assert st.gram is None
 
 
+def test_few_tokens_are_held_as_they_are_then_replaced_by_their_gram_matrix():
+    """Up to ``max_samples`` tokens the statistics keep the tokens themselves (float32, copied); the add that would
+    pass it sums them, chunk by chunk, into the Gram matrix: the same matrix, bit for bit, as one summed from the
+    first add. The default is SAMPLES_PER_CHANNEL per channel; freeing drops held tokens too."""
+    torch.manual_seed(1)
+    xs = [torch.randn(1, 9, 13) + 0.5 for _ in range(3)]
+    held, summed = calib.ChannelStats(13, max_samples=20), calib.ChannelStats(13, max_samples=0)
+    assert held.samples is None and calib.ChannelStats(13).max_samples == int(calib.SAMPLES_PER_CHANNEL * 13)
+    for x in xs[:2]:
+        held.add(x)
+        summed.add(x)
+    first = xs[0].clone()
+    xs[0].zero_()  # the model's activation, reused after the hook: the held copy must not change
+    assert held.samples.dtype == torch.float32
+    assert torch.equal(held.samples, torch.cat([first, xs[1]]).reshape(18, 13))
+    xs[0].copy_(first)
+    held.add(xs[2])  # 27 > 20 tokens
+    summed.add(xs[2])
+    assert held.samples is None
+    assert torch.equal(held.gram, summed.gram)
+    assert held.n == summed.n == 27
+    few = calib.ChannelStats(13, max_samples=20)
+    few.add(xs[1])
+    few.gram = None
+    assert few.samples is None and few.gram is None
+    few.add(xs[1])  # freed: nothing kept any more
+    assert few.samples is None and few.gram is None
+
+
 def test_hooks_use_act_stats_and_see_every_token(monkeypatch):
     calls = []
 

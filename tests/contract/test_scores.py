@@ -9,9 +9,11 @@ from pyshrink.contract import calibration
 from pyshrink.contract.calibration import ChannelStats
 
 
-def _layer(x, w, b=None, group=1):
-    st = ChannelStats(x.shape[1])
+def _layer(x, w, b=None, group=1, held=False):
+    """The layer reading ``x``, whose statistics hold the tokens themselves (``held``) or their Gram matrix."""
+    st = ChannelStats(x.shape[1], max_samples=len(x) if held else 0)
     st.add(x)
+    assert (st.samples is not None) == held
     return scores.Layer(w.double(), None if b is None else b.double(), st, group=group)
 
 
@@ -130,20 +132,49 @@ def test_grouped_obs_respects_buckets():
     assert w_new.shape == (6, 8)
 
 
-@pytest.mark.parametrize("rows", [1024, 3])
-def test_lstsq_refit_solves_the_damped_normal_equations_of_the_kept_channels(monkeypatch, rows):
+@pytest.mark.parametrize("rows,held", [(1024, False), (3, False), (1024, True), (3, True)])
+def test_lstsq_refit_solves_the_damped_normal_equations_of_the_kept_channels(monkeypatch, rows, held):
     """Against float64 least squares built from the samples themselves: min E||[x_K, 1] W'^T - (x W^T + b)||^2 plus
-    the ridge on the channels' part of the normal equations (the Gram matrix read in one band, and in bands of 3)."""
+    the ridge on the channels' part of the normal equations (the Gram matrix read in one band, and in bands of 3;
+    or the tokens held, in bands of 3 tokens)."""
     monkeypatch.setattr(calibration, "GRAM_ROWS", rows)
     torch.manual_seed(5)
     x, w, b = torch.randn(700, 20) * torch.rand(20) + 0.2, torch.randn(7, 20), torch.randn(7)
-    layer = _layer(x, w, b)
+    layer = _layer(x, w, b, held=held)
     keep, damp = torch.tensor([0, 2, 3, 7, 11, 12, 19]), 0.05
     X = torch.cat([x.double()[:, keep], torch.ones(700, 1, dtype=torch.float64)], 1)
     A = X.T @ X / 700
     A.diagonal()[:-1] += damp * A.diagonal()[:-1].mean()
     ref = torch.linalg.solve(A, X.T @ (x.double() @ w.double().T + b.double()) / 700).T
     w_new, b_new = scores.refit(layer, keep, "lstsq", damp=damp)
-    # the Gram matrix is summed from float32 products: agreement to float32's precision
-    torch.testing.assert_close(w_new, ref[:, :-1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(b_new, ref[:, -1], rtol=1e-4, atol=1e-5)
+    # the Gram matrix is summed from float32 products: agreement to float32's precision; the held tokens are exact
+    tol = dict(rtol=1e-9, atol=1e-12) if held else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_new, ref[:, :-1], **tol)
+    torch.testing.assert_close(b_new, ref[:, -1], **tol)
+
+
+@pytest.mark.parametrize("tokens", [12, 90])
+@pytest.mark.parametrize("group,bias", [(1, True), (3, False)])
+def test_the_held_tokens_give_the_gram_matrix_refit_and_errors(monkeypatch, tokens, group, bias):
+    """Planning from the held tokens (fewer tokens than kept channels, and more) against planning from their Gram
+    matrix, on data whose float32 products are exact (multiples of 1/4 below 2), so that the two solve the same
+    problem and must agree to float64 rounding: the least-squares refit, its error, and the other modes' errors.
+    Then every error against the samples. Kept groups: a few, unsorted, a single one, and all of them."""
+    monkeypatch.setattr(calibration, "GRAM_ROWS", 5)  # tokens and channels in several bands
+    torch.manual_seed(8)
+    C = 36
+    x = torch.randint(-7, 8, (tokens, C)).float() / 4 + (torch.arange(C) % 3 == 0) * 0.5
+    w, b = torch.randn(9, C), (torch.randn(9) if bias else None)
+    held, summed = _layer(x, w, b, group, held=True), _layer(x, w, b, group)
+    keeps = [torch.tensor([0, 2, 3, 5, 8, 11]), torch.tensor([8, 0, 5]), torch.tensor([4]), torch.arange(C // group)]
+    total = float((x.double() @ w.double().T).pow(2).sum(1).mean())
+    for keep, mode in itertools.product(keeps, ("lstsq", "mean", "none")):
+        wh, bh, eh = scores.refit_with_error(held, keep, mode)
+        ws, bs, es = scores.refit_with_error(summed, keep, mode)
+        torch.testing.assert_close(wh, ws, rtol=1e-9, atol=1e-12)
+        if bias or mode != "none":
+            torch.testing.assert_close(bh, bs, rtol=1e-9, atol=1e-12)
+        assert eh == pytest.approx(es, rel=1e-9, abs=1e-13 * total)
+        assert scores.output_error(held, keep, wh, bh) == pytest.approx(eh, rel=1e-9, abs=1e-13 * total)
+        assert eh == pytest.approx(_empirical_error(x, w, b, keep, wh, bh, group), rel=1e-9, abs=1e-13 * total)
+        assert held.stats.samples is not None  # planning from the tokens never built their Gram matrix

@@ -9,7 +9,7 @@ import torch
 from _quantutil import FAMILY_NAMES, tiny_model, word_tokenizer
 from _streamutil import assert_a_failure_leaves_nothing, assert_one_block_at_a_time, assert_same_folders, make_sources
 from pyshrink import models
-from pyshrink.contract import contract
+from pyshrink.contract import calibration, contract, scores
 from pyshrink.errors import InvalidSetting
 
 
@@ -61,6 +61,35 @@ def test_other_settings_stream_alike(root, settings):
     ra = _run(root, "llama", f"mem-s{tag}", False, **settings)
     rb = _run(root, "llama", f"str-s{tag}", True, **settings)
     _assert_same(root, f"mem-s{tag}", f"str-s{tag}", ra, rb)
+
+
+def test_few_calibration_tokens_are_planned_from_the_tokens_themselves(root, monkeypatch):
+    """32 calibration tokens, fewer than half of the MLP's 96 channels and of the attention's 64: every neuron and
+    head plan is solved from the held tokens, never from a Gram matrix, and streamed and in-memory runs still agree
+    bit for bit. Against the same run planned from the tokens' Gram matrix: the same choices, and the same weights
+    to the precision of the Gram matrix's float32 products."""
+    solved = {"tokens": 0, "gram": 0}
+    for name, key in (("_lstsq_samples", "tokens"), ("_lstsq", "gram")):
+        real = getattr(scores, name)
+        monkeypatch.setattr(scores, name, lambda *a, _real=real, _key=key, **k: solved.__setitem__(
+            _key, solved[_key] + 1) or _real(*a, **k))
+    kw = dict(prune_heads=True, calibration_tokens=32, seq_len=32)
+    ra = _run(root, "llama", "few-mem", False, **kw)
+    rb = _run(root, "llama", "few-str", True, **kw)
+    _assert_same(root, "few-mem", "few-str", ra, rb)
+    assert solved["tokens"] >= 2 * 3 * 2 and solved["gram"] == 0  # (neurons, heads) x 3 blocks x 2 runs, at least
+    by_tokens = solved["tokens"]
+    monkeypatch.setattr(calibration, "SAMPLES_PER_CHANNEL", 0.0)
+    rc = _run(root, "llama", "few-gram", False, **kw)
+    assert solved == {"tokens": by_tokens, "gram": by_tokens // 2}
+    assert [(r["layer"], r["heads_after"]) for r in ra.summary["layers"]] == \
+        [(r["layer"], r["heads_after"]) for r in rc.summary["layers"]]
+    assert ra.summary["params_after"] == rc.summary["params_after"] < ra.summary["params_before"]
+    da, dc = models.read_state_dict(root / "few-mem"), models.read_state_dict(root / "few-gram")
+    assert da.keys() == dc.keys()
+    for k in da:
+        torch.testing.assert_close(da[k], dc[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert ra.summary["ppl_final"] == pytest.approx(rc.summary["ppl_final"], rel=1e-4)
 
 
 def test_a_data_free_encoder_and_a_16_bit_source_stream_alike(root):
