@@ -429,7 +429,7 @@ def check_model(model, source_name: str, st: ContractionSettings):
 
 def planner(model, adapter, st: ContractionSettings):
     """``consume(i, block, obs)`` for :func:`.calibration.observe_blocks`: block ``i``'s candidate plan (None for a
-    block ``st.layers`` leaves out), its Gram matrices freed as soon as it is made."""
+    block ``st.layers`` leaves out), its second moments (held tokens or Gram matrices) freed as soon as it is made."""
     h_ratio = st.head_ratio if st.head_ratio is not None else st.contraction_ratio
 
     def consume(i, block, obs):
@@ -447,7 +447,7 @@ def planner(model, adapter, st: ContractionSettings):
             npl = neurons.plan(adapter, block, obs.mlp, n_remove=n_rm, criterion=st.criterion, refit=st.refit)
         hpl = heads.plan(adapter, block, model.config, obs.attn, h_ratio, criterion=st.criterion, refit=st.refit) \
             if st.prune_heads else None
-        obs.mlp.gram = None  # free the Gram matrices as soon as the block is planned
+        obs.mlp.gram = None  # free the second moments (held tokens or Gram matrices) as soon as the block is planned
         if obs.attn is not None:
             obs.attn.gram = None
         return layer_selection.LayerCandidate(i, npl, hpl, **obs.scales)
