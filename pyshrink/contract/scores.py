@@ -80,8 +80,19 @@ def _channels(groups: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---- criteria ------------------------------------------------------------------------------------------
 
+def _column_sums(w: torch.Tensor, *, squares: bool = False) -> torch.Tensor:
+    """``w.sum(0)`` (or ``w.pow(2).sum(0)``) in float64, a band of rows at a time: whole, the square, and the float64
+    cast of a float32 ``w`` that ``sum(dtype=)`` makes, were temporaries of ``w``'s size or twice it (1.75 GiB for a 70 B
+    model's down projection in float64). Bit for bit the same as whole for up to GRAM_ROWS rows."""
+    total = torch.zeros(w.shape[1], dtype=torch.float64)
+    for r0, r1 in row_bands(w.shape[0]):
+        band = w[r0:r1].to(torch.float64)
+        total += (band.pow(2) if squares else band).sum(0)
+    return total
+
+
 def magnitude(layer: Layer, n_remove: int) -> torch.Tensor:
-    norms = layer.weight.pow(2).sum(0).view(layer.groups, layer.group).sum(1).sqrt()
+    norms = _column_sums(layer.weight, squares=True).view(layer.groups, layer.group).sum(1).sqrt()
     if layer.extra_norms is not None:
         norms = norms * layer.extra_norms
     return norms.argsort()[:n_remove]
@@ -89,7 +100,7 @@ def magnitude(layer: Layer, n_remove: int) -> torch.Tensor:
 
 def fluctuation(layer: Layer, n_remove: int) -> torch.Tensor:
     """FLAP: per channel, sample variance of the input times the squared norm of its output weights."""
-    score = layer.stats.variance * layer.weight.pow(2).sum(0)
+    score = layer.stats.variance * _column_sums(layer.weight, squares=True)
     return score.view(layer.groups, layer.group).sum(1).argsort()[:n_remove]
 
 
@@ -236,7 +247,8 @@ def _lstsq(layer: Layer, K: torch.Tensor, damp: float, *, with_error: bool):
 
 def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
     """:func:`_lstsq` from the held calibration tokens ``X [T, C]`` instead of their Gram matrix: the same refit and
-    error, at ``T (C + k)`` multiply-adds per output instead of ``k C + k^2 + r^2 / 2``, for ``T`` below ``C / 2``.
+    error, at about ``T (C + k + T)`` multiply-adds per output instead of ``k C + k^2 + r^2 / 2``, for ``T`` below
+    ``C / 2`` (see calibration.SAMPLES_PER_CHANNEL).
 
     The bias is unpenalized, so the refit is ridge regression on centered data, ``B = (Xc_K^T Xc_K + n lam I)^-1
     Xc_K^T Yc`` with ``Yc = Xc W^T``, plus ``b' = E[y] - B^T E[x_K]``. Solved in token space (the push-through
@@ -246,9 +258,9 @@ def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
     s, W = layer.stats, layer.weight
     X = s.samples
     T, out = X.shape[0], W.shape[0]
-    m = X.sum(0, dtype=torch.float64) / T
+    m = _column_sums(X) / T
     XK = X[:, K].double().sub_(m[K])  # [T, k], centered
-    lam = damp * (XK.pow(2).sum(0).div_(T).add_(m[K].pow(2))).mean().clamp_min(1e-12)
+    lam = damp * (_column_sums(XK, squares=True).div_(T).add_(m[K].pow(2))).mean().clamp_min(1e-12)
     Yc = torch.empty(T, out, dtype=torch.float64)
     for t0, t1 in row_bands(T):  # Xc W^T, a band of tokens at a time (no float64 copy of X)
         torch.matmul(X[t0:t1].double().sub_(m), W.T, out=Yc[t0:t1])

@@ -178,3 +178,18 @@ def test_the_held_tokens_give_the_gram_matrix_refit_and_errors(monkeypatch, toke
         assert scores.output_error(held, keep, wh, bh) == pytest.approx(eh, rel=1e-9, abs=1e-13 * total)
         assert eh == pytest.approx(_empirical_error(x, w, b, keep, wh, bh, group), rel=1e-9, abs=1e-13 * total)
         assert held.stats.samples is not None  # planning from the tokens never built their Gram matrix
+
+
+def test_criteria_sum_the_squared_weights_by_bands(monkeypatch):
+    """magnitude and fluctuation square the output weights a band of rows at a time (5 here: several bands, the last
+    partial): the same scores as squaring the whole matrix, so the same groups removed."""
+    torch.manual_seed(9)
+    x, w = torch.randn(200, 24) * torch.rand(24), torch.randn(13, 24)
+    layer = _layer(x, w, group=2)
+    whole = {"magnitude": scores.magnitude(layer, 5), "fluctuation": scores.fluctuation(layer, 5)}
+    monkeypatch.setattr(calibration, "GRAM_ROWS", 5)
+    torch.testing.assert_close(scores._column_sums(layer.weight, squares=True), layer.weight.pow(2).sum(0),
+                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(scores._column_sums(x), x.double().sum(0), rtol=1e-12, atol=1e-12)
+    for name, removed in whole.items():
+        assert torch.equal(scores.CRITERIA[name](layer, 5), removed), name
