@@ -50,7 +50,7 @@ def stage(name, fn):
     return out
 xs = [torch.randn(512, C, generator=gen).relu_() for _ in range(max(1, T // 512))]
 stats = ChannelStats(C)
-if not hasattr(stats, "samples") or T > stats.max_samples:  # planned from the Gram matrix, not the tokens:
+if not hasattr(stats, "samples") or sum(map(len, xs)) > stats.max_samples:  # planned from the Gram matrix:
     stats.gram.zero_()  # its pages resident before the first stage, so the peaks below are what the stages add
 stage("gram", lambda: [stats.add(x) for x in xs])
 del xs

@@ -72,6 +72,8 @@ class ChannelStats:
         """Every token added, float32 ``[T, C]``, while there are at most ``max_samples`` (None after, or before any)."""
         if not self._samples:
             return None
+        if len(self._samples) == 1:
+            return self._samples[0]
         if self._joined is None or len(self._joined) != self._rows:
             # one tensor, whose row blocks become the chunks (no second copy): _fold still sums by the adds' chunks
             self._joined = torch.cat(self._samples)
@@ -126,6 +128,8 @@ class ChannelStats:
             self.to(x.device)
         act_stats_(x.detach(), self.acc, self.count)
         x2 = x.detach().reshape(-1, x.shape[-1])
+        if x2.shape[0] == 0:  # nothing to hold (an empty held chunk would read as held tokens: a 0 / 0 refit)
+            return
         if self._samples is not None:
             if self._rows + x2.shape[0] <= self.max_samples:
                 self._samples.append(x2.to(torch.float32, copy=True))  # a copy: the model owns its activations

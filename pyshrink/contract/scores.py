@@ -84,7 +84,7 @@ def _column_sums(w: torch.Tensor, *, squares: bool = False) -> torch.Tensor:
     """``w.sum(0)`` (or ``w.pow(2).sum(0)``) in float64, a band of rows at a time: whole, the square, and the float64
     cast of a float32 ``w`` that ``sum(dtype=)`` makes, were temporaries of ``w``'s size or twice it (1.75 GiB for a 70 B
     model's down projection in float64). Bit for bit the same as whole for up to GRAM_ROWS rows."""
-    total = torch.zeros(w.shape[1], dtype=torch.float64)
+    total = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
     for r0, r1 in row_bands(w.shape[0]):
         band = w[r0:r1].to(torch.float64)
         total += (band.pow(2) if squares else band).sum(0)
@@ -267,11 +267,16 @@ def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
     M = XK @ XK.T
     M.diagonal().add_(T * lam)
     L, info = torch.linalg.cholesky_ex(M)  # positive definite: lam > 0
-    if int(info) == 0:
-        Q = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, Yc, upper=False), upper=True)
+    if int(info) == 0:  # M and Yc freed as soon as they are used (M and L are 1.6 GB each at 14336 tokens)
+        del M
+        Z = torch.linalg.solve_triangular(L, Yc, upper=False)
+        del Yc
+        Q = torch.linalg.solve_triangular(L.mT, Z, upper=True)
+        del Z
     else:
         Q = torch.linalg.solve(M, Yc)
-    del M, L, Yc
+        del M, Yc
+    del L
     w = Q.T @ XK  # [out, k] = B^T, row-major
     b = W @ m - w @ m[K]
     if layer.bias is not None:

@@ -62,7 +62,14 @@ def test_few_tokens_are_held_as_they_are_then_replaced_by_their_gram_matrix():
     assert torch.equal(held.gram, summed.gram)
     assert held.n == summed.n == 27
     few = calib.ChannelStats(13, max_samples=20)
+    few.add(xs[1][:, :0])  # no tokens: nothing held
+    assert few.samples is None and few.n == 0
     few.add(xs[1])
+    assert torch.equal(few.samples, xs[1][0])
+    few.add(xs[2][:, :2])
+    assert torch.equal(few.samples, torch.cat([xs[1][0], xs[2][0, :2]]))
+    few.add(xs[2][:, 2:4])  # read, then more tokens within the limit: read again, all of them
+    assert torch.equal(few.samples, torch.cat([xs[1][0], xs[2][0, :4]]))
     few.gram = None
     assert few.samples is None and few.gram is None
     few.add(xs[1])  # freed: nothing kept any more

@@ -17,6 +17,23 @@ def _layer(x, w, b=None, group=1, held=False):
     return scores.Layer(w.double(), None if b is None else b.double(), st, group=group)
 
 
+def test_statistics_of_no_tokens_refit_to_the_weights_as_they_are():
+    """A layer whose statistics saw only empty batches: the bias stays, the kept weights stay (least squares: the
+    ridge's minimal solution, zero), and the error is 0, not the 0 / 0 of an empty set of held tokens."""
+    torch.manual_seed(10)
+    w, b = torch.randn(5, 16), torch.randn(5)
+    st = ChannelStats(16)
+    st.add(torch.zeros(0, 16))
+    layer = scores.Layer(w.double(), b.double(), st)
+    keep = torch.arange(4)
+    for mode in ("lstsq", "mean", "none"):
+        w_new, b_new, err = scores.refit_with_error(layer, keep, mode)
+        kept = torch.zeros(5, 4, dtype=torch.float64) if mode == "lstsq" else w.double()[:, :4]
+        torch.testing.assert_close(w_new, kept, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b_new, b.double(), rtol=1e-9, atol=1e-12)
+        assert err == 0.0
+
+
 def _empirical_error(x, w, b, keep, w_new, b_new, group=1):
     K = scores._channels(keep, group)
     y = x.double() @ w.double().T + (0 if b is None else b.double())
@@ -186,7 +203,9 @@ def test_criteria_sum_the_squared_weights_by_bands(monkeypatch):
     torch.manual_seed(9)
     x, w = torch.randn(200, 24) * torch.rand(24), torch.randn(13, 24)
     layer = _layer(x, w, group=2)
-    whole = {"magnitude": scores.magnitude(layer, 5), "fluctuation": scores.fluctuation(layer, 5)}
+    sq = w.double().pow(2).sum(0)  # the criteria's definitions, on the whole matrix
+    whole = {"magnitude": sq.view(12, 2).sum(1).sqrt().argsort()[:5],
+             "fluctuation": (x.double().var(0, unbiased=False) * sq).view(12, 2).sum(1).argsort()[:5]}
     monkeypatch.setattr(calibration, "GRAM_ROWS", 5)
     torch.testing.assert_close(scores._column_sums(layer.weight, squares=True), layer.weight.pow(2).sum(0),
                                rtol=1e-14, atol=0)
