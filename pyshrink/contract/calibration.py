@@ -48,8 +48,9 @@ def _mirror_upper(g: torch.Tensor) -> None:
 # refit from the tokens (scores._lstsq_samples) costs about T (C + k) + T^2 multiply-adds per output (k kept
 # channels) and holds T x C floats; from the Gram matrix it costs about k C + k^2 + r^2 / 2 (r removed) after the
 # sums of x^T x, and holds C x C doubles. Measured at the 11.4 B model's shape (13824 -> 5120, half kept; RESULTS,
-# "Planning a block"), the two take the same time at T = C / 2 (40.5 s against 42.6 s with the sums), and the
-# tokens' way is 2.9x faster at C / 4; below C / 2 the tokens are also a quarter of the matrix's size or less.
+# "Planning a block"; bench/plan_tokens.py switch), the two took the same time at T = C / 2 (within 5 % in two runs),
+# and the tokens' way was 2.4-2.9x faster at C / 4; below C / 2 the tokens are also a quarter of the matrix's size
+# or less.
 SAMPLES_PER_CHANNEL = 0.5
 
 
