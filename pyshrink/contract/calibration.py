@@ -64,7 +64,7 @@ class ChannelStats:
         self.max_samples = int(SAMPLES_PER_CHANNEL * channels) if max_samples is None else max_samples
         # float32 [t, C] chunks while few (None once the Gram matrix replaces them, or when no moments are kept)
         self._samples = [] if gram else None
-        self._rows, self._joined = 0, None  # rows held; their concatenation, once asked for
+        self._joined = None  # their concatenation, once asked for
         self._gram = None
         self._lower_stale = False  # _add_gram sums the bands right of the diagonal; reading mirrors them
 
@@ -75,7 +75,7 @@ class ChannelStats:
             return None
         if len(self._samples) == 1:
             return self._samples[0]
-        if self._joined is None or len(self._joined) != self._rows:
+        if self._joined is None or len(self._joined) != sum(map(len, self._samples)):
             # one tensor, whose row blocks become the chunks (no second copy): _fold still sums by the adds' chunks
             self._joined = torch.cat(self._samples)
             self._samples = list(self._joined.split([len(x2) for x2 in self._samples]))
@@ -132,9 +132,8 @@ class ChannelStats:
         if x2.shape[0] == 0:  # nothing to hold (an empty held chunk would read as held tokens: a 0 / 0 refit)
             return
         if self._samples is not None:
-            if self._rows + x2.shape[0] <= self.max_samples:
+            if sum(map(len, self._samples)) + x2.shape[0] <= self.max_samples:
                 self._samples.append(x2.to(torch.float32, copy=True))  # a copy: the model owns its activations
-                self._rows += x2.shape[0]
                 return
             self._fold()
         if self._gram is not None:

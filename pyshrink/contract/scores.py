@@ -80,19 +80,18 @@ def _channels(groups: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---- criteria ------------------------------------------------------------------------------------------
 
-def _column_sums(w: torch.Tensor, *, squares: bool = False) -> torch.Tensor:
-    """``w.sum(0)`` (or ``w.pow(2).sum(0)``) in float64, a band of rows at a time: whole, the square, and the float64
-    cast of a float32 ``w`` that ``sum(dtype=)`` makes, were temporaries of ``w``'s size or twice it (1.75 GiB for a 70 B
-    model's down projection in float64). Bit for bit the same as whole for up to GRAM_ROWS rows."""
+def _column_sq_sums(w: torch.Tensor) -> torch.Tensor:
+    """``w.pow(2).sum(0)`` in float64, a band of rows at a time: the whole square was a temporary of ``w``'s size
+    (1.75 GiB for a 70 B model's down projection in float64). Bit for bit the same as whole for up to GRAM_ROWS
+    rows."""
     total = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
     for r0, r1 in row_bands(w.shape[0]):
-        band = w[r0:r1].to(torch.float64)
-        total += (band.pow(2) if squares else band).sum(0)
+        total += w[r0:r1].to(torch.float64).pow(2).sum(0)
     return total
 
 
 def magnitude(layer: Layer, n_remove: int) -> torch.Tensor:
-    norms = _column_sums(layer.weight, squares=True).view(layer.groups, layer.group).sum(1).sqrt()
+    norms = _column_sq_sums(layer.weight).view(layer.groups, layer.group).sum(1).sqrt()
     if layer.extra_norms is not None:
         norms = norms * layer.extra_norms
     return norms.argsort()[:n_remove]
@@ -100,7 +99,7 @@ def magnitude(layer: Layer, n_remove: int) -> torch.Tensor:
 
 def fluctuation(layer: Layer, n_remove: int) -> torch.Tensor:
     """FLAP: per channel, sample variance of the input times the squared norm of its output weights."""
-    score = layer.stats.variance * _column_sums(layer.weight, squares=True)
+    score = layer.stats.variance * _column_sq_sums(layer.weight)
     return score.view(layer.groups, layer.group).sum(1).argsort()[:n_remove]
 
 
@@ -258,9 +257,9 @@ def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
     s, W = layer.stats, layer.weight
     X = s.samples
     T, out = X.shape[0], W.shape[0]
-    m = _column_sums(X) / T
+    m = s.mean  # act_stats_'s float64 sums of these same tokens
     XK = X[:, K].double().sub_(m[K])  # [T, k], centered
-    lam = damp * (_column_sums(XK, squares=True).div_(T).add_(m[K].pow(2))).mean().clamp_min(1e-12)
+    lam = damp * s.mean_sq[K].mean().clamp_min(1e-12)
     Yc = torch.empty(T, out, dtype=torch.float64)
     for t0, t1 in row_bands(T):  # Xc W^T, a band of tokens at a time (no float64 copy of X)
         torch.matmul(X[t0:t1].double().sub_(m), W.T, out=Yc[t0:t1])
