@@ -37,8 +37,8 @@ class HeadPlan:
 
 def _o_layer(adapter, block, stats, group: int) -> scores.Layer:
     o = adapter.attn_out_module(block)
-    # float64 copies on the CPU, where the statistics are (see calibration.BlockObserver.finish)
-    w = weight_out_in(o).detach().to("cpu", torch.float64, copy=True)
+    # on the CPU, where the statistics are (see calibration.BlockObserver.finish)
+    w = weight_out_in(o).detach().to("cpu")  # its own dtype: read by bands (scores.Layer)
     b = o.bias.detach().to("cpu", torch.float64, copy=True) if o.bias is not None else None
     return scores.Layer(w, b, stats, group=group)
 

@@ -20,10 +20,10 @@ KIND = "contract.mlp"
 
 
 def down_layer(adapter, block, stats) -> Layer:
-    """The down projection of ``block`` as a :class:`Layer` (float64 copies) with its input statistics."""
+    """The down projection of ``block`` as a :class:`Layer` with its input statistics."""
     down = adapter.mlp_out_module(block)
-    # float64 copies on the CPU, where the statistics are (see calibration.BlockObserver.finish)
-    w = weight_out_in(down).detach().to("cpu", torch.float64, copy=True)
+    # on the CPU, where the statistics are (see calibration.BlockObserver.finish)
+    w = weight_out_in(down).detach().to("cpu")  # its own dtype: read by bands (scores.Layer)
     b = down.bias.detach().to("cpu", torch.float64, copy=True) if down.bias is not None else None
     # the norms only (float64 copies of the gate and up projections were two more down-projection-sized tensors)
     ins = [torch.linalg.vector_norm(weight_out_in(m).detach(), dim=1, dtype=torch.float64).cpu()

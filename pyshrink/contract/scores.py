@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import ChannelStats, row_bands
+from . import calibration
+from .calibration import ChannelStats, float64_bands, row_bands
 
 DAMP = 1e-2  # ridge damping, relative to the mean diagonal of H (as GPTQ's percdamp)
 
@@ -36,7 +37,9 @@ DAMP = 1e-2  # ridge damping, relative to the mean diagonal of H (as GPTQ's perc
 @dataclass
 class Layer:
     """One channel-reading projection and what is known about its input."""
-    weight: torch.Tensor  # [out, C] float64
+    # [out, C] in the projection's own dtype, on the CPU: read-only (it may be the module's own tensor), read in
+    # float64 a band or a gather at a time (a float64 copy of a 70 B model's down projection is 1.75 GiB)
+    weight: torch.Tensor
     bias: torch.Tensor | None  # [out] float64
     stats: ChannelStats | None
     group: int = 1  # channels per removable group (head_dim for heads)
@@ -71,7 +74,7 @@ class Layer:
 
     def augmented_weight(self) -> torch.Tensor:
         b = self.bias if self.bias is not None else torch.zeros(self.weight.shape[0], dtype=torch.float64)
-        return torch.cat([self.weight, b[:, None]], 1)
+        return torch.cat([self.weight.to(torch.float64), b[:, None]], 1)
 
 
 def _channels(groups: torch.Tensor, size: int) -> torch.Tensor:
@@ -85,8 +88,8 @@ def _column_sq_sums(w: torch.Tensor) -> torch.Tensor:
     (1.75 GiB for a 70 B model's down projection in float64). Bit for bit the same as whole for up to GRAM_ROWS
     rows."""
     total = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
-    for r0, r1 in row_bands(w.shape[0]):
-        total += w[r0:r1].to(torch.float64).pow(2).sum(0)
+    for _, _, band in float64_bands(w):
+        total += band.pow_(2).sum(0)
     return total
 
 
@@ -181,12 +184,12 @@ def _refit(layer: Layer, keep: torch.Tensor, mode: str, damp: float, *, with_err
         if layer.stats.samples is not None:
             return _lstsq_samples(layer, K, damp)
         return _lstsq(layer, K, damp, with_error=with_error)
-    w, b = layer.weight[:, K].clone(), (layer.bias.clone() if layer.bias is not None else None)
+    w, b = layer.weight[:, K].to(torch.float64), (layer.bias.clone() if layer.bias is not None else None)
     if mode == "mean" and measured:  # FLAP's compensation: the removed channels' mean output, in the bias
         removed = torch.ones(layer.weight.shape[1], dtype=torch.bool)
         removed[K] = False
         b = b if b is not None else torch.zeros(layer.weight.shape[0], dtype=torch.float64)
-        b += layer.weight[:, removed] @ layer.stats.mean[removed]
+        b += layer.weight[:, removed].to(torch.float64) @ layer.stats.mean[removed]
     return w, b, (output_error(layer, keep, w, b) if with_error and measured else float("nan"))
 
 
@@ -211,11 +214,11 @@ def _lstsq(layer: Layer, K: torch.Tensor, damp: float, *, with_error: bool):
     Rm = (~keep_mask).nonzero().squeeze(1)
     b = layer.bias if layer.bias is not None else torch.zeros(out, dtype=torch.float64)
     Wt = W.T.contiguous()  # rows gathered from the transpose: a column gather of W is twice as slow
-    WKt, WRt = Wt.index_select(0, K), Wt.index_select(0, Rm)  # [k, out], [r, out]
+    WKt, WRt = Wt.index_select(0, K).to(torch.float64), Wt.index_select(0, Rm).to(torch.float64)  # [k, out], [r, out]
     del Wt
     A, rhs, cross = _kept_rows(G, n, K, Rm, WKt, WRt)
     kk_cross = _dot(rhs[:k], WKt)  # tr(W_K G_K: W^T) / n = tr(W_K G_KK W_K^T) / n + cross
-    Wm = W @ s.mean  # E[W x]
+    Wm = WKt.T @ s.mean[K] + WRt.T @ s.mean[Rm]  # E[W x]
     # E||y||^2
     y_sq = kk_cross + cross + _removed_block(G, n, Rm, WRt) + 2 * b @ Wm + b @ b if with_error else None
     del WKt, WRt  # before the factorization, the other peak
@@ -261,8 +264,14 @@ def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
     XK = X[:, K].double().sub_(m[K])  # [T, k], centered
     lam = damp * s.mean_sq[K].mean().clamp_min(1e-12)
     Yc = torch.empty(T, out, dtype=torch.float64)
-    for t0, t1 in row_bands(T):  # Xc W^T, a band of tokens at a time (no float64 copy of X)
-        torch.matmul(X[t0:t1].double().sub_(m), W.T, out=Yc[t0:t1])
+    Wm = torch.empty(out, dtype=torch.float64)  # E[W x]
+    rows = calibration.band_rows(X.shape[1])
+    Xbuf = torch.empty(min(rows, T), X.shape[1], dtype=torch.float64)
+    for o0, o1, Wo in float64_bands(W, size=rows):  # Xc W^T by bands of outputs and tokens: no float64 X or W
+        torch.mv(Wo, m, out=Wm[o0:o1])
+        for t0, t1, Xc in float64_bands(X, Xbuf, rows):
+            torch.matmul(Xc.sub_(m), Wo.T, out=Yc[t0:t1, o0:o1])
+    del Wo, Xc, Xbuf  # the loop's last bands would keep their buffers alive through the solve
     M = XK @ XK.T
     M.diagonal().add_(T * lam)
     L, info = torch.linalg.cholesky_ex(M)  # positive definite: lam > 0
@@ -277,7 +286,7 @@ def _lstsq_samples(layer: Layer, K: torch.Tensor, damp: float):
         del M, Yc
     del L
     w = Q.T @ XK  # [out, k] = B^T, row-major
-    b = W @ m - w @ m[K]
+    b = Wm - w @ m[K]
     if layer.bias is not None:
         b += layer.bias
     return w, b, float(T * lam ** 2 * _dot(Q, Q))
@@ -327,7 +336,7 @@ def output_error(layer: Layer, keep: torch.Tensor, weight: torch.Tensor, bias: t
     ``E||D x + d||^2 = tr(D E[x x^T] D^T) + 2 d^T D E[x] + ||d||^2`` for the weight change ``D`` and bias change
     ``d``."""
     s = layer.stats
-    D = layer.weight.clone()
+    D = layer.weight.to(torch.float64, copy=True)
     D[:, _channels(keep, layer.group)] -= weight
     d = layer.bias.clone() if layer.bias is not None else torch.zeros(D.shape[0], dtype=torch.float64)
     if bias is not None:
@@ -335,8 +344,8 @@ def output_error(layer: Layer, keep: torch.Tensor, weight: torch.Tensor, bias: t
     X = s.samples
     if X is not None:  # from the tokens themselves, a band at a time (T C multiply-adds per output, not C^2)
         err = torch.zeros((), dtype=torch.float64)
-        for t0, t1 in row_bands(X.shape[0]):
-            err += torch.addmm(d, X[t0:t1].double(), D.T).pow_(2).sum()
+        for _, _, Xb in float64_bands(X, size=calibration.band_rows(X.shape[1])):
+            err += torch.addmm(d, Xb, D.T).pow_(2).sum()
         return float(err / X.shape[0])
     DG = D @ s.gram
     err = (DG * D).sum() / max(s.n, 1.0)

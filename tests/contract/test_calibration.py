@@ -1,4 +1,5 @@
 """Calibration hooks: statistics come from the native act_stats_ op, one block at a time, on every token."""
+import pytest
 import torch
 
 import pyshrink.contract.calibration as calib
@@ -110,3 +111,22 @@ def test_observation_does_not_change_the_model():
     calib.observe_blocks(model, ad, [ids], lambda i, b, o: None, heads=True, progress=False)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_float64_bands_copy_each_band_into_one_buffer(monkeypatch, dtype):
+    """Bands of 4 rows of an 11-row matrix (the last partial), each the float64 values of its rows, all in one buffer
+    (or the one given); changing a band in place leaves the matrix as it was."""
+    monkeypatch.setattr(calib, "GRAM_ROWS", 4)
+    t = torch.randn(11, 6).to(dtype)
+    before = t.clone()
+    for buf in (None, torch.empty(4, 6, dtype=torch.float64)):
+        seen, ptrs = [], set()
+        for r0, r1, band in calib.float64_bands(t, buf):
+            assert band.dtype == torch.float64 and torch.equal(band, t[r0:r1].double())
+            seen.append((r0, r1))
+            ptrs.add(band.data_ptr())
+            band.mul_(2)
+        assert seen == [(0, 4), (4, 8), (8, 11)]
+        assert len(ptrs) == 1 and (buf is None or ptrs == {buf.data_ptr()})
+        assert torch.equal(t, before)

@@ -58,6 +58,7 @@ def test_refit_with_error_gives_the_refit_and_its_output_error(monkeypatch, grou
     ``rows`` rows (4 and 5: several bands, the last partial), against :func:`output_error` and the samples; the other
     modes' errors against the samples. Kept groups: a few, unsorted, a single one, and all of them."""
     monkeypatch.setattr(calibration, "GRAM_ROWS", rows)
+    monkeypatch.setattr(calibration, "BAND_BYTES", 0)  # products' bands of GRAM_ROWS rows too
     torch.manual_seed(6)
     C = 27
     x = torch.randn(400, C) * torch.rand(C) + 0.4
@@ -155,6 +156,7 @@ def test_lstsq_refit_solves_the_damped_normal_equations_of_the_kept_channels(mon
     the ridge on the channels' part of the normal equations (the Gram matrix read in one band, and in bands of 3;
     or the tokens held, in bands of 3 tokens)."""
     monkeypatch.setattr(calibration, "GRAM_ROWS", rows)
+    monkeypatch.setattr(calibration, "BAND_BYTES", 0)  # products' bands of GRAM_ROWS rows too
     torch.manual_seed(5)
     x, w, b = torch.randn(700, 20) * torch.rand(20) + 0.2, torch.randn(7, 20), torch.randn(7)
     layer = _layer(x, w, b, held=held)
@@ -178,6 +180,7 @@ def test_the_held_tokens_give_the_gram_matrix_refit_and_errors(monkeypatch, toke
     problem and must agree to float64 rounding: the least-squares refit, its error, and the other modes' errors.
     Then every error against the samples. Kept groups: a few, unsorted, a single one, and all of them."""
     monkeypatch.setattr(calibration, "GRAM_ROWS", 5)  # tokens and channels in several bands
+    monkeypatch.setattr(calibration, "BAND_BYTES", 0)  # products' bands of GRAM_ROWS rows too
     torch.manual_seed(8)
     C = 36
     x = torch.randint(-7, 8, (tokens, C)).float() / 4 + (torch.arange(C) % 3 == 0) * 0.5
@@ -207,6 +210,33 @@ def test_criteria_sum_the_squared_weights_by_bands(monkeypatch):
     whole = {"magnitude": sq.view(12, 2).sum(1).sqrt().argsort()[:5],
              "fluctuation": (x.double().var(0, unbiased=False) * sq).view(12, 2).sum(1).argsort()[:5]}
     monkeypatch.setattr(calibration, "GRAM_ROWS", 5)
+    monkeypatch.setattr(calibration, "BAND_BYTES", 0)  # products' bands of GRAM_ROWS rows too
     torch.testing.assert_close(scores._column_sq_sums(layer.weight), layer.weight.pow(2).sum(0), rtol=1e-14, atol=0)
     for name, removed in whole.items():
         assert torch.equal(scores.CRITERIA[name](layer, 5), removed), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("held", [False, True])
+def test_a_layer_reads_its_projection_in_its_own_dtype(monkeypatch, dtype, held):
+    """The weight stays in the projection's dtype (no float64 copy of a whole down projection) and is read in float64
+    by bands and gathers (bands of 5 rows: the 9 outputs in two): every criterion, refit mode and error is the same as
+    from its float64 copy, and the weight is left as it was."""
+    monkeypatch.setattr(calibration, "GRAM_ROWS", 5)
+    monkeypatch.setattr(calibration, "BAND_BYTES", 0)  # products' bands of GRAM_ROWS rows too
+    torch.manual_seed(11)
+    x, w, b = torch.randn(40 if held else 300, 24) * torch.rand(24) + 0.1, torch.randn(9, 24).to(dtype), torch.randn(9)
+    st = ChannelStats(24, max_samples=len(x) if held else 0)
+    st.add(x)
+    own, wide = scores.Layer(w, b.double(), st, group=2), scores.Layer(w.double(), b.double(), st, group=2)
+    before = w.clone()
+    for name in scores.CRITERIA:
+        assert torch.equal(scores.CRITERIA[name](own, 5), scores.CRITERIA[name](wide, 5)), name
+    for keep, mode in itertools.product([torch.tensor([0, 3, 4, 7, 10]), torch.arange(12)], ("lstsq", "mean", "none")):
+        got, ref = scores.refit_with_error(own, keep, mode), scores.refit_with_error(wide, keep, mode)
+        assert got[0].dtype == got[1].dtype == torch.float64
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12)
+        assert got[2] == pytest.approx(ref[2], rel=1e-10, abs=1e-12)
+        assert scores.output_error(own, keep, got[0], got[1]) == pytest.approx(ref[2], rel=1e-9, abs=1e-12)
+    assert torch.equal(w, before)
