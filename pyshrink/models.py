@@ -219,9 +219,14 @@ def _load_folder(path: Path, dtype, with_tokenizer: bool):
     cls = model_class(config)
     if not transforms:
         try:
-            model = cls.from_pretrained(path, dtype=dtype)
+            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
         except Exception as exc:
             raise ModelLoadError(f"cannot load the weights in {path}: {exc}") from exc
+        # transformers fills a weight the checkpoint lacks with fresh random values and only logs it
+        missing = unexplained_missing(model, info.get("missing_keys", []))
+        if missing:
+            raise ModelLoadError(f"weights in {path} do not fit the model its config describes: missing "
+                                 f"{missing[:5]}")
     else:
         model = _load_transformed(path, config, cls, transforms, dtype)
     return model, load_tokenizer(path) if with_tokenizer else None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyshrink import data
-from pyshrink.errors import DataError, InvalidSetting
+from pyshrink.errors import DataError, InvalidSetting, ModelLoadError
 
 
 def test_read_texts_joins_files_and_strings(tmp_path):
@@ -135,3 +135,9 @@ def test_describe_names_files_and_counts_literal_text(tmp_path):
     one_line = "the quick brown fox " * 500  # no newline: still text, and not to be copied into a summary
     assert data.describe([str(f), one_line, "a\nb"]) == f"{f}, <text, {len(one_line)} chars>, <text, 3 chars>"
     assert data.describe(f) == str(f)
+
+
+def test_text_without_a_tokenizer_is_an_error():
+    """A folder saved without a tokenizer loads with None; reading text with it says so (it was a TypeError)."""
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        data.tokenize(None, "some text")

@@ -191,6 +191,24 @@ def test_a_quantized_checkpoint_missing_its_packed_codes_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("transformed", [False, True])
+def test_a_checkpoint_missing_a_weight_is_an_error(tmp_path, transformed):
+    """transformers fills a weight its checkpoint lacks with random values and only logs it: refused, in both
+    loading paths; the weights that ties restore (GPT-2's head) are not missing."""
+    from safetensors.torch import load_file, save_file
+
+    out = _saved(tmp_path / "m", transformed)
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    gone = next(k for k in sd if k.endswith("mlp.up_proj.weight"))
+    save_file({k: v for k, v in sd.items() if k != gone}, f, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"missing \['{gone}'\]"):
+        models.load_model(out, with_tokenizer=False)
+    tied = models.save(tiny_model("gpt2"), None, tmp_path / "g")
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")
+    models.load_model(tied, with_tokenizer=False)
+
+
+@pytest.mark.parametrize("transformed", [False, True])
 def test_a_sharded_checkpoint_missing_a_shard_is_an_error(tmp_path, transformed):
     out = _saved(tmp_path / "m", transformed)
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")
