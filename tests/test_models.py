@@ -155,6 +155,17 @@ def test_unknown_transform_is_an_error(tmp_path):
         models.load_model(out, with_tokenizer=False)
 
 
+def _drop_weight(folder, suffix: str) -> str:
+    """Remove the first tensor whose name ends with ``suffix`` from ``folder``'s model.safetensors; its name."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    sd = load_file(f)
+    gone = next(k for k in sd if k.endswith(suffix))
+    save_file({k: v for k, v in sd.items() if k != gone}, f, metadata={"format": "pt"})
+    return gone
+
+
 def _saved(folder, transformed: bool):
     """A tiny model saved to ``folder``; ``transformed`` records a no-op transform, so that loading takes
     pyshrink's own path (read_state_dict) instead of transformers' from_pretrained."""
@@ -176,16 +187,11 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, transformed):
 
 def test_a_quantized_checkpoint_missing_its_packed_codes_is_an_error(tmp_path):
     """The codes and scales of a quantized layer are buffers; a file without them must not load as zeros."""
-    from safetensors.torch import load_file, save_file
-
     from pyshrink.quantize import quantize
 
     model = quantize(tiny_model("llama"), bits=4, group_size=32, method="rtn")
     out = models.save(model, None, tmp_path / "q")
-    f = out / "model.safetensors"
-    sd = load_file(f)
-    gone = next(k for k in sd if k.endswith(".packed"))
-    save_file({k: v for k, v in sd.items() if k != gone}, f, metadata={"format": "pt"})
+    gone = _drop_weight(out, ".packed")
     with pytest.raises(ModelLoadError, match=rf"missing \['{gone}'\]"):
         models.load_model(out, with_tokenizer=False)
 
@@ -194,13 +200,10 @@ def test_a_quantized_checkpoint_missing_its_packed_codes_is_an_error(tmp_path):
 def test_a_checkpoint_missing_a_weight_is_an_error(tmp_path, transformed):
     """transformers fills a weight its checkpoint lacks with random values and only logs it: refused, in both
     loading paths; the weights that ties restore (GPT-2's head) are not missing."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = _saved(tmp_path / "m", transformed)
-    f = out / "model.safetensors"
-    sd = load_file(f)
-    gone = next(k for k in sd if k.endswith("mlp.up_proj.weight"))
-    save_file({k: v for k, v in sd.items() if k != gone}, f, metadata={"format": "pt"})
+    gone = _drop_weight(out, "mlp.up_proj.weight")
     with pytest.raises(ModelLoadError, match=rf"missing \['{gone}'\]"):
         models.load_model(out, with_tokenizer=False)
     tied = models.save(tiny_model("gpt2"), None, tmp_path / "g")
