@@ -438,6 +438,9 @@ def check_output(out, *, overwrite: bool = False, sources=(), exists_ok: bool = 
                                  "(pyshrink never modifies a source model)")
     if out.exists() and not overwrite and not exists_ok:
         raise FileExistsError(f"output {out} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = next(p for p in out.parents if p.exists())  # the folder the output will be made in (the root exists)
+    if not parent.is_dir():  # found now, not by the mkdir after the work
+        raise InvalidSetting(f"output {out} cannot be created: {parent} is a file, not a folder")
     return out
 
 

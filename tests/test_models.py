@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models as tkm, pre_tokenizers
 
 from pyshrink import models
 from pyshrink.arch import UnsupportedArchitecture
-from pyshrink.errors import ModelLoadError
+from pyshrink.errors import InvalidSetting, ModelLoadError
 from tiny import VOCAB, random_ids, tiny_model
 
 
@@ -238,6 +238,13 @@ def test_check_output_refuses_an_existing_output_and_any_overlap_with_a_source(t
     with pytest.raises(FileExistsError, match="already exists"):
         models.check_output(tmp_path / "runs", sources=[tmp_path / "elsewhere"])
     assert models.check_output(tmp_path / "new", sources=[src]) == (tmp_path / "new").resolve()
+
+
+def test_check_output_refuses_an_output_under_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InvalidSetting, match="afile is a file, not a folder"):
+        models.check_output(tmp_path / "afile" / "sub" / "out")
+    assert models.check_output(tmp_path / "new" / "out") == (tmp_path / "new" / "out").resolve()
 
 
 def test_check_output_reads_a_source_name_as_load_model_does(tmp_path, monkeypatch):
