@@ -49,6 +49,10 @@ def register(app: typer.Typer) -> None:
                            external_data=True if external_data else None, validate=not no_validate,
                            overwrite=overwrite)
         meta = json.loads((path / "pyshrink_onnx.json").read_text())
+        if meta.get("kind") == "decoder" and not (path / "tokenizer.json").is_file():
+            # the export is valid, but what reads text from it is not: say so now, not at the first generate
+            typer.echo(f"note: {path} holds no tokenizer.json ({model} has no fast tokenizer): `pyshrink generate` "
+                       "and `serve` need one (export from a folder that holds the model's tokenizer files)", err=True)
         if as_json:
             typer.echo(jsonio.dumps(meta, indent=2))
             return

@@ -31,6 +31,19 @@ def test_export_cli_writes_a_validated_folder(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
+def test_export_cli_says_when_the_export_holds_no_tokenizer(tmp_path):
+    """A decoder saved without a tokenizer exports (its graph is valid), but generate and serve could not read
+    text with it: the CLI says so at export time."""
+    src = tmp_path / "tiny"
+    models.save(tiny_model("opt"), None, src)
+    r = cli("export", src, "-o", tmp_path / "onnx")
+    assert r.returncode == 0, r.stderr
+    assert "holds no tokenizer.json" in r.stderr and not (tmp_path / "onnx" / "tokenizer.json").exists()
+    models.save(tiny_model("opt"), word_tokenizer(), tmp_path / "with")
+    r = cli("export", tmp_path / "with", "-o", tmp_path / "onnx2")
+    assert r.returncode == 0 and "holds no tokenizer.json" not in r.stderr, r.stderr
+
+
 def test_export_cli_errors(tmp_path):
     r = cli("export", tmp_path / "missing", "-o", tmp_path / "o")
     assert r.returncode == 2 and "pyshrink: error:" in r.stderr and "does not exist" in r.stderr
