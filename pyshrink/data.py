@@ -112,7 +112,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
     if tokenizer is None:  # a folder saved without one (load_tokenizer gives None)
         raise ModelLoadError("the model has no tokenizer to read text with: its folder holds no tokenizer files "
-                             "(copy them from the model it came from; from Python, token ids may be passed instead of text)")
+                             "(copy them from the model it came from; from Python, token ids may be passed "
+                             "instead of text)")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 

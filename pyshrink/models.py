@@ -223,10 +223,7 @@ def _load_folder(path: Path, dtype, with_tokenizer: bool):
         except Exception as exc:
             raise ModelLoadError(f"cannot load the weights in {path}: {exc}") from exc
         # transformers fills a weight the checkpoint lacks with fresh random values and only logs it
-        missing = unexplained_missing(model, info.get("missing_keys", []))
-        if missing:
-            raise ModelLoadError(f"weights in {path} do not fit the model its config describes: missing "
-                                 f"{missing[:5]}")
+        require_weights(model, path, info.get("missing_keys", []))
     else:
         model = _load_transformed(path, config, cls, transforms, dtype)
     return model, load_tokenizer(path) if with_tokenizer else None
@@ -326,6 +323,14 @@ def unexplained_missing(model, missing) -> list:
     if getattr(model.config, "tie_word_embeddings", False):
         missing = [k for k in missing if not k.endswith("lm_head.weight") and "decoder.weight" not in k]
     return required(model, missing)
+
+
+def require_weights(model, path, missing) -> None:
+    """Refuse a checkpoint at ``path`` that lacks weights of ``model`` (``missing``: keys it does not hold) other
+    than the tied ones."""
+    missing = unexplained_missing(model, missing)
+    if missing:
+        raise ModelLoadError(f"weights in {path} do not fit the model its config describes: missing {missing[:5]}")
 
 
 def retie(model) -> None:

@@ -24,7 +24,7 @@ from .arch import adapter_for, module_name
 from .errors import InvalidSetting, ModelLoadError
 from .ops.memory import release_freed_memory
 from .models import (load_tokenizer, model_class, num_params, open_safetensors, read_config, read_metadata, resolve,
-                     retie, safetensors_files, skeleton, sliding_windows, unexplained_missing)
+                     require_weights, retie, safetensors_files, skeleton, sliding_windows)
 
 
 class _Checkpoint:
@@ -98,11 +98,8 @@ class StreamedModel:
         self.blocks_name = module_name(self.model, self.blocks)
         self._ckpt = _Checkpoint(self.path)
         self._keys = _checkpoint_keys(self.model, self._ckpt)
-        missing = unexplained_missing(self.model, [k for k in self.model.state_dict(keep_vars=True)
-                                                   if k not in self._keys])
-        if missing:
-            raise ModelLoadError(f"weights in {self.path} do not fit the model its config describes: missing "
-                                 f"{missing[:5]}")
+        require_weights(self.model, self.path,
+                        [k for k in self.model.state_dict(keep_vars=True) if k not in self._keys])
         self._load(lambda k: not k.startswith(self.blocks_name + "."))
         retie(self.model)
         left = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self.blocks_name + ".")]

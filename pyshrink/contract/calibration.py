@@ -24,8 +24,9 @@ from ..ops import act_stats_, new_accumulators
 
 
 GRAM_ROWS = 1024  # rows of a Gram matrix per product (bounds the temporaries to GRAM_ROWS x channels)
-# float64 bytes of a band that is a matrix product's operand (see band_rows): products by 1024 x 13824 operands took
-# 1.37x as long as by 4096 x 13824 ones
+# float64 bytes of a band that is a matrix product's operand (see band_rows). Wider bands than GRAM_ROWS were
+# meant to speed the products up; `python bench/plan_tokens.py bands 13824 8192 1024` gave 2.98 against 2.90 s,
+# then 5.49 against 3.49 s (this VM is noisy), so the gain is not established
 BAND_BYTES = 256 << 20
 
 
@@ -45,9 +46,10 @@ def band_rows(width: int) -> int:
 def float64_bands(t: torch.Tensor, buf: torch.Tensor | None = None, size: int | None = None):
     """``(r0, r1, t[r0:r1] in float64)`` for the bands of ``size`` rows (:func:`row_bands`) of the 2-D ``t``, each
     band copied into one reused buffer (the caller may change it in place, and must not keep it past its turn), or
-    into ``buf`` (float64, at least as many rows as the first band, ``t``'s width), to reuse it across calls. A fresh float64 tensor per band cost
-    6x the conversion itself (85 against 13 ms for 1024 x 13824 float32 values): the allocator returns blocks that
-    large to the system, so every new one is paged in again."""
+    into ``buf`` (float64, at least as many rows as the first band, ``t``'s width), to reuse it across calls. A fresh
+    float64 tensor per band cost about 5x the copy into a reused one (51-53 against 9-10 ms for 1024 x 13824 float32
+    values, ``bench/plan_tokens.py bands``): large blocks go back to the system when freed, and each new one is
+    paged in again."""
     for r0, r1 in row_bands(t.shape[0], size):
         if buf is None:
             buf = torch.empty(r1 - r0, t.shape[1], dtype=torch.float64, device=t.device)
